@@ -1,0 +1,35 @@
+"""The serving engine's public API (used by the HTTP layer; usable alone).
+
+Everything here is plain Python and torch: no HTTP types. Errors are the typed classes below.
+"""
+
+from .config import EngineConfig
+from .engine import AdapterResidency, Engine
+from .errors import (
+    AdapterNotFound,
+    CapacityExceeded,
+    EngineError,
+    EngineNotReady,
+    IncompatibleAdapter,
+    InvalidRequest,
+    PromptTooLong,
+    QueueFull,
+)
+from .requests import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    RequestStream,
+    SamplingParams,
+    Target,
+    TokenEvent,
+    Usage,
+)
+from .stats import EngineStats, Histogram
+
+__all__ = [
+    "AdapterNotFound", "AdapterResidency", "CapacityExceeded", "Completion", "Engine", "EngineConfig",
+    "EngineError", "EngineNotReady", "EngineStats", "FinishReason", "GenerationRequest", "Histogram",
+    "IncompatibleAdapter", "InvalidRequest", "PromptTooLong", "QueueFull", "RequestStream",
+    "SamplingParams", "Target", "TokenEvent", "Usage",
+]

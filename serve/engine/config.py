@@ -1,0 +1,46 @@
+"""Engine configuration: one frozen dataclass, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MiB = 1 << 20
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine runs; sizes are in bytes or tokens, capacities are ``max_*``."""
+
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    max_batch_tokens: int = 512  # tokens (prefill chunks + decodes) in one forward step
+    max_running: int = 32  # sequences decoding at once
+    max_queue: int = 1024  # waiting requests before QueueFull
+    max_model_len: int | None = None  # None: the base's max_position_embeddings, capped at 8192
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    kv_block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 512 * MiB  # KV pool of the base (and of each full model)
+    max_rank: int = 64  # highest LoRA rank accepted
+    lora_capacity_bytes: int = 256 * MiB  # device rows for adapters (rank x modules x dims)
+    host_cache_bytes: int = 1024 * MiB  # host (CPU) LRU cache of loaded adapters
+    model_memory_bytes: int = 2048 * MiB  # budget for full fine-tuned models served beside the base
+    load_workers: int = 1  # background threads loading cold adapters
+    compile: bool = False  # torch.compile the decode forward (off by default)
+
+    def __post_init__(self) -> None:
+        assert self.max_batch_tokens > 0 and self.max_running > 0 and self.max_queue > 0
+        assert self.kv_block_size > 0 and self.kv_cache_bytes > 0
+        assert self.max_rank > 0 and self.lora_capacity_bytes >= 0 and self.host_cache_bytes >= 0
+        assert self.dtype in (None, "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return getattr(torch, self.dtype)
+        return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32

@@ -1,0 +1,185 @@
+"""What callers hand the engine and what they get back: requests, sampling, token events, streams."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator, Literal
+
+from .errors import EngineError
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """Decoding settings of one request. temperature 0 (the default) is greedy and deterministic."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off; CTRL-style, as in HF transformers
+    stop: tuple[str, ...] = ()  # stop strings; the matched string is not returned
+    seed: int | None = None  # per-request generator seed; same seed -> same sample
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One completion or chat request.
+
+    Exactly one of ``prompt``, ``messages`` (chat, formatted with the chat template of the model that
+    serves it) or ``prompt_token_ids`` is given. ``model`` is a registry reference resolved at submit
+    time: the base itself, an adapter of it ("sql", "sql@2", "sql@prod"), or a full fine-tuned model;
+    None means the bare base.
+    """
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    prompt_token_ids: list[int] | None = None
+    model: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None  # assigned by the engine when None
+    add_generation_prompt: bool = True  # chat only
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True, frozen=True)
+class Target:
+    """What a request's ``model`` resolved to; the digest, never the name, keys every cache."""
+
+    kind: Literal["base", "adapter", "model"]
+    ref: str  # "name@version" of the resolved entry
+    digest: str
+
+
+@dataclass(slots=True, frozen=True)
+class TokenEvent:
+    """One step of output. The last event of a stream has ``finish_reason`` and ``usage`` set."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # tokens produced since the previous event
+    text: str  # text delta (stop strings and incomplete UTF-8 held back)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Completion:
+    """A whole finished request, as gathered by ``RequestStream.collect``."""
+
+    request_id: str
+    target: Target
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class RequestStream:
+    """Token events of one request, fed by the engine thread; iterate with ``async for`` or ``for``.
+
+    Errors found after submit (an adapter refused at load, say) are raised from the iteration as the
+    engine's typed exceptions. ``cancel()`` stops the request and frees its KV and adapter pin at once.
+    """
+
+    def __init__(self, request_id: str, target: Target, prompt_tokens: int,
+                 on_cancel: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self.target = target
+        self.prompt_tokens = prompt_tokens
+        self._on_cancel = on_cancel
+        self._items: deque[TokenEvent | EngineError] = deque()
+        self._cond = threading.Condition()
+        self._done = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    # --- engine side (any thread) ---
+    def _push(self, item: TokenEvent | EngineError) -> None:
+        with self._cond:
+            self._items.append(item)
+            if isinstance(item, EngineError) or item.finish_reason is not None:
+                self._done = True
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the caller's loop is closed; nobody is listening
+                pass
+
+    # --- caller side ---
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Stop the request; the stream ends with finish_reason "cancelled" (idempotent)."""
+        if not self._done:
+            self._on_cancel(self.request_id)
+
+    def _pop(self) -> TokenEvent | EngineError | None:
+        with self._cond:
+            return self._items.popleft() if self._items else None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                item = self._items.popleft()
+            if isinstance(item, EngineError):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, event))
+        try:
+            while True:
+                item = self._pop()
+                if item is None:
+                    await event.wait()
+                    event.clear()
+                    continue
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            with self._cond:
+                self._waiters.remove((loop, event))
+
+    def _gather(self, events: list[TokenEvent]) -> Completion:
+        last = events[-1]
+        assert last.finish_reason is not None and last.usage is not None
+        return Completion(
+            request_id=self.request_id, target=self.target,
+            text="".join(e.text for e in events),
+            token_ids=tuple(t for e in events for t in e.token_ids),
+            finish_reason=last.finish_reason, usage=last.usage)
+
+    async def collect(self) -> Completion:
+        """Wait for the end of the request and return it whole."""
+        return self._gather([e async for e in self])
+
+    def result(self) -> Completion:
+        """Blocking ``collect`` for callers without an event loop."""
+        return self._gather(list(self))
