@@ -1,0 +1,27 @@
+"""hotswap's adapter registry: immutable, content-addressed versions of bases, adapters and
+full fine-tuned models, with aliases, metadata, lineage and compatibility checks.
+
+The trainer and the server use only what this module exports."""
+
+from .errors import (
+    CorruptionError,
+    HubError,
+    ImportFailed,
+    IncompatibleAdapter,
+    InUseError,
+    InvalidMetadata,
+    InvalidName,
+    NotFoundError,
+    UnsafeContent,
+)
+from .index import AliasEvent
+from .metadata import KINDS, EntryMetadata
+from .refs import LATEST, Ref, parse_ref
+from .registry import Registry, default_home
+from .versions import Problem, PublishResult, Snapshot, Version
+
+__all__ = [
+    "AliasEvent", "CorruptionError", "EntryMetadata", "HubError", "ImportFailed", "IncompatibleAdapter",
+    "InUseError", "InvalidMetadata", "InvalidName", "KINDS", "LATEST", "NotFoundError", "Problem",
+    "PublishResult", "Ref", "Registry", "Snapshot", "UnsafeContent", "Version", "default_home", "parse_ref",
+]

@@ -1,0 +1,88 @@
+"""Content-addressed blob store: each file is kept once, named by the sha256 of its bytes.
+
+Writes go to a temporary file in the same filesystem and are renamed into place, so a process
+killed mid-write leaves at most a stray temporary file, never a blob with the wrong content."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import CorruptionError
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class BlobStore:
+    """Files by hash under `root/sha256/ab/abcdef...`; blobs are read-only once written."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._tmp = root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put(self, source: Path) -> tuple[str, int, bool]:
+        """Store `source`; return (sha256, size, newly_written). Identical content is stored once."""
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
+        tmp = Path(tmp_name)
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            sha = digest.hexdigest()
+            target = self.path(sha)
+            if target.is_file():
+                return sha, size, False
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, target)
+            return sha, size, True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def verify(self, sha256: str) -> None:
+        """Raise `CorruptionError` unless the blob exists and hashes to its name."""
+        path = self.path(sha256)
+        if not path.is_file():
+            raise CorruptionError(f"blob {sha256[:12]} is missing from the store")
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise CorruptionError(f"blob {sha256[:12]} is corrupt: its bytes hash to {actual[:12]}")
+
+    def all_digests(self) -> set[str]:
+        base = self.root / "sha256"
+        return {p.name for p in base.glob("*/*") if p.is_file()} if base.is_dir() else set()
+
+    def remove(self, sha256: str) -> int:
+        path = self.path(sha256)
+        size = path.stat().st_size if path.exists() else 0
+        path.unlink(missing_ok=True)
+        return size
+
+    def clear_tmp(self) -> None:
+        """Drop temporaries left by killed writers (only safe when no publish is running)."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,108 @@
+"""Compatibility of an adapter with a base, read from safetensors headers alone (no torch).
+
+The check answers: does every module the adapter targets exist in the base, and does every
+tensor's shape fit the module it adapts? A mismatch names the module and both shapes."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import IncompatibleAdapter, UnsafeContent
+
+# PEFT writes adapter tensors as `base_model.model.<module path>.<lora part>.weight`.
+_PEFT_PREFIX = "base_model.model."
+_LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.weight)?$")
+
+
+def read_safetensors_header(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's JSON header."""
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise UnsafeContent(f"{path.name} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            raise UnsafeContent(f"{path.name} is not a safetensors file (header length {length})")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UnsafeContent(f"{path.name} is not a safetensors file: {exc}") from None
+    return {name: list(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+
+
+def checkpoint_shapes(files: Iterable[Path], config: dict) -> dict[str, list[int]]:
+    """Every weight of a checkpoint (all its safetensors shards), with a tied lm_head made explicit."""
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        shapes.update(read_safetensors_header(file))
+    embed = next((n for n in shapes if n.endswith("embed_tokens.weight")), None)
+    if "lm_head.weight" not in shapes and embed and config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = shapes[embed]
+    return shapes
+
+
+def _module_matches(module: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def check_adapter_fits(
+    adapter_config: dict, adapter_shapes: dict[str, list[int]], base_shapes: dict[str, list[int]], base_ref: str
+) -> None:
+    """Raise `IncompatibleAdapter` naming the first module or shape that does not fit."""
+    modules = sorted({n[: -len(".weight")] for n in base_shapes if n.endswith(".weight")})
+    targets = adapter_config.get("target_modules") or []
+    if isinstance(targets, list):
+        for target in targets:
+            if not any(_module_matches(m, [target]) for m in modules):
+                kinds = sorted({m.rsplit(".", 1)[-1] for m in modules if ".layers." in m})
+                raise IncompatibleAdapter(
+                    f"target module {target!r} does not exist in base {base_ref} "
+                    f"(its per-layer modules: {', '.join(kinds)})"
+                )
+    elif not any(_module_matches(m, targets) for m in modules):
+        raise IncompatibleAdapter(f"target_modules pattern {targets!r} matches no module of base {base_ref}")
+
+    for name, shape in sorted(adapter_shapes.items()):
+        key = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        part = _LORA_PART.search(key)
+        module = key[: part.start()] if part else key.removesuffix(".weight")
+        module = module.replace(".modules_to_save", "").replace(".original_module", "")
+        base_shape = base_shapes.get(module + ".weight")
+        if base_shape is None:
+            raise IncompatibleAdapter(f"module {module!r} (tensor {name}) does not exist in base {base_ref}")
+        _check_shape(name, module, part.group(1) if part else None, shape, base_shape, base_ref)
+
+
+def _check_shape(
+    name: str, module: str, part: str | None, shape: list[int], base: list[int], base_ref: str
+) -> None:
+    def refuse(expected: str) -> None:
+        raise IncompatibleAdapter(
+            f"module {module!r}: adapter tensor {name} has shape {shape}, but base {base_ref} has weight "
+            f"shape {base} there, so {expected}"
+        )
+
+    if part is None:  # a whole replaced module (modules_to_save) must match exactly
+        if shape != base:
+            refuse(f"a replacement must have shape {base}")
+    elif part == "lora_A":  # [r, in] against a Linear weight [out, in]
+        if len(shape) != 2 or len(base) != 2 or shape[1] != base[1]:
+            refuse(f"lora_A must be [r, {base[-1]}]")
+    elif part == "lora_B":  # [out, r]
+        if len(shape) != 2 or shape[0] != base[0]:
+            refuse(f"lora_B must be [{base[0]}, r]")
+    elif part == "lora_embedding_A":  # [r, num_embeddings] against an Embedding weight [num, dim]
+        if len(shape) != 2 or shape[1] != base[0]:
+            refuse(f"lora_embedding_A must be [r, {base[0]}]")
+    elif part == "lora_embedding_B":  # [dim, r]
+        if len(shape) != 2 or shape[0] != base[1]:
+            refuse(f"lora_embedding_B must be [{base[1]}, r]")
+    elif part == "lora_magnitude_vector":  # DoRA: one magnitude per output feature
+        if shape != [base[0]]:
+            refuse(f"the DoRA magnitude must be [{base[0]}]")
