@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     cli = build_cli()
     try:
         cli.main(args=argv, prog_name="hotswap", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

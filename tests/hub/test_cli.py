@@ -1,0 +1,101 @@
+"""Rule 9: the `hotswap hub` commands, their JSON output and their refusals (exit 1, stderr)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hotswap.hub.cli import main
+
+from .conftest import TINY_SOURCE
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_publish_list_show_alias_flow(capsys, registry, make_adapter):
+    home = ["--home", str(registry.home)]
+    code, out, _ = run(capsys, "hub", "publish", str(make_adapter(seed=1)), "--name", "sql", "--task", "text-to-sql",
+                       "--language", "en", "--tag", "team=data", "--metric", "exact_match=0.9", "--alias", "prod", *home)
+    assert (code, out.strip()) == (0, "sql@1")
+    code, out, _ = run(capsys, "hub", "publish", str(make_adapter(seed=1)), "--name", "sql", *home)
+    assert "sql@1 (unchanged" in out
+    code, out, _ = run(capsys, "hub", "publish", str(make_adapter(seed=2)), "--name", "sql", "--json", *home)
+    assert json.loads(out)["ref"] == "sql@2" and json.loads(out)["created"] is True
+
+    code, out, _ = run(capsys, "hub", "list", "--kind", "adapter", "--json", *home)
+    listed = json.loads(out)
+    assert [(v["ref"], v["aliases"]) for v in listed] == [("sql@1", ["prod"]), ("sql@2", ["latest"])]
+    code, out, _ = run(capsys, "hub", "show", "sql@prod", "--json", *home)
+    shown = json.loads(out)
+    assert shown["metadata"]["metrics"] == {"exact_match": 0.9} and shown["metadata"]["tags"] == {"team": "data"}
+    assert {f["path"] for f in shown["files"]} >= {"adapter_config.json", "adapter_model.safetensors"}
+    code, out, _ = run(capsys, "hub", "show", "sql", *home)
+    assert "ref: sql@2" in out and "base: tiny@1" in out
+
+    assert run(capsys, "hub", "alias", "sql@2", "prod", *home)[1].strip() == "sql@prod -> sql@2"
+    code, out, _ = run(capsys, "hub", "aliases", "sql", "--json", *home)
+    history = [(e["alias"], e["from"], e["to"]) for e in json.loads(out)["history"]]
+    assert ("prod", 1, 2) in history
+    assert run(capsys, "hub", "rollback", "sql", "prod", *home)[1].strip() == "sql@prod -> sql@1"
+    assert run(capsys, "hub", "verify", *home)[0] == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["hub", "show", "nope"], "no entry named 'nope'"),
+    (["hub", "show", "../etc"], "not an identifier"),
+    (["hub", "alias", "tiny@7", "prod"], "tiny has no version 7"),
+    (["hub", "rm", "tiny"], "refusing to remove tiny@1"),
+    (["hub", "publish", "/nonexistent-folder", "--name", "x"], "is not a folder"),
+    (["hub", "publish", ".", "--name", "x", "--tag", "novalue"], "must look like KEY=VALUE"),
+])
+def test_refusals_exit_nonzero_with_reason(capsys, registry, args, message):
+    code, out, err = run(capsys, *args, "--home", str(registry.home))
+    assert code == 1 and message in err and out == ""
+
+
+def test_verify_exit_status_on_corruption(capsys, registry, make_adapter):
+    version = registry.publish(make_adapter(), name="sql").version
+    _, sha, _ = registry.files(version)[0]
+    blob = registry.blobs.path(sha)
+    blob.chmod(0o644)
+    blob.write_bytes(b"tampered")
+    code, _, err = run(capsys, "hub", "verify", "--home", str(registry.home))
+    assert code == 1 and "CORRUPT sql@1" in err
+
+
+def test_import_base_from_folder_and_console_script(tmp_path, tiny_base_dir):
+    home = tmp_path / "home"
+    result = subprocess.run([sys.executable, "-m", "hotswap.hub.cli", "hub", "import-base", "tiny",
+                             str(tiny_base_dir), "--source-id", TINY_SOURCE, "--home", str(home), "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["metadata"]["source"] == TINY_SOURCE and info["metadata"]["architecture"] == "llama"
+    assert main_json(["hub", "import-base", "plain", str(tiny_base_dir), "--home", str(home), "--json"])[
+        "metadata"]["source"] == tiny_base_dir.name  # no id recorded in the folder: its name
+    bad = subprocess.run([sys.executable, "-m", "hotswap.hub.cli", "hub", "import-base", "other", "not/a/valid/id",
+                          "--home", str(home)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "neither a GGUF file, a model folder nor a Hub repo id" in bad.stderr
+    none = subprocess.run([sys.executable, "-m", "hotswap.hub.cli", "hub", "import-base", "other",
+                           "--home", str(home)], capture_output=True, text=True)
+    assert none.returncode == 1 and "only 'smollm2'" in none.stderr
+
+
+def main_json(args):
+    result = subprocess.run([sys.executable, "-m", "hotswap.hub.cli", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_help_everywhere(capsys):
+    for args in (["--help"], ["hub", "--help"], ["hub", "publish", "--help"], ["hub", "pull", "--help"]):
+        assert run(capsys, *args)[0] == 0

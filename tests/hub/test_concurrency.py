@@ -1,0 +1,74 @@
+"""Rule 7: parallel publishers from several processes, and a publisher killed mid-way."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from hotswap.hub import NotFoundError, Registry
+
+PUBLISH = [sys.executable, "-m", "hotswap.hub.cli", "hub", "publish"]
+
+
+def test_parallel_publishes_get_distinct_versions(registry, make_adapter):
+    folders = [make_adapter(seed=seed) for seed in range(6)]
+    procs = [subprocess.Popen([*PUBLISH, str(f), "--name", "sql", "--home", str(registry.home), "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in folders]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out))
+    assert sorted(r["version"] for r in results) == [1, 2, 3, 4, 5, 6]
+    assert all(r["created"] for r in results)
+    # each version holds exactly the weights its own process published
+    for folder, result in zip(folders, results):
+        snap = registry.open(result["ref"])
+        assert (snap.path / "adapter_model.safetensors").read_bytes() == \
+            (folder / "adapter_model.safetensors").read_bytes()
+    assert registry.resolve("sql").version == 6 and registry.verify() == []
+
+
+def _big_checkpoint(folder, shards=60):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    rng = np.random.default_rng(0)
+    for i in range(shards):
+        save_file({f"w{i}": rng.standard_normal((256, 1024), dtype=np.float32)}, folder / f"model-{i:03d}.safetensors")
+    return folder
+
+
+@pytest.mark.slow
+def test_publish_killed_mid_way_leaves_no_partial_version(registry, tmp_path):
+    folder = _big_checkpoint(tmp_path / "big")
+    base_blobs = registry.blobs.all_digests()
+    killed_mid_way = 0
+    for delay in (0.3, 0.6, 0.9, 1.2, 1.6, 2.0):
+        proc = subprocess.Popen([*PUBLISH, str(folder), "--name", "big", "--kind", "base", "--home",
+                                 str(registry.home)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with sqlite3.connect(registry.home / "index.sqlite") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        fresh = Registry(registry.home)
+        try:
+            version = fresh.resolve("big")
+        except NotFoundError:
+            written = len(fresh.blobs.all_digests() - base_blobs)
+            killed_mid_way += 0 < written
+            assert fresh.list(kind="base") == [fresh.resolve("tiny")]
+        else:  # the publish finished before the kill: it must be whole
+            assert len(fresh.files(version)) == 61 and fresh.verify("big") == []
+            break
+    assert killed_mid_way >= 1, "no kill landed while blobs were being written"
+    done = Registry(registry.home).publish(folder, name="big", kind="base")
+    assert done.version.version == 1 and Registry(registry.home).verify() == []
+    Registry(registry.home).gc()  # orphans and temporaries of the killed runs go
+    assert not list((registry.home / "blobs" / "tmp").iterdir())

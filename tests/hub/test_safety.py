@@ -1,0 +1,85 @@
+"""Rule 6: only safetensors, names are identifiers, nothing outside the folder, digests verified."""
+
+import os
+import shutil
+
+import pytest
+
+from hotswap.hub import CorruptionError, InvalidName, UnsafeContent
+
+
+def test_pickle_refused_with_conversion_hint(registry, make_adapter):
+    folder = make_adapter()
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    with pytest.raises(UnsafeContent, match=r"adapter_model\.bin is a pickle file.*safetensors.*save_pretrained"):
+        registry.publish(folder, name="pickled")
+    (folder / "adapter_model.bin").rename(folder / "training_args.pt")
+    with pytest.raises(UnsafeContent, match="training_args.pt is a pickle"):
+        registry.publish(folder, name="pickled")
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/path", "a/b", "UPPER", ".hidden", "x" * 65])
+def test_names_are_identifiers_not_paths(registry, make_adapter, name):
+    with pytest.raises(InvalidName):
+        registry.publish(make_adapter(), name=name)
+    assert not (registry.home.parent / "x").exists()
+
+
+def test_symlink_pointing_outside_refused(registry, make_adapter, tmp_path):
+    folder = make_adapter()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    os.symlink(secret, folder / "notes.txt")
+    with pytest.raises(UnsafeContent, match="notes.txt is a link pointing outside the folder"):
+        registry.publish(folder, name="linky")
+    os.unlink(folder / "notes.txt")
+    os.symlink(tmp_path, folder / "escape")  # a linked folder outside
+    with pytest.raises(UnsafeContent, match="escape is a link pointing outside"):
+        registry.publish(folder, name="linky")
+
+
+def test_symlink_inside_folder_is_stored_as_its_content(registry, make_adapter):
+    folder = make_adapter()
+    (folder / "docs").mkdir()
+    (folder / "docs" / "card.md").write_text("hello")
+    os.symlink("docs/card.md", folder / "CARD.md")
+    version = registry.publish(folder, name="linky").version
+    snap = registry.open(version)
+    assert (snap.path / "CARD.md").read_text() == "hello" and (snap.path / "docs" / "card.md").is_file()
+
+
+def test_missing_weights_refused(registry, make_adapter):
+    folder = make_adapter()
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(UnsafeContent, match="must hold adapter_model.safetensors"):
+        registry.publish(folder, name="empty")
+
+
+def test_tampered_blob_caught_on_read_and_by_verify(registry, make_adapter):
+    version = registry.publish(make_adapter(), name="sql").version
+    assert registry.verify() == []
+    weights = next(sha for path, sha, _ in registry.files(version) if path == "adapter_model.safetensors")
+    blob = registry.blobs.path(weights)
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError, match=r"sql@1: file adapter_model\.safetensors: blob .* is corrupt"):
+        registry.open("sql")
+    problems = registry.verify("sql")
+    assert [(p.ref, p.path) for p in problems] == [("sql@1", "adapter_model.safetensors")]
+    assert [p.ref for p in registry.verify()] == ["sql@1"]  # the base is still fine
+
+
+def test_missing_blob_reported(registry, make_adapter):
+    version = registry.publish(make_adapter(), name="sql").version
+    _, sha, _ = registry.files(version)[0]
+    registry.blobs.path(sha).unlink()
+    assert "missing" in registry.verify("sql")[0].message
+
+
+def test_snapshot_rebuilt_if_tampered_with(registry, make_adapter):
+    registry.publish(make_adapter(), name="sql")
+    snap = registry.open("sql")
+    shutil.rmtree(snap.path)
+    assert (registry.open("sql").path / "adapter_config.json").is_file()
