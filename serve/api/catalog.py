@@ -1,0 +1,154 @@
+"""What a caller may ask for: resolving `model` for one key, and listing models and adapters.
+
+The engine resolves references (it owns what "the base" means); this module adds the caller's view:
+a key's adapter patterns are checked before anything is looked up, and "nearest names" hints are drawn
+only from entries the caller may see, so no tenant learns another's adapter names.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from hotswap.hub import InvalidName, Registry, Version, parse_ref
+
+from ..engine import AdapterNotFound, AdapterResidency, Engine, EngineNotReady, Target
+from .admin_schemas import AdapterInfo, Residency
+from .auth import Principal
+from .exceptions import ApiProblem, Forbidden, UnknownModel
+from .hub_access import HubAccess
+from .openai_schemas import ModelCard
+from .settings import ServerSettings
+
+SERVED_KINDS = ("adapter", "model")
+
+
+class Catalog:
+    def __init__(self, engine: Engine, hub: HubAccess, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.hub = hub
+        self.settings = settings
+
+    def base_name(self) -> str:
+        return self.engine.base.ref.partition("@")[0]
+
+    def _require_ready(self) -> None:
+        if not self.engine.ready:
+            raise EngineNotReady("the base model is still loading; retry shortly")
+
+    async def resolve(self, model: str, principal: Principal, param: str = "model") -> Target:
+        """The exact version `model` names now, if this caller may use it."""
+        self._require_ready()
+        try:
+            ref = parse_ref(model)
+        except InvalidName as exc:
+            raise ApiProblem(f"{param}: {exc}", param) from None
+        if ref.name != self.base_name() and not principal.may_use(ref.name):
+            raise Forbidden(f"key {principal.name!r} may not use {ref.name!r}", param)
+        try:
+            return self.engine.resolve(model)
+        except AdapterNotFound as exc:
+            names = await self.hub.run(_entry_names)
+            if ref.name in names:  # the name exists: the message is about its versions or aliases
+                raise UnknownModel(str(exc), param=param) from None
+            visible = principal.visible([n for n in names if n != self.base_name()]) + [self.base_name()]
+            raise UnknownModel(f"no model named {ref.name!r}", principal.nearest(ref.name, visible), param) from None
+
+    # --- listing ---------------------------------------------------------------------------------
+    async def model_cards(self, principal: Principal) -> list[ModelCard]:
+        self._require_ready()
+        base_ref, max_len, owner = self.engine.base.ref, self.engine.max_model_len, self.settings.owned_by
+        cards = await self.hub.run(lambda reg: _cards(reg, base_ref, max_len, owner))
+        return [c for c in cards if c.kind == "base" or principal.may_use(c.id.partition("@")[0])]
+
+    async def model_card(self, model: str, principal: Principal) -> ModelCard:
+        cards = await self.model_cards(principal)
+        for card in cards:
+            if card.id == model:
+                return card
+        name = model.partition("@")[0]
+        if name != self.base_name() and not principal.may_use(name):
+            raise Forbidden(f"key {principal.name!r} may not use {name!r}", "model")
+        ids = [c.id for c in cards]
+        raise UnknownModel(f"no servable model {model!r}", principal.nearest(model, ids))
+
+    async def adapters(self, kind: str | None = None, tier: str | None = None) -> list[AdapterInfo]:
+        """Every adapter and full-model version in the registry, with where it is held now."""
+        self._require_ready()
+        base_ref = self.engine.base.ref
+        residency = {r.digest: r for r in self.engine.residency()}
+        infos = await self.hub.run(lambda reg: _adapter_infos(reg, base_ref, residency))
+        return [i for i in infos if (kind is None or i.kind == kind) and (tier is None or i.residency.tier == tier)]
+
+    async def adapter(self, ref: str) -> AdapterInfo:
+        target = await self.resolve(ref, _ADMIN, param="ref")
+        infos = await self.adapters()
+        for info in infos:
+            if info.ref == target.ref:
+                return info
+        raise UnknownModel(f"{ref!r} is the base, not an adapter or a full model", param="ref")
+
+
+_ADMIN = Principal("admin", "admin")
+
+
+def _entry_names(reg: Registry) -> list[str]:
+    return sorted({v.name for v in reg.list()})
+
+
+def servable(version: Version, base: Version) -> bool:
+    if version.kind == "adapter":
+        return version.metadata.base_fingerprint == base.metadata.fingerprint
+    return version.kind == "model"
+
+
+def _cards(reg: Registry, base_ref: str, max_len: int, owner: str) -> list[ModelCard]:
+    base = reg.resolve(base_ref)
+    cards = [ModelCard(id=base.name, root=base.ref, kind="base", created=_ts(base), owned_by=owner,
+                       max_model_len=max_len, versions=[base.version])]
+    by_name: dict[str, list[Version]] = defaultdict(list)
+    for version in reg.list():
+        if version.kind in SERVED_KINDS and servable(version, base):
+            by_name[version.name].append(version)
+    for name, versions in sorted(by_name.items()):
+        numbered = {v.version: v for v in versions}
+        aliases = {a: n for a, n in reg.aliases(name).items() if n in numbered}
+        parent = base.name if versions[0].kind == "adapter" else None
+
+        def card(card_id: str, v: Version, **extra) -> ModelCard:
+            return ModelCard(id=card_id, root=v.ref, parent=parent, kind=v.kind, created=_ts(v), owned_by=owner,
+                             max_model_len=max_len, **extra)
+
+        if "latest" in aliases:
+            cards.append(card(name, numbered[aliases["latest"]], versions=sorted(numbered), aliases=aliases))
+        cards += [card(v.ref, v) for v in versions]
+        cards += [card(f"{name}@{a}", numbered[n]) for a, n in aliases.items() if a != "latest"]
+    return cards
+
+
+def _adapter_infos(reg: Registry, base_ref: str, residency: dict[str, AdapterResidency]) -> list[AdapterInfo]:
+    base = reg.resolve(base_ref)
+    infos = []
+    pointing: dict[tuple[str, int], list[str]] = defaultdict(list)
+    versions = [v for v in reg.list() if v.kind in SERVED_KINDS]
+    for name in sorted({v.name for v in versions}):
+        for alias, number in reg.aliases(name).items():
+            pointing[(name, number)].append(alias)
+    for v in versions:
+        meta = v.metadata
+        infos.append(AdapterInfo(
+            ref=v.ref, name=v.name, version=v.version, kind=v.kind, aliases=sorted(pointing[(v.name, v.version)]),
+            digest=v.digest, base=meta.base, servable=servable(v, base), rank=meta.rank, alpha=meta.alpha,
+            target_modules=list(meta.target_modules), task=meta.task, language=meta.language,
+            size_bytes=meta.size_bytes, created=_ts(v), residency=residency_view(residency.get(v.digest))))
+    return infos
+
+
+def residency_view(held: AdapterResidency | None) -> Residency:
+    if held is None:
+        return Residency(tier="disk")
+    return Residency(tier=held.tier, pinned=held.manually_pinned, pins=held.pins, device_bytes=held.size_bytes,
+                     last_used=held.last_used or None)
+
+
+def _ts(version: Version) -> int:
+    return int(version.created_at.timestamp())

@@ -1,0 +1,146 @@
+"""Every error the server answers, in OpenAI's shape, from ONE table of exception classes.
+
+The engine, the registry and this layer's own modules raise plain typed exceptions; this table is the
+only place that knows their status codes. A class not listed falls back to its nearest listed parent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from hotswap.hub import (
+    CorruptionError,
+    HubError,
+    ImportFailed,
+    InUseError,
+    InvalidMetadata,
+    InvalidName,
+    NotFoundError,
+    UnsafeContent,
+)
+from hotswap.hub import IncompatibleAdapter as HubIncompatible
+
+from ..engine import (
+    AdapterNotFound,
+    CapacityExceeded,
+    EngineError,
+    EngineNotReady,
+    IncompatibleAdapter,
+    InvalidRequest,
+    PromptTooLong,
+    QueueFull,
+)
+from .metrics import MODEL_SCOPE_KEY
+from .exceptions import ApiProblem, BadUpload, Busy, ClientGone, Forbidden, Unauthenticated, UnknownModel
+from .openai_schemas import ErrorDetail, ErrorResponse
+
+log = logging.getLogger("hotswap.serve.api")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    status: int
+    type: str
+    code: str | None = None
+    retry_after: bool = False  # send Retry-After (settings.retry_after_s)
+
+
+INVALID = "invalid_request_error"
+ERRORS: dict[type[BaseException], ErrorSpec] = {
+    # this layer
+    Unauthenticated: ErrorSpec(401, "authentication_error", "invalid_api_key"),
+    Forbidden: ErrorSpec(403, "permission_error", "forbidden"),
+    UnknownModel: ErrorSpec(404, INVALID, "model_not_found"),
+    Busy: ErrorSpec(409, "conflict_error", "adapter_busy"),
+    BadUpload: ErrorSpec(400, INVALID, "bad_upload"),
+    ClientGone: ErrorSpec(499, "client_closed_request"),  # nobody reads it; counted in the metrics
+    ApiProblem: ErrorSpec(400, INVALID),
+    # the engine
+    PromptTooLong: ErrorSpec(400, INVALID, "context_length_exceeded"),
+    InvalidRequest: ErrorSpec(400, INVALID, "invalid_value"),
+    QueueFull: ErrorSpec(429, "rate_limit_error", "queue_full", retry_after=True),
+    EngineNotReady: ErrorSpec(503, "service_unavailable_error", "not_ready", retry_after=True),
+    AdapterNotFound: ErrorSpec(404, INVALID, "model_not_found"),
+    IncompatibleAdapter: ErrorSpec(400, INVALID, "incompatible_adapter"),
+    CapacityExceeded: ErrorSpec(400, INVALID, "capacity_exceeded"),
+    EngineError: ErrorSpec(500, "server_error"),
+    # the registry
+    NotFoundError: ErrorSpec(404, INVALID, "not_found"),
+    InvalidName: ErrorSpec(400, INVALID, "invalid_name"),
+    InvalidMetadata: ErrorSpec(400, INVALID, "invalid_metadata"),
+    UnsafeContent: ErrorSpec(400, INVALID, "unsafe_content"),
+    HubIncompatible: ErrorSpec(400, INVALID, "incompatible_adapter"),
+    InUseError: ErrorSpec(409, "conflict_error", "in_use"),
+    CorruptionError: ErrorSpec(500, "server_error", "corrupt_store"),
+    ImportFailed: ErrorSpec(500, "server_error", "import_failed"),
+    HubError: ErrorSpec(400, INVALID),
+    # the framework: bad bodies, unknown routes, wrong methods, oversized uploads
+    ValidationException: ErrorSpec(400, INVALID, "invalid_value"),
+    HTTPException: ErrorSpec(500, "server_error"),  # status taken from the exception
+    Exception: ErrorSpec(500, "server_error", "internal_error"),
+}
+
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: INVALID, 405: INVALID, 413: INVALID,
+               429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+def spec_for(exc: BaseException) -> ErrorSpec:
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            return ERRORS[cls]
+    return ERRORS[Exception]
+
+
+def describe(exc: BaseException, path: str = "") -> tuple[int, ErrorDetail, bool]:
+    """(status, body, send Retry-After) for an exception; also used for errors inside a stream."""
+    spec = spec_for(exc)
+    status, kind, code, param = spec.status, spec.type, spec.code, getattr(exc, "param", None)
+    message = str(exc)
+    if isinstance(exc, ValidationException):
+        message, param = _validation_message(exc)
+    elif isinstance(exc, HTTPException):
+        status = exc.status_code
+        kind = INVALID if 400 <= status < 500 and status not in _HTTP_TYPES else _HTTP_TYPES.get(status, kind)
+        message = exc.detail
+    elif isinstance(exc, PromptTooLong):
+        param = "messages" if path.endswith("chat/completions") else "prompt"
+    elif isinstance(exc, (AdapterNotFound, IncompatibleAdapter)) and param is None and "/v1/" in path:
+        param = "model" if "completions" in path else "ref"
+    elif spec is ERRORS[Exception]:
+        log.exception("unexpected error on %s", path, exc_info=exc)
+        message = f"internal error ({type(exc).__name__}); see the server log"
+    return status, ErrorDetail(message=message or type(exc).__name__, type=kind, param=param, code=code), spec.retry_after
+
+
+def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
+    """Name each bad field once (a union type reports one error per alternative)."""
+    seen: dict[str, str] = {}
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        key = str(item.get("key") or "")
+        field = key.split(".")[0]
+        seen.setdefault(field or "body", f"{key or 'body'}: {item.get('message')}")
+    if not seen:
+        return exc.detail, None
+    return "invalid request: " + "; ".join(seen.values()), next(iter(seen))
+
+
+def error_response(request: Request, exc: Exception) -> Response[ErrorResponse]:
+    status, detail, retry = describe(exc, request.url.path)
+    services = request.app.state.services
+    services.metrics.failed(request.scope.get(MODEL_SCOPE_KEY), status)  # type: ignore[call-overload]
+    headers = {}
+    if retry:
+        headers["Retry-After"] = str(services.settings.retry_after_s)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="hotswap"'
+    return Response(ErrorResponse(error=detail), status_code=status, headers=headers)
+
+
+def exception_handlers() -> dict[type[Exception], Callable[[Request, Any], Response]]:
+    """The app's handler table: every class of ERRORS goes through `error_response`."""
+    return {cls: error_response for cls in ERRORS if issubclass(cls, Exception)}

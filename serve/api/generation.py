@@ -1,0 +1,174 @@
+"""From an OpenAI request to engine requests and back: one `Run` per HTTP request.
+
+A request with several prompts or `n > 1` becomes several engine requests ("jobs"); their token events
+are merged in arrival order. A `Run` cancels every job it started when it is closed early (an error, a
+client that went away), so the engine frees their KV blocks and adapter pins at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from litestar import Request
+
+from ..engine import Engine, GenerationRequest, RequestStream, SamplingParams, Target, TokenEvent, Usage
+from .exceptions import ApiProblem, ClientGone
+from .metrics import ApiMetrics
+from .openai_schemas import ChatCompletionRequest, CompletionRequest
+
+
+def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, sample: int) -> SamplingParams:
+    top_k = body.top_k if body.top_k and body.top_k > 0 else 0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=top_k,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        stop=body.stop_strings(),
+        seed=None if body.seed is None else body.seed + sample,  # n samples of one seed differ, reproducibly
+        ignore_eos=body.ignore_eos)
+
+
+def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationRequest]:
+    prompts = body.prompts()
+    if body.echo and not all(isinstance(p, str) for p in prompts):
+        raise ApiProblem("echo needs a text prompt (token-id prompts cannot be echoed)", "echo")
+    if len(prompts) * body.n > 16:
+        raise ApiProblem(f"{len(prompts)} prompts x n={body.n} asks for more than 16 choices", "n")
+    jobs = []
+    for prompt in prompts:
+        for sample in range(body.n):
+            text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+            jobs.append(GenerationRequest(prompt=text, prompt_token_ids=ids, model=target.ref,
+                                          sampling=sampling(body, body.max_tokens or 16, sample)))
+    return jobs
+
+
+def chat_jobs(body: ChatCompletionRequest, target: Target, default_max_tokens: int) -> list[GenerationRequest]:
+    messages = [m.as_dict() for m in body.messages]
+    limit = body.token_limit() or default_max_tokens
+    return [GenerationRequest(messages=messages, model=target.ref, sampling=sampling(body, limit, sample),
+                              add_generation_prompt=body.add_generation_prompt)
+            for sample in range(body.n)]
+
+
+@dataclass(slots=True)
+class Choice:
+    """What one job produced so far."""
+
+    index: int
+    stream: RequestStream
+    echo: str = ""
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    first_token_at: float | None = None
+
+
+class Run:
+    """The engine requests of one HTTP request, their merged events, metrics and cancellation."""
+
+    def __init__(self, engine: Engine, metrics: ApiMetrics, target: Target, endpoint: str) -> None:
+        self.engine, self.metrics, self.target, self.endpoint = engine, metrics, target, endpoint
+        self.started = time.perf_counter()
+        self.created = int(time.time())
+        self.choices: list[Choice] = []
+        self.n = 1
+
+    def submit(self, jobs: list[GenerationRequest], n: int = 1, echoes: list[str] | None = None) -> None:
+        """Queue every job, or none: a refusal cancels the jobs already queued and is re-raised.
+
+        Job ``i`` is sample ``i % n`` of prompt ``i // n`` (OpenAI's choice order)."""
+        self.n = n
+        try:
+            for i, job in enumerate(jobs):
+                self.choices.append(Choice(i, self.engine.submit(job), (echoes or [""] * len(jobs))[i]))
+        except BaseException:
+            self.cancel()
+            raise
+
+    @property
+    def id_suffix(self) -> str:
+        return self.choices[0].stream.request_id if self.choices else "none"
+
+    def cancel(self) -> None:
+        for choice in self.choices:
+            choice.stream.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[Choice, TokenEvent]]:
+        """Every job's events, merged in arrival order; ends when all jobs have finished."""
+        if len(self.choices) == 1:
+            async for event in self.choices[0].stream:
+                yield self._note(self.choices[0], event), event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for event in choice.stream:
+                    await queue.put((choice, event))
+            except Exception as exc:  # handed to the consumer, which raises it
+                await queue.put((choice, exc))
+            await queue.put((choice, None))
+
+        tasks = [asyncio.ensure_future(pump(c)) for c in self.choices]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                choice, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield self._note(choice, item), item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _note(self, choice: Choice, event: TokenEvent) -> Choice:
+        if choice.first_token_at is None and event.token_ids:
+            choice.first_token_at = time.perf_counter()
+        choice.text.append(event.text)
+        if event.finish_reason is not None:
+            choice.finish_reason, choice.usage = event.finish_reason, event.usage
+            self._record(choice)
+        return choice
+
+    def _record(self, choice: Choice) -> None:
+        usage = choice.usage or Usage(choice.stream.prompt_tokens, 0)
+        ttft = None if choice.first_token_at is None else choice.first_token_at - self.started
+        self.metrics.finished(self.target.ref, self.endpoint, choice.finish_reason or "stop", usage.prompt_tokens,
+                              usage.completion_tokens, ttft, time.perf_counter() - self.started)
+
+    def usage(self) -> Usage:
+        """Prompt tokens once per prompt (its n samples share it), completion tokens of every choice."""
+        prompt = sum(c.stream.prompt_tokens for c in self.choices if c.index % self.n == 0)
+        return Usage(prompt, sum(c.usage.completion_tokens for c in self.choices if c.usage))
+
+
+async def until_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_gone(request: Request, run: Run, awaitable):
+    """Await `awaitable`; if the client leaves first, cancel the run's jobs and raise ClientGone."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    run.cancel()
+    raise ClientGone("the client closed the connection; its requests were cancelled")

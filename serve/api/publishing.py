@@ -1,0 +1,112 @@
+"""Publishing an uploaded adapter and moving aliases: the registry work behind the hub endpoints.
+
+An upload is written file by file into a private temporary folder (flat names only: a PEFT adapter
+folder has no sub-folders), then handed to `Registry.publish`, which runs the safety and
+compatibility checks. Nothing is stored unless every check passes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from litestar.datastructures import UploadFile
+
+from hotswap.hub import Registry
+
+from .admin_schemas import AliasInfo, EntryInfo, PublishResponse
+from .exceptions import BadUpload
+from .services import Services
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class PublishForm:
+    """multipart/form-data of POST /v1/hub/publish."""
+
+    name: str = field(metadata={"description": "Entry name (lower-case identifier); the next version is created."})
+    files: list[UploadFile] = field(metadata={
+        "description": "The adapter's files, each under its own name: adapter_config.json, adapter_model.safetensors"
+                       " (a README.md too if you like)."})
+    base: str | None = field(default=None, metadata={"description": "Base ref; default: the base this server runs."})
+    task: str | None = None
+    language: str | None = field(default=None, metadata={"description": "BCP-47 tag, e.g. en, pt-BR."})
+    aliases: str | None = field(default=None, metadata={"description": "Comma-separated aliases to point here."})
+    tags: str | None = field(default=None, metadata={"description": 'JSON object of strings, e.g. {"team": "a"}.'})
+    metrics: str | None = field(default=None, metadata={"description": 'JSON object of numbers, e.g. {"acc": 0.9}.'})
+
+
+def _json_object(text: str | None, field_name: str, value_type: type) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadUpload(f"{field_name} is not valid JSON: {exc}", field_name) from None
+    if not isinstance(value, dict) or not all(isinstance(v, value_type) and not isinstance(v, bool) for v in value.values()):
+        raise BadUpload(f"{field_name} must be a JSON object of {value_type.__name__} values", field_name)
+    return value
+
+
+def _checked_names(files: list[UploadFile]) -> list[str]:
+    names = [f.filename or "" for f in files]
+    for name in names:
+        if not _FILE_NAME.fullmatch(name) or ".." in name:
+            raise BadUpload(f"file name {name!r} is not a plain file name (letters, digits, '.', '_', '-'; "
+                            "no folders): upload the adapter folder's files under their own names")
+    if len(set(names)) != len(names):
+        raise BadUpload(f"two uploaded files share a name: {', '.join(sorted(names))}")
+    return names
+
+
+async def publish_upload(form: PublishForm, services: Services) -> PublishResponse:
+    names = _checked_names(form.files)
+    tags = _json_object(form.tags, "tags", str)
+    metrics = _json_object(form.metrics, "metrics", (int, float))  # type: ignore[arg-type]
+    aliases = tuple(a.strip() for a in (form.aliases or "").split(",") if a.strip())
+    base = form.base or services.engine.base.ref
+
+    def store(reg: Registry) -> PublishResponse:
+        with tempfile.TemporaryDirectory(prefix="hotswap-upload-") as tmp:
+            for name, upload in zip(names, form.files):
+                upload.file.seek(0)
+                with open(Path(tmp) / name, "wb") as out:
+                    shutil.copyfileobj(upload.file, out, 1 << 20)
+            result = reg.publish(tmp, name=form.name, kind="adapter", base=base, task=form.task,
+                                 language=form.language, tags=tags, metrics=metrics, aliases=aliases)
+        v = result.version
+        pointing = sorted(a for a, n in reg.aliases(v.name).items() if n == v.version)
+        return PublishResponse(ref=v.ref, name=v.name, version=v.version, digest=v.digest, created=result.created,
+                               aliases=pointing, base=v.metadata.base, rank=v.metadata.rank,
+                               target_modules=list(v.metadata.target_modules))
+
+    try:
+        return await services.hub.run(store)
+    finally:
+        for upload in form.files:
+            await upload.close()
+
+
+def entry_info(reg: Registry, name: str) -> EntryInfo:
+    versions = reg.versions(name)
+    history = [AliasInfo(name=e.name, alias=e.alias, version=e.to_version, previous=e.from_version)
+               for e in reg.alias_history(name)]
+    return EntryInfo(name=name, kind=versions[0].kind, versions=[v.version for v in versions],
+                     aliases=reg.aliases(name), history=history)
+
+
+def alias_info(reg: Registry, name: str, alias: str, version: int) -> AliasInfo:
+    previous = reg.aliases(name).get(alias) if reg.versions(name) else None
+    moved = reg.alias(f"{name}@{version}", alias)
+    return AliasInfo(name=name, alias=alias, version=moved.version, previous=previous)
+
+
+def remove_alias(reg: Registry, name: str, alias: str) -> AliasInfo:
+    previous = reg.aliases(name).get(alias)
+    reg.unalias(name, alias)
+    return AliasInfo(name=name, alias=alias, version=None, previous=previous)

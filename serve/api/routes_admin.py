@@ -1,0 +1,106 @@
+"""Management endpoints (admin key): adapter residency, publishing into the registry, alias moves."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from litestar import Controller, delete, get, post, put
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, Parameter
+
+from ..engine import Target
+from .admin_schemas import AdapterInfo, AdapterList, AliasInfo, AliasMove, EntryInfo, PublishResponse, Tier, UnloadResult
+from .auth import ANONYMOUS_ADMIN, require_admin
+from .exceptions import ApiProblem, Busy
+from .publishing import PublishForm, alias_info, entry_info, publish_upload, remove_alias
+from .services import Services, error_responses
+
+REF_DOC = "An adapter or full model: `name`, `name@3` or `name@alias`."
+Ref = Annotated[str, Parameter(description=REF_DOC, min_length=1, max_length=200)]
+
+
+class AdaptersController(Controller):
+    path = "/v1/adapters"
+    tags = ["Management"]
+    guards = [require_admin]
+    security = [{"BearerAuth": []}]
+
+    @get("/", summary="Every adapter and full-model version, with residency (disk, host, device; pinned)",
+         responses=error_responses(401, 403, 503))
+    async def list_adapters(self, services: Services,
+                            kind: Annotated[Literal["adapter", "model"] | None, Parameter(description="Only this kind")] = None,
+                            tier: Annotated[Tier | None, Parameter(description="Only entries held in this tier")] = None,
+                            ) -> AdapterList:
+        return AdapterList(data=await services.catalog.adapters(kind, tier))
+
+    @get("/{ref:str}", summary="One adapter version and its residency", responses=error_responses(400, 401, 403, 404, 503))
+    async def get_adapter(self, ref: Ref, services: Services) -> AdapterInfo:
+        return await services.catalog.adapter(ref)
+
+    @post("/{ref:str}/load", status_code=200, summary="Bring it to a device slot (a full model: into memory)",
+          responses=error_responses(400, 401, 403, 404, 503))
+    async def load(self, ref: Ref, services: Services) -> AdapterInfo:
+        target = await _entry(services, ref)
+        await services.engine.load(target.ref)
+        return await services.catalog.adapter(target.ref)
+
+    @post("/{ref:str}/unload", status_code=200, summary="Drop it from device and host caches (409 while in use)",
+          responses=error_responses(400, 401, 403, 404, 409, 503))
+    async def unload(self, ref: Ref, services: Services) -> UnloadResult:
+        target = await _entry(services, ref)
+        before = await services.catalog.adapter(target.ref)
+        if before.residency.tier == "disk":
+            return UnloadResult(ref=target.ref, unloaded=False, residency=before.residency)
+        if not await services.engine.unload(target.ref):
+            raise Busy(f"{target.ref} is in use (running requests: {before.residency.pins}, pinned: "
+                       f"{str(before.residency.pinned).lower()}); unpin it or retry when its requests end", "ref")
+        after = await services.catalog.adapter(target.ref)
+        return UnloadResult(ref=target.ref, unloaded=True, residency=after.residency)
+
+    @post("/{ref:str}/pin", status_code=200, summary="Load it and keep it resident until unpinned",
+          responses=error_responses(400, 401, 403, 404, 503))
+    async def pin(self, ref: Ref, services: Services) -> AdapterInfo:
+        target = await _entry(services, ref)
+        await services.engine.pin(target.ref)
+        return await services.catalog.adapter(target.ref)
+
+    @post("/{ref:str}/unpin", status_code=200, summary="Let it be evicted again when space is needed",
+          responses=error_responses(400, 401, 403, 404, 503))
+    async def unpin(self, ref: Ref, services: Services) -> AdapterInfo:
+        target = await _entry(services, ref)
+        services.engine.unpin(target.ref)
+        return await services.catalog.adapter(target.ref)
+
+
+async def _entry(services: Services, ref: str) -> Target:
+    target = await services.catalog.resolve(ref, ANONYMOUS_ADMIN, param="ref")
+    if target.kind == "base":
+        raise ApiProblem(f"{ref!r} is the base, which is always loaded; name an adapter or a full model", "ref")
+    return target
+
+
+class HubController(Controller):
+    path = "/v1/hub"
+    tags = ["Registry"]
+    guards = [require_admin]
+    security = [{"BearerAuth": []}]
+
+    @post("/publish", status_code=201, summary="Upload a PEFT adapter's files; the registry checks them against the base",
+          responses=error_responses(400, 401, 403, 404, 409, 413, 503))
+    async def publish(self, data: Annotated[PublishForm, Body(media_type=RequestEncodingType.MULTI_PART)],
+                      services: Services) -> PublishResponse:
+        return await publish_upload(data, services)
+
+    @get("/{name:str}", summary="Versions, aliases and alias history of one entry", responses=error_responses(400, 401, 403, 404))
+    async def get_entry(self, name: str, services: Services) -> EntryInfo:
+        return await services.hub.run(lambda reg: entry_info(reg, name))
+
+    @put("/{name:str}/aliases/{alias:str}", summary="Point an alias at a version (atomic; recorded in the history)",
+         responses=error_responses(400, 401, 403, 404))
+    async def move_alias(self, name: str, alias: str, data: AliasMove, services: Services) -> AliasInfo:
+        return await services.hub.run(lambda reg: alias_info(reg, name, alias, data.version))
+
+    @delete("/{name:str}/aliases/{alias:str}", status_code=200, summary="Remove an alias (not `latest`)",
+            responses=error_responses(400, 401, 403, 404))
+    async def delete_alias(self, name: str, alias: str, services: Services) -> AliasInfo:
+        return await services.hub.run(lambda reg: remove_alias(reg, name, alias))

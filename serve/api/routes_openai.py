@@ -1,0 +1,100 @@
+"""The OpenAI-compatible endpoints: completions, chat completions, models."""
+
+from __future__ import annotations
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.response import Stream
+
+from .auth import Principal, provide_principal, require_key
+from .errors import describe
+from .metrics import MODEL_SCOPE_KEY
+from .generation import Run, chat_jobs, completion_jobs, unless_gone
+from .openai_schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from .responses import ChunkWriter, chat_body, chunk_stream, completion_body
+from .services import Services, error_responses
+
+GENERATION_ERRORS = error_responses(400, 401, 403, 404, 429, 503)
+SSE_NOTE = " With `stream: true` the answer is `text/event-stream`: one `data: <chunk>` per event, then `data: [DONE]`."
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    tags = ["OpenAI-compatible"]
+    guards = [require_key]
+    dependencies = {"principal": Provide(provide_principal)}
+    security = [{"BearerAuth": []}]
+    request_max_body_size = 32 << 20  # prompts, not uploads
+
+    @post("/completions", status_code=200, summary="Complete a prompt with the base, an adapter or a full model",
+          description="OpenAI's completions API." + SSE_NOTE,
+          responses={200: ResponseSpec(CompletionResponse, description="The completion (or its chunks)."),
+                     **GENERATION_ERRORS})
+    async def completions(self, request: Request, data: CompletionRequest, principal: Principal,
+                          services: Services) -> Response:
+        target = await services.catalog.resolve(data.model, principal)
+        request.scope[MODEL_SCOPE_KEY] = target.ref  # type: ignore[literal-required]
+        jobs = completion_jobs(data, target)
+        run = Run(services.engine, services.metrics, target, "completions")
+        echoes = [j.prompt or "" for j in jobs] if data.echo else None
+        run.submit(jobs, n=data.n, echoes=echoes)
+        if data.stream:
+            return await _stream(request, run, ChunkWriter(run, chat=False, include_usage=data.include_usage()), services)
+        await unless_gone(request, run, _drain(run))
+        return Response(completion_body(run))
+
+    @post("/chat/completions", status_code=200, summary="Answer a conversation (the model's chat template)",
+          description="OpenAI's chat completions API." + SSE_NOTE,
+          responses={200: ResponseSpec(ChatCompletionResponse, description="The answer (or its chunks)."),
+                     **GENERATION_ERRORS})
+    async def chat_completions(self, request: Request, data: ChatCompletionRequest, principal: Principal,
+                               services: Services) -> Response:
+        target = await services.catalog.resolve(data.model, principal)
+        request.scope[MODEL_SCOPE_KEY] = target.ref  # type: ignore[literal-required]
+        run = Run(services.engine, services.metrics, target, "chat")
+        run.submit(chat_jobs(data, target, services.settings.default_max_tokens), n=data.n)
+        if data.stream:
+            return await _stream(request, run, ChunkWriter(run, chat=True, include_usage=data.include_usage()), services)
+        await unless_gone(request, run, _drain(run))
+        return Response(chat_body(run))
+
+    @get("/models", summary="List what `model` may name: the base, adapters (with versions and aliases), full models",
+         responses=error_responses(401, 503))
+    async def list_models(self, principal: Principal, services: Services) -> ModelList:
+        return ModelList(data=await services.catalog.model_cards(principal))
+
+    @get("/models/{model:str}", summary="Describe one model id", responses=error_responses(401, 403, 404, 503))
+    async def get_model(self, model: str, principal: Principal, services: Services) -> ModelCard:
+        return await services.catalog.model_card(model, principal)
+
+
+async def _drain(run: Run) -> None:
+    try:
+        async for _ in run.events():
+            pass
+    except BaseException:
+        run.cancel()
+        raise
+
+
+async def _stream(request: Request, run: Run, writer: ChunkWriter, services: Services) -> Stream:
+    """Wait for the first event before answering 200, so that a refusal found at load (an adapter that
+    cannot be applied, say) is still an HTTP error; later errors become an error event in the stream."""
+    events = run.events()
+    try:
+        first = await unless_gone(request, run, anext(events, None))
+    except BaseException:
+        run.cancel()
+        raise
+    path = request.url.path
+    on_error = lambda exc: services.metrics.failed(run.target.ref, describe(exc, path)[0])  # noqa: E731
+    return Stream(chunk_stream(writer, first, events, path, on_error), media_type="text/event-stream",
+                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
