@@ -1,0 +1,92 @@
+"""`hotswap serve`: build the registry, the engine and the app from flags, then run uvicorn.
+
+Only typer is imported at module level: `hotswap bench` shares the CLI module and should not pay for
+importing the server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+MiB = 1 << 20
+
+
+def serve(
+    base: Annotated[str, typer.Option(help="The base to serve: a registry reference (name, name@2, name@prod).")],
+    home: Annotated[Optional[Path], typer.Option(help="Registry folder (default: $HOTSWAP_HOME or the per-user one).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. Beyond loopback, API keys are required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_keys: Annotated[Optional[Path], typer.Option(
+        "--api-keys", help="API key file (JSON, or TOML when named *.toml); also read: $HOTSWAP_API_KEYS, "
+                           "$HOTSWAP_ADMIN_KEY.")] = None,
+    public_metrics: Annotated[bool, typer.Option(help="Serve /metrics without a key.")] = False,
+    default_max_tokens: Annotated[int, typer.Option(help="max_tokens of chat requests that give none.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU).")] = None,
+    max_running: Annotated[int, typer.Option(help="Sequences decoding at once.")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests before 429.")] = 1024,
+    max_batch_tokens: Annotated[int, typer.Option(help="Tokens in one forward step.")] = 512,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Context length (default: the base's, at most 8192).")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+    kv_cache_mib: Annotated[int, typer.Option(help="KV cache of the base, MiB.")] = 512,
+    max_rank: Annotated[int, typer.Option(help="Highest LoRA rank accepted.")] = 64,
+    lora_capacity_mib: Annotated[int, typer.Option(help="Device memory for adapter slots, MiB.")] = 256,
+    host_cache_mib: Annotated[int, typer.Option(help="Host (CPU) cache of loaded adapters, MiB.")] = 1024,
+    model_memory_mib: Annotated[int, typer.Option(help="Memory for full fine-tuned models beside the base, MiB.")] = 2048,
+    load_workers: Annotated[int, typer.Option(help="Threads loading cold adapters.")] = 1,
+    compile: Annotated[bool, typer.Option(help="torch.compile the decode step.")] = False,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve BASE and every adapter of it over HTTP (OpenAI-compatible), until interrupted."""
+    import uvicorn
+
+    from hotswap.hub import HubError, Registry
+
+    from ..engine import Engine, EngineConfig
+    from .app import create_app
+    from .settings import KeySettingsError, ServerSettings, load_keys
+
+    try:
+        settings = ServerSettings(host=host, port=port, keys=load_keys(api_keys), public_metrics=public_metrics,
+                                  default_max_tokens=default_max_tokens)
+        settings.check_binding()
+    except (KeySettingsError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        config = EngineConfig(
+            device=device, dtype=dtype, max_running=max_running, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
+            max_model_len=max_model_len, max_tokens_limit=max_tokens_limit, kv_cache_bytes=kv_cache_mib * MiB,
+            max_rank=max_rank, lora_capacity_bytes=lora_capacity_mib * MiB, host_cache_bytes=host_cache_mib * MiB,
+            model_memory_bytes=model_memory_mib * MiB, load_workers=load_workers, compile=compile)
+    except AssertionError as exc:
+        typer.echo(f"error: invalid capacity flags: {exc or 'a size or count is not positive'}", err=True)
+        raise typer.Exit(2) from None
+
+    registry = Registry(home)
+    try:
+        version = registry.resolve(base)
+    except HubError as exc:
+        typer.echo(f"error: --base {base}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if version.kind != "base":
+        typer.echo(f"error: --base {base}: {version.ref} is a {version.kind}, not a base", err=True)
+        raise typer.Exit(2)
+
+    app = create_app(Engine(registry, base, config), registry, settings)
+    typer.echo(startup_banner(settings, version.ref, registry.home), err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+def startup_banner(settings, base_ref: str, home: Path) -> str:
+    if settings.auth_enabled:
+        roles = {r: [k.name for k in settings.keys if k.role == r] for r in ("admin", "user")}
+        auth = f"auth: {len(settings.keys)} API keys (admin: {', '.join(roles['admin']) or 'none'}; " \
+               f"user: {', '.join(roles['user']) or 'none'})"
+    else:
+        auth = "auth: OFF (no API keys configured), so listening on loopback only; every caller is admin"
+    return (f"hotswap: serving base {base_ref} from the registry at {home}\n"
+            f"hotswap: http://{settings.host}:{settings.port}  (OpenAPI at /schema)  {auth}")
