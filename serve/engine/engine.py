@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
+from ..lora.pool import LoraPool
+from ..lora.residency import Residency
+from . import loaders
 from .config import EngineConfig
-from .requests import Completion, GenerationRequest, RequestStream, Target
-from .stats import EngineStats
+from .detok import Detokenizer
+from .core import Core
+from .errors import EngineError, EngineNotReady, PromptTooLong, QueueFull
+from .intake import check_sampling, prompt_ids
+from .models import ModelPool
+from .requests import Completion, GenerationRequest, RequestStream, Target, TokenEvent, Usage
+from .resolve import Resolver
+from .sequence import Sequence
+from .stats import EngineStats, StatsRecorder
+from .worker import Worker
 
 
 @dataclass(slots=True, frozen=True)
@@ -20,7 +37,7 @@ class AdapterResidency:
     tier: Literal["device", "host", "loading"]
     pins: int  # running requests + manual pins
     manually_pinned: bool
-    size_bytes: int  # device bytes it occupies (rows for an adapter, weights for a model)
+    size_bytes: int  # device bytes it occupies (rows for an adapter; weights + KV for a model)
     rank: int | None
     target_modules: tuple[str, ...]
     last_used: float  # time.time() of the last request that used it
@@ -39,56 +56,263 @@ class Engine:
     """
 
     def __init__(self, registry, base_ref: str, config: EngineConfig | None = None) -> None:
-        raise NotImplementedError
+        self.config = config or EngineConfig()
+        self.registry = registry
+        self._base_ref = base_ref
+        self._recorder = StatsRecorder()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._state = "new"  # new -> ready -> stopping -> stopped
+        self._num_queued = 0  # submitted, not yet running (for QueueFull)
+        self._base: Worker | None = None
+        self._core: Core | None = None
 
+    # --- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         """Load the base and start the step thread (model work runs off the event loop)."""
-        raise NotImplementedError
+        await asyncio.to_thread(self.start_sync)
 
     async def stop(self) -> None:
-        """Finish nothing more: cancel what runs, stop the threads, free the models."""
-        raise NotImplementedError
+        """Cancel what runs (streams end with "cancelled"), stop the threads, free the models."""
+        await asyncio.to_thread(self.stop_sync)
 
-    def start_sync(self) -> None: ...
-    def stop_sync(self) -> None: ...
+    def start_sync(self) -> None:
+        if self._state != "new":
+            raise EngineNotReady(f"the engine is {self._state}; create a new one to start again")
+        cfg = self.config
+        self.resolver = Resolver(self.registry, self._base_ref, cfg.max_rank)
+        base_target, path = self.resolver.open_base()
+        hf, tokenizer = loaders.load_hf(path, cfg.torch_dtype())
+        self._base = base = Worker(base_target, hf, tokenizer, cfg)
+        del hf
+        runner = base.runner
+        dims = runner.module_dims()
+        rows = LoraPool.rows_for_bytes(cfg.lora_capacity_bytes, runner.num_layers, dims, cfg.torch_dtype())
+        pool = runner.lora = LoraPool(runner.num_layers, dims, rows, cfg.torch_dtype(), cfg.torch_device())
+        residency = Residency(
+            lambda ref, digest: loaders.load_adapter(self.resolver, ref, digest, runner, pool, cfg),
+            pool, cfg.host_cache_bytes, cfg.load_workers, self._adapter_event)
+        models = ModelPool(lambda ref, digest: loaders.load_model(self.resolver, ref, digest, cfg),
+                           cfg.model_memory_bytes, self._model_event)
+        self._core = core = Core(base, residency, models, self._recorder, self._unqueue)
+        residency.wake = models.wake = core.wake.set
+
+        def capacities(s: EngineStats) -> None:
+            s.lora_bytes_capacity, s.host_cache_bytes_capacity = pool.capacity_bytes, cfg.host_cache_bytes
+        self._recorder.update(capacities)
+        self._state = "ready"
+        self._thread = threading.Thread(target=core.run, args=(lambda: self._state != "ready",),
+                                        name="hotswap-engine", daemon=True)
+        self._thread.start()
+
+    def stop_sync(self) -> None:
+        if self._state != "ready":
+            return
+        self._state = "stopping"
+        self._core.wake.set()
+        self._thread.join()
+        self._core.residency.close()
+        self._core.models.close()
+        self._state = "stopped"
+
+    def __enter__(self) -> Engine:
+        self.start_sync()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_sync()
 
     @property
-    def ready(self) -> bool: ...
+    def ready(self) -> bool:
+        return self._state == "ready"
 
     @property
-    def base(self) -> Target: ...
+    def base(self) -> Target:
+        self._require_ready()
+        return self._base.target
 
     @property
-    def max_model_len(self) -> int: ...
+    def tokenizer(self):
+        """The base's tokenizer (chat template included)."""
+        self._require_ready()
+        return self._base.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        self._require_ready()
+        return self._base.max_model_len
+
+    def _require_ready(self) -> None:
+        if self._state != "ready":
+            raise EngineNotReady(f"the engine is {self._state}" + (" (call start())" if self._state == "new" else ""))
+
+    # --- requests -------------------------------------------------------------------
     def resolve(self, model: str | None) -> Target:
-        """Resolve a reference through the registry (raises AdapterNotFound / IncompatibleAdapter)."""
-        raise NotImplementedError
+        """Resolve a reference through the registry now (aliases are read at call time)."""
+        self._require_ready()
+        return self.resolver.resolve(model)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
-        """Validate, resolve and queue a request; returns at once. Raises the engine's typed errors."""
-        raise NotImplementedError
+        """Validate, resolve and queue a request; returns at once. Raises the engine's typed errors.
+
+        Errors found later (an adapter refused when its files are read) end the stream by raising.
+        """
+        try:
+            return self._submit(request)
+        except EngineError as exc:
+            self._recorder.incr("requests_rejected", type(exc).__name__)
+            raise
+
+    def _submit(self, request: GenerationRequest) -> RequestStream:
+        self._require_ready()
+        cfg = self.config
+        check_sampling(request.sampling, cfg.max_tokens_limit)
+        target = self.resolver.resolve(request.model)
+        tokenizer, limit, fits_kv = self._base.tokenizer, self._base.max_model_len, self._base.fits_kv
+        if target.kind == "model":
+            info = self.resolver.model_info(target, cfg)
+            self._core.models.check_fits(target.ref, info.estimate_bytes)
+            tokenizer, limit, fits_kv = info.tokenizer, info.max_model_len, info.fits_kv
+        ids = prompt_ids(tokenizer, request, len(tokenizer))
+        p = request.sampling
+        total = len(ids) + p.max_tokens
+        if total > limit:
+            raise PromptTooLong(f"prompt of {len(ids)} tokens + max_tokens {p.max_tokens} = {total} "
+                                f"exceeds the context of {limit} tokens")
+        if not fits_kv(total):
+            raise PromptTooLong(f"{total} tokens (prompt + max_tokens) do not fit the KV cache; raise kv_cache_bytes")
+        with self._lock:
+            if self._num_queued >= cfg.max_queue:
+                raise QueueFull(f"{self._num_queued} requests are waiting (max_queue {cfg.max_queue}); retry later")
+            self._num_queued += 1
+        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        stream = RequestStream(rid, target, len(ids), self.cancel)
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator(device=cfg.torch_device()).manual_seed(p.seed)
+        seq = Sequence(request_id=rid, target=target, prompt_len=len(ids), token_ids=ids, sampling=p,
+                       stream=stream, detok=Detokenizer(tokenizer, p.stop), eos_ids=frozenset(),
+                       generator=generator)
+        if target.kind == "adapter":
+            self._core.residency.request(target.ref, target.digest)
+        elif target.kind == "model":
+            self._core.models.request(target.ref, target.digest, info.estimate_bytes)
+        self._recorder.update(lambda s: _count_submit(s, len(ids)))
+        self._core.post(lambda: self._core.admit(seq))
+        return stream
+
+    def _unqueue(self) -> None:
+        with self._lock:
+            self._num_queued -= 1
 
     async def generate(self, request: GenerationRequest) -> Completion:
         """``submit`` and wait for the whole completion."""
-        raise NotImplementedError
+        return await self.submit(request).collect()
 
-    def cancel(self, request_id: str) -> None: ...
+    def generate_sync(self, requests: list[GenerationRequest]) -> list[Completion]:
+        """Submit all, then wait for all (callers without an event loop: benchmarks, scripts)."""
+        streams = [self.submit(r) for r in requests]
+        return [s.result() for s in streams]
 
-    def residency(self) -> list[AdapterResidency]: ...
+    def cancel(self, request_id: str) -> None:
+        """Stop a request; its KV blocks and adapter pin are freed before the next step."""
+        if self._core is not None:
+            self._core.post(lambda: self._core.cancel(request_id))
+
+    # --- residency ------------------------------------------------------------------
+    def residency(self) -> list[AdapterResidency]:
+        self._require_ready()
+        out = [AdapterResidency(ref=v.ref, digest=v.digest, kind="adapter", tier=v.tier, pins=v.pins,
+                                manually_pinned=v.manual, size_bytes=v.device_bytes or v.host_bytes, rank=v.rank,
+                                target_modules=v.modules, last_used=v.last_used)
+               for v in self._core.residency.views()]
+        for e in self._core.models.entries():
+            busy = e.worker is not None and e.worker.scheduler.has_work
+            out.append(AdapterResidency(ref=e.ref, digest=e.digest, kind="model",
+                                        tier="device" if e.worker else "loading", pins=int(busy) + int(e.manual),
+                                        manually_pinned=e.manual,
+                                        size_bytes=e.worker.nbytes if e.worker else e.estimate_bytes,
+                                        rank=None, target_modules=(), last_used=e.last_used))
+        return out
+
+    def _residency_of(self, digest: str) -> AdapterResidency:
+        return next(r for r in self.residency() if r.digest == digest)
+
+    def load_future(self, ref: str) -> Future:
+        """Bring an adapter to a device slot (or a full model into memory); the future gives its residency."""
+        self._require_ready()
+        target = self.resolver.resolve(ref)
+        core, future = self._core, Future()
+        if target.kind == "base":
+            raise EngineError(f"{ref} is the base; it is always loaded")
+        if target.kind == "adapter":
+            core.residency.request(target.ref, target.digest)
+
+            def task():
+                if core.residency.acquire(target.digest) is None:
+                    return None
+                core.residency.release(target.digest)
+                return self._residency_of(target.digest)
+        else:
+            info = self.resolver.model_info(target, self.config)
+            core.models.check_fits(target.ref, info.estimate_bytes)
+            core.models.request(target.ref, target.digest, info.estimate_bytes)
+
+            def task():
+                worker = core.models.get(target.digest, lambda w: w.scheduler.has_work)
+                return None if worker is None else self._residency_of(target.digest)
+        core.post(lambda: core.when(task, future))
+        return future
 
     async def load(self, ref: str) -> AdapterResidency:
-        """Bring an adapter to a device slot (or a full model into memory) ahead of traffic."""
-        raise NotImplementedError
-
-    async def unload(self, ref: str) -> bool:
-        """Drop an adapter/model from device and host caches unless pinned; False when it is busy."""
-        raise NotImplementedError
+        return await asyncio.wrap_future(self.load_future(ref))
 
     async def pin(self, ref: str) -> AdapterResidency:
         """Load and keep resident until ``unpin`` (never evicted meanwhile)."""
-        raise NotImplementedError
+        await self.load(ref)
+        target = self.resolver.resolve(ref)
+        done: Future = Future()
+        core = self._core
+        owner = core.residency if target.kind == "adapter" else core.models
+        core.post(lambda: (owner.set_manual(target.digest, True), done.set_result(None)))
+        await asyncio.wrap_future(done)
+        return self._residency_of(target.digest)
 
-    def unpin(self, ref: str) -> None: ...
+    def unpin(self, ref: str) -> None:
+        self._require_ready()
+        target = self.resolver.resolve(ref)
+        owner = self._core.residency if target.kind == "adapter" else self._core.models
+        self._core.post(lambda: owner.set_manual(target.digest, False))
 
-    def stats(self) -> EngineStats: ...
+    async def unload(self, ref: str) -> bool:
+        """Drop an adapter/model from device and host caches; False when it is pinned or in use."""
+        self._require_ready()
+        target = self.resolver.resolve(ref)
+        core, future = self._core, Future()
+        if target.kind == "adapter":
+            core.post(lambda: future.set_result(core.residency.evict(target.digest)))
+        elif target.kind == "model":
+            core.post(lambda: future.set_result(core.models.evict(target.digest, lambda w: w.scheduler.has_work)))
+        else:
+            return False
+        return await asyncio.wrap_future(future)
+
+    # --- metrics --------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return self._recorder.snapshot()
+
+    def _adapter_event(self, kind: str, tier: str, seconds: float) -> None:
+        if kind == "hit":
+            self._recorder.incr("adapter_hits", tier)
+        elif kind == "evict":
+            self._recorder.incr("adapter_evictions", tier)
+        else:
+            self._recorder.observe("adapter_load", seconds)
+
+    def _model_event(self, kind: str) -> None:
+        self._recorder.incr("model_loads" if kind == "load" else "model_evictions")
+
+
+def _count_submit(s: EngineStats, prompt_tokens: int) -> None:
+    s.requests_submitted += 1
+    s.prompt_tokens += prompt_tokens

@@ -1,0 +1,216 @@
+"""The engine thread: admits and cancels requests, steps every loaded checkpoint, streams tokens out.
+
+Only this thread touches sequences, schedulers, KV blocks and the LoRA pool; other threads post
+commands (closures) that it runs between steps, so no step ever sees a half-made change.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Callable
+
+from .errors import EngineError
+from .requests import TokenEvent, Usage
+from .sequence import Sequence, Status
+from .stats import StatsRecorder
+from .worker import Worker
+
+IDLE_WAIT_S = 0.05
+
+
+class Core:
+    def __init__(self, base: Worker, residency, models, recorder: StatsRecorder,
+                 unqueue: Callable[[], None]) -> None:
+        self.base, self.residency, self.models, self.recorder = base, residency, models, recorder
+        self._unqueue = unqueue  # a submitted request left the queue (started or ended)
+        self.commands: deque[Callable[[], None]] = deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.seqs: dict[str, Sequence] = {}
+        self.model_waiting: dict[str, list[Sequence]] = {}
+        self.pending: list[Callable[[], bool]] = []  # retried each iteration until they return True
+
+    def post(self, command: Callable[[], None]) -> None:
+        with self.lock:
+            self.commands.append(command)
+        self.wake.set()
+
+    # --- loop -----------------------------------------------------------------------
+    def run(self, stopping: Callable[[], bool]) -> None:
+        while True:
+            self.wake.clear()
+            with self.lock:
+                commands, self.commands = self.commands, deque()
+            for command in commands:
+                command()
+            if stopping():
+                break
+            self.pending = [task for task in self.pending if not task()]
+            self._route_model_waiting()
+            worked = False
+            for worker in [self.base, *self.models.workers()]:
+                if worker.scheduler.has_work:
+                    worked |= self._step(worker)
+            self._gauges()
+            if not worked:
+                self.wake.wait(IDLE_WAIT_S)
+        for seq in list(self.seqs.values()):
+            self.finish(seq, "cancelled")
+
+    def _step(self, worker: Worker) -> bool:
+        failed: list[tuple[Sequence, Exception]] = []
+
+        def try_start(seq: Sequence) -> bool:
+            if seq.target.kind != "adapter":
+                return True
+            try:
+                slot = self.residency.acquire(seq.target.digest)
+            except Exception as exc:
+                failed.append((seq, exc))
+                return False
+            if slot is None:
+                return False
+            seq.slot, seq.pinned = slot, True
+            return True
+
+        start = time.perf_counter()
+        plan, sampled = worker.step(try_start, self._unpin)
+        for seq, exc in failed:
+            self.fail(seq, exc)
+        if not plan:
+            return bool(failed)
+        now = time.monotonic()
+        for seq, _ in plan:
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+                self.recorder.observe("queue_wait", now - seq.arrival)
+                self._unqueue()
+        self.recorder.observe("step_time", time.perf_counter() - start)
+        self.recorder.incr("steps")
+        for seq, token in sampled:
+            self._emit(seq, token)
+        return True
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.pinned:
+            self.residency.release(seq.target.digest)
+            seq.pinned, seq.slot = False, -1
+
+    # --- requests -------------------------------------------------------------------
+    def admit(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+        if seq.target.kind == "model":
+            self.model_waiting.setdefault(seq.target.digest, []).append(seq)
+        else:
+            seq.eos_ids, seq.owner = self.base.eos_ids, self.base.scheduler
+            self.base.scheduler.add(seq)
+
+    def cancel(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self.finish(seq, "cancelled")
+
+    def _route_model_waiting(self) -> None:
+        for digest, seqs in list(self.model_waiting.items()):
+            try:
+                worker = self.models.get(digest, lambda w: w.scheduler.has_work)
+            except Exception as exc:
+                for seq in list(seqs):
+                    self.fail(seq, exc)
+                self.model_waiting.pop(digest, None)
+                continue
+            if worker is not None:
+                for seq in seqs:
+                    seq.eos_ids, seq.owner = worker.eos_ids, worker.scheduler
+                    worker.scheduler.add(seq)
+                del self.model_waiting[digest]
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        now = time.monotonic()
+        seq.token_ids.append(token)
+        if seq.first_token is None:
+            seq.first_token = now
+            self.recorder.observe("ttft", now - seq.arrival)
+        reason = None
+        if token in seq.eos_ids and not seq.sampling.ignore_eos:
+            delta, reason = "", "stop"
+        else:
+            delta, hit = seq.detok.add(token)
+            if hit:
+                reason = "stop"
+            elif seq.num_generated >= seq.sampling.max_tokens:
+                reason = "length"
+                delta += seq.detok.flush()
+        self.recorder.incr("generated_tokens")
+        if reason is None:
+            seq.stream._push(TokenEvent(seq.request_id, (token,), delta))
+        else:
+            self.finish(seq, reason, delta, (token,))
+
+    def _detach(self, seq: Sequence) -> None:
+        """Free the sequence's KV blocks and adapter pin now."""
+        if seq.owner is not None:
+            seq.owner.remove(seq)
+        else:
+            waiting = self.model_waiting.get(seq.target.digest, [])
+            if seq in waiting:
+                waiting.remove(seq)
+        self._unpin(seq)
+        seq.status = Status.FINISHED
+        self.seqs.pop(seq.request_id, None)
+        if seq.first_scheduled is None:
+            self._unqueue()
+
+    def finish(self, seq: Sequence, reason: str, delta: str = "", tokens: tuple[int, ...] = ()) -> None:
+        self._detach(seq)
+        usage = Usage(seq.prompt_len, seq.num_generated)
+        seq.stream._push(TokenEvent(seq.request_id, tokens, delta, reason, usage))
+        now = time.monotonic()
+        self.recorder.incr("requests_finished", reason)
+        self.recorder.observe("e2e", now - seq.arrival)
+        if seq.first_token is not None and seq.num_generated > 1:
+            self.recorder.observe("tpot", (now - seq.first_token) / (seq.num_generated - 1))
+
+    def fail(self, seq: Sequence, exc: Exception) -> None:
+        self._detach(seq)
+        if not isinstance(exc, EngineError):
+            exc = EngineError(f"request {seq.request_id} failed: {type(exc).__name__}: {exc}")
+        seq.stream._push(exc)
+        self.recorder.incr("requests_finished", "error")
+
+    # --- operator commands (answered through futures) ---------------------------------
+    def when(self, task: Callable[[], object | None], future: Future) -> None:
+        """Retry ``task`` every iteration until it returns a value (or raises) and settle ``future``."""
+        def attempt() -> bool:
+            if future.cancelled():
+                return True
+            try:
+                value = task()
+            except Exception as exc:
+                future.set_exception(exc)
+                return True
+            if value is None:
+                return False
+            future.set_result(value)
+            return True
+        if not attempt():
+            self.pending.append(attempt)
+
+    def _gauges(self) -> None:
+        workers = [self.base, *self.models.workers()]
+        pool = self.residency.pool
+        host = self.residency.host_bytes()
+
+        def update(s) -> None:
+            s.running = sum(len(w.scheduler.running) for w in workers)
+            s.waiting = sum(len(w.scheduler.waiting) for w in workers) + sum(map(len, self.model_waiting.values()))
+            s.kv_blocks_used = sum(w.blocks.num_used for w in workers)
+            s.kv_blocks_total = sum(w.blocks.num_blocks for w in workers)
+            s.lora_bytes_used = pool.used_bytes
+            s.adapters_on_device = pool.num_slots
+            s.host_cache_bytes_used = host
+            s.models_loaded = len(workers) - 1
+        self.recorder.update(update)

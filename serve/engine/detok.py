@@ -1,0 +1,55 @@
+"""Incremental detokenisation and stop strings: text deltas that never split a character or leak a stop."""
+
+from __future__ import annotations
+
+
+class Detokenizer:
+    """Turns one request's generated ids into text deltas.
+
+    Decodes a short window of recent tokens (as TGI and vLLM do) so the cost per token stays flat;
+    text ending in U+FFFD (an incomplete UTF-8 sequence) waits for the next token. Text that could
+    still become a stop string is held back until it cannot.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # tokens already turned into text
+        self.text = ""  # all text produced so far (stop strings cut off)
+        self._sent = 0  # characters of ``text`` already emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Append a token; return (text delta to emit now, whether a stop string was hit)."""
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix:self._read])
+        new_text = self._decode(self.ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.text += new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._release()
+
+    def _release(self) -> tuple[str, bool]:
+        for s in self.stop:
+            at = self.text.find(s, max(0, self._sent - len(s) + 1))
+            if at >= 0:
+                self.text = self.text[:at]
+                return self.flush(), True
+        hold = 0
+        for s in self.stop:  # the longest tail of text that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        end = max(self._sent, len(self.text) - hold)
+        delta, self._sent = self.text[self._sent:end], end
+        return delta, False
+
+    def flush(self) -> str:
+        """Everything not yet emitted (at the end of the request)."""
+        delta, self._sent = self.text[self._sent:], len(self.text)
+        return delta

@@ -1,0 +1,66 @@
+"""Request validation and prompt tokenisation, done on the caller's thread at submit time."""
+
+from __future__ import annotations
+
+import math
+
+from .errors import InvalidRequest
+from .requests import GenerationRequest, SamplingParams
+
+
+def check_sampling(p: SamplingParams, max_tokens_limit: int) -> None:
+    def bad(msg: str) -> InvalidRequest:
+        return InvalidRequest(msg)
+
+    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+        raise bad(f"max_tokens must be a positive integer, got {p.max_tokens!r}")
+    if p.max_tokens > max_tokens_limit:
+        raise bad(f"max_tokens {p.max_tokens} is above this server's limit of {max_tokens_limit}")
+    if not math.isfinite(p.temperature) or p.temperature < 0:
+        raise bad(f"temperature must be >= 0, got {p.temperature!r}")
+    if not (0.0 < p.top_p <= 1.0):
+        raise bad(f"top_p must be in (0, 1], got {p.top_p!r}")
+    if not isinstance(p.top_k, int) or p.top_k < 0:
+        raise bad(f"top_k must be an integer >= 0 (0: off), got {p.top_k!r}")
+    if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
+        raise bad(f"repetition_penalty must be > 0, got {p.repetition_penalty!r}")
+    if len(p.stop) > 16 or any(not isinstance(s, str) or not s for s in p.stop):
+        raise bad("stop must be at most 16 non-empty strings")
+    if p.seed is not None and not isinstance(p.seed, int):
+        raise bad(f"seed must be an integer, got {p.seed!r}")
+
+
+def prompt_ids(tokenizer, request: GenerationRequest, vocab_size: int) -> list[int]:
+    given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
+    if sum(given) != 1:
+        raise InvalidRequest("give exactly one of prompt, messages or prompt_token_ids")
+    if request.prompt is not None:
+        if not isinstance(request.prompt, str):
+            raise InvalidRequest("prompt must be a string")
+        ids = tokenizer(request.prompt)["input_ids"]
+    elif request.messages is not None:
+        ids = chat_ids(tokenizer, request.messages, request.add_generation_prompt)
+    else:
+        ids = list(request.prompt_token_ids)
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt_token_ids holds ids outside [0, {vocab_size}): {bad[:5]}")
+    if not ids:
+        raise InvalidRequest("the prompt is empty")
+    return list(ids)
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidRequest(f"messages[{i}] must have a string 'role' and 'content'")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this model has no chat template; send a plain prompt")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # the template's own validation (roles, ordering)
+        raise InvalidRequest(f"the chat template rejected the messages: {exc}") from exc
+    # The template writes the special tokens itself; do not add them twice.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,51 @@
+"""Loading checkpoints and adapters from the registry (runs on background threads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..lora.pool import LoraPool
+from ..lora.spec import AdapterRefused
+from ..lora.weights import HostAdapter, load_adapter as read_adapter
+from .config import EngineConfig
+from .errors import CapacityExceeded, IncompatibleAdapter
+from .model import LlamaRunner, check_architecture
+from .requests import Target
+from .worker import Worker
+
+
+def load_hf(path: Path, dtype: torch.dtype):
+    """Read a checkpoint folder with transformers (its weights are then taken by a ``LlamaRunner``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_architecture(AutoConfig.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: LoraPool,
+                 cfg: EngineConfig) -> HostAdapter:
+    snap = resolver.open(ref)  # "name@version" is immutable; the digest check guards against reuse
+    if snap.version.digest != digest:
+        raise IncompatibleAdapter(f"{ref} now has digest {snap.version.digest[:12]}, expected {digest[:12]}")
+    try:
+        host = read_adapter(snap.path, digest, ref, runner.num_layers, runner.module_dims(), cfg.max_rank,
+                            cfg.torch_dtype(), pin_memory=cfg.torch_device().type == "cuda")
+    except AdapterRefused as exc:
+        raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
+    if not pool.fits_empty(host):
+        need = max(host.a[m].shape[1] for m in host.a)
+        raise CapacityExceeded(f"adapter {ref} needs {need} rows per module but the device pool has "
+                               f"{pool.max_rows} (raise lora_capacity_bytes)")
+    return host
+
+
+def load_model(resolver, ref: str, digest: str, cfg: EngineConfig) -> Worker:
+    snap = resolver.open(ref)
+    hf, tokenizer = load_hf(snap.path, cfg.torch_dtype())
+    if not (snap.path / "tokenizer_config.json").exists():
+        tokenizer = resolver.model_info(Target("model", ref, digest), cfg).tokenizer
+    return Worker(Target("model", ref, digest), hf, tokenizer, cfg)

@@ -1,0 +1,163 @@
+"""The engine's own forward over the flattened tokens of a step, on a Llama base's weights.
+
+Weights come from the HF ``LlamaForCausalLM`` (read once; q/k/v and gate/up fused into one matrix
+each, which changes no output element); rotary cos/sin come from the HF rotary module, so every
+rope scaling type HF knows stays exact. Attention is SDPA over padded views of the paged KV pool
+(see metadata.py). LoRA is added per token from the stacked pools (serve/lora), and skipped when no
+token of the step uses an adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..lora import ops
+from ..lora.pool import LoraPool
+from .errors import IncompatibleAdapter
+from .kv_cache import KVCache
+from .metadata import StepMetadata
+
+
+def check_architecture(config) -> None:
+    """Refuse checkpoints this forward would not reproduce exactly."""
+    problems = []
+    if getattr(config, "model_type", None) != "llama":
+        problems.append(f"model_type {getattr(config, 'model_type', None)!r} is not 'llama'")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {config.hidden_act!r} is not 'silu'")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        problems.append("attention/MLP biases are not supported")
+    if problems:
+        raise IncompatibleAdapter("cannot serve this checkpoint: " + "; ".join(problems))
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    attn_norm: Tensor  # [H]
+    qkv: Tensor  # [(nh + 2 * nkv) * hd, H]
+    o: Tensor  # [H, nh * hd]
+    mlp_norm: Tensor  # [H]
+    gate_up: Tensor  # [2 * I, H]
+    down: Tensor  # [H, I]
+
+
+class LlamaRunner:
+    """Holds one Llama checkpoint's weights and runs steps on them; optionally with a LoRA pool."""
+
+    def __init__(self, hf_model, device: torch.device, dtype: torch.dtype) -> None:
+        config = hf_model.config
+        check_architecture(config)
+        self.config = config
+        self.device, self.dtype = device, dtype
+        self.num_layers = config.num_hidden_layers
+        self.hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.num_heads
+        self.intermediate = config.intermediate_size
+        self.eps = config.rms_norm_eps
+        self.max_positions = config.max_position_embeddings
+        inner = hf_model.model
+
+        def w(t: Tensor) -> Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        self.embed = w(inner.embed_tokens.weight)
+        self.lm_head = self.embed if hf_model.lm_head.weight is inner.embed_tokens.weight else w(hf_model.lm_head.weight)
+        self.norm = w(inner.norm.weight)
+        self.layers = []
+        for layer in inner.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            self.layers.append(LayerWeights(
+                attn_norm=w(layer.input_layernorm.weight),
+                qkv=w(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])),
+                o=w(at.o_proj.weight),
+                mlp_norm=w(layer.post_attention_layernorm.weight),
+                gate_up=w(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                down=w(mlp.down_proj.weight)))
+        self.rotary = inner.rotary_emb.to(device)
+        self.scale = self.head_dim ** -0.5
+        self.lora: LoraPool | None = None
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each adaptable linear module."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.embed, self.norm, *(t for lw in self.layers for t in (lw.attn_norm, lw.qkv, lw.o, lw.mlp_norm, lw.gate_up, lw.down))]
+        if self.lm_head is not self.embed:
+            tensors.append(self.lm_head)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @torch.inference_mode()
+    def forward(self, meta: StepMetadata, kv: KVCache) -> Tensor:
+        """Run one step; returns float32 logits ``[N, vocab]`` for ``meta.logits_index``."""
+        x = F.embedding(meta.input_ids, self.embed)
+        cos, sin = self.rotary(x, meta.positions[None])
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, hd]
+        lora = meta.lora if self.lora is not None else None
+        for index, lw in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), lw.attn_norm, self.eps)
+            attn = self._attention(index, lw, h, cos, sin, meta, kv, lora)
+            x = x + self._linear(attn, lw.o, lora, index, "o", ("o_proj",))
+            h = F.rms_norm(x, (self.hidden,), lw.mlp_norm, self.eps)
+            gu = self._linear(h, lw.gate_up, lora, index, "gate_up", ("gate_proj", "up_proj"))
+            gate, up = gu.split(self.intermediate, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, lw.down, lora, index, "down", ("down_proj",))
+        last = F.rms_norm(x.index_select(0, meta.logits_index), (self.hidden,), self.norm, self.eps)
+        return F.linear(last, self.lm_head).float()
+
+    def _linear(self, x: Tensor, weight: Tensor, lora, layer: int, group: str, modules: tuple[str, ...]) -> Tensor:
+        """Base projection plus, when some token uses an adapter, its LoRA delta."""
+        y = F.linear(x, weight)
+        if lora is None:
+            return y
+        pool = self.lora
+        xb = ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len)
+        h = ops.shrink(xb, pool.a_stacked[group][layer], lora.rows[group])
+        k = lora.rank
+        outs = [ops.expand(h[..., i * k:(i + 1) * k], pool.b_stacked[m][layer], lora.rows[m])
+                for i, m in enumerate(modules)]
+        ops.scatter_add(y, outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1), lora.block_pos, lora.token_ids)
+        return y
+
+    def _attention(self, layer: int, lw: LayerWeights, h: Tensor, cos: Tensor, sin: Tensor,
+                   meta: StepMetadata, kv: KVCache, lora) -> Tensor:
+        t = h.shape[0]
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._linear(h, lw.qkv, lora, layer, "qkv", ("q_proj", "k_proj", "v_proj"))
+        qk = qkv[:, :(nh + nkv) * hd].view(t, nh + nkv, hd)
+        half = hd // 2
+        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+        qk = qk * cos + rotated * sin
+        q, k = qk[:, :nh], qk[:, nh:]
+        v = qkv[:, (nh + nkv) * hd:].view(t, nkv, hd)
+        k_cache, v_cache = kv.k[layer], kv.v[layer]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty(t, nh * hd, dtype=h.dtype, device=h.device)
+        for g in meta.groups:
+            if g.q_index is None:
+                qg = q[g.first_token:g.first_token + g.num_seqs]
+            else:
+                qg = q.index_select(0, g.q_index)
+            qg = qg.view(g.num_seqs, g.q_len, nh, hd).transpose(1, 2)
+            idx = g.ctx_slots.view(-1)
+            kg = k_cache.index_select(0, idx).view(g.num_seqs, g.ctx_len, nkv, hd).transpose(1, 2)
+            vg = v_cache.index_select(0, idx).view(g.num_seqs, g.ctx_len, nkv, hd).transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.scale,
+                                                enable_gqa=nkv != nh)
+            og = og.transpose(1, 2).reshape(g.num_seqs * g.q_len, nh * hd)
+            if g.token_ids is None:
+                out[g.first_token:g.first_token + g.num_seqs] = og
+            else:
+                out.index_copy_(0, g.token_ids, og.index_select(0, g.out_pos))
+        return out

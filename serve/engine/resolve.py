@@ -1,0 +1,119 @@
+"""Registry references -> engine targets, through the hub's public API only.
+
+Names, versions and aliases are read at call time, so a moved alias reaches the next request;
+what comes out is keyed by the version's digest.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hotswap.hub import HubError, NotFoundError
+
+from .config import EngineConfig
+from .errors import AdapterNotFound, CapacityExceeded, EngineError, IncompatibleAdapter, InvalidRequest
+from .kv_cache import KVCache
+from .requests import Target
+from .worker import MAX_CONTEXT
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    """What submit needs to know of a full model before it is loaded."""
+
+    tokenizer: object
+    max_model_len: int
+    estimate_bytes: int
+    fits_kv: Callable[[int], bool]
+
+
+class Resolver:
+    def __init__(self, registry, base_ref: str, max_rank: int) -> None:
+        self.registry = registry
+        self.base_ref = base_ref
+        self.max_rank = max_rank
+        self._lock = threading.Lock()  # one registry connection shared by request and loader threads
+        self._models: dict[str, ModelInfo] = {}
+        self.base_version = None
+
+    def open_base(self) -> tuple[Target, Path]:
+        version = self._resolve(self.base_ref)
+        if version.kind != "base":
+            raise IncompatibleAdapter(f"{version.ref} is a {version.kind}, not a base")
+        self.base_version = version
+        return Target("base", version.ref, version.digest), self.open(version).path
+
+    def _resolve(self, ref: str):
+        try:
+            with self._lock:
+                return self.registry.resolve(ref)
+        except NotFoundError as exc:
+            raise AdapterNotFound(str(exc)) from None
+        except HubError as exc:  # a malformed reference
+            raise InvalidRequest(f"bad model reference {ref!r}: {exc}") from None
+
+    def open(self, ref):
+        try:
+            with self._lock:
+                return self.registry.open(ref)
+        except NotFoundError as exc:
+            raise AdapterNotFound(str(exc)) from None
+        except HubError as exc:
+            raise EngineError(f"cannot open {getattr(ref, 'ref', ref)}: {exc}") from None
+
+    def resolve(self, model: str | None) -> Target:
+        base = self.base_version
+        if model is None or model == "":
+            return Target("base", base.ref, base.digest)
+        if not isinstance(model, str):
+            raise InvalidRequest(f"model must be a registry reference string, got {type(model).__name__}")
+        version = self._resolve(model)
+        if version.kind == "base":
+            if version.digest != base.digest:
+                raise IncompatibleAdapter(f"{version.ref} is another base; this engine serves {base.ref}")
+            return Target("base", version.ref, version.digest)
+        if version.kind == "model":
+            return Target("model", version.ref, version.digest)
+        meta = version.metadata
+        if meta.base_fingerprint != base.metadata.fingerprint:
+            raise IncompatibleAdapter(f"adapter {version.ref} was made for base {meta.base or 'unknown'}, "
+                                      f"not for {base.ref} which this engine serves")
+        if meta.peft_type and str(meta.peft_type).upper() != "LORA":
+            raise IncompatibleAdapter(f"adapter {version.ref} is {meta.peft_type}; only LoRA adapters are served")
+        if meta.rank is not None and meta.rank > self.max_rank:
+            raise IncompatibleAdapter(f"adapter {version.ref} has rank {meta.rank}, above max_rank {self.max_rank}")
+        return Target("adapter", version.ref, version.digest)
+
+    def model_info(self, target: Target, cfg: EngineConfig) -> ModelInfo:
+        info = self._models.get(target.digest)
+        if info is None:
+            from transformers import AutoTokenizer
+
+            snap = self.open(target.ref)
+            config = json.loads((snap.path / "config.json").read_text())
+            tokenizer = AutoTokenizer.from_pretrained(snap.path) if (snap.path / "tokenizer_config.json").exists() \
+                else AutoTokenizer.from_pretrained(self.open(self.base_version).path)
+            heads = config["num_attention_heads"]
+            head_dim = config.get("head_dim") or config["hidden_size"] // heads
+            block = KVCache.block_bytes(config["num_hidden_layers"], cfg.kv_block_size,
+                                        config.get("num_key_value_heads", heads), head_dim, cfg.torch_dtype())
+            num_blocks = max(1, cfg.kv_cache_bytes // block)
+            weights = sum(p.stat().st_size for p in snap.path.glob("*.safetensors"))
+            if cfg.torch_dtype().itemsize < 4:  # stored in float32, served in half precision
+                weights //= 4 // cfg.torch_dtype().itemsize
+            positions = config.get("max_position_embeddings", MAX_CONTEXT)
+            info = ModelInfo(
+                tokenizer=tokenizer,
+                max_model_len=min(cfg.max_model_len or min(positions, MAX_CONTEXT), positions),
+                estimate_bytes=weights + num_blocks * block,
+                fits_kv=lambda n, nb=num_blocks: -(-n // cfg.kv_block_size) <= nb)
+            self._models[target.digest] = info
+        return info
+
+
+def too_big(ref: str, need: int, capacity: int, what: str) -> CapacityExceeded:
+    return CapacityExceeded(f"{ref} needs {need >> 20} MiB of {what} but the capacity is {capacity >> 20} MiB")

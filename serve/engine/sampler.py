@@ -1,0 +1,53 @@
+"""Next-token choice from logits, per request settings; greedy rows take one vectorised argmax.
+
+Order of processors follows HF transformers: repetition penalty, temperature, top-k, top-p.
+A seeded request owns a ``torch.Generator``, so its samples repeat whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .requests import SamplingParams
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL penalty on a ``[V]`` row for token ids ``seen``: positive logits / p, negative * p."""
+    scores = logits.gather(0, seen)
+    logits.scatter_(0, seen, torch.where(scores < 0, scores * penalty, scores / penalty))
+    return logits
+
+
+def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Mask a ``[V]`` row to its top-k tokens, then to the smallest set with probability >= top_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - top_p)
+        remove[-1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return logits
+
+
+def sample(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """``logits[N, V]`` (float32) -> one token id per row."""
+    out = logits.argmax(dim=-1).tolist()
+    for i, p in enumerate(params):
+        if p.temperature == 0.0 and p.repetition_penalty == 1.0:
+            continue
+        row = logits[i].clone()
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(history[i])), dtype=torch.long, device=row.device)
+            row = apply_repetition_penalty(row, seen, p.repetition_penalty)
+        if p.temperature == 0.0:
+            out[i] = int(row.argmax())
+            continue
+        row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
+        probs = row.softmax(-1)
+        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    return out

@@ -1,0 +1,99 @@
+"""Decides what each step computes: decodes first, then prefill chunks, then new sequences.
+
+Per step a token budget (``max_batch_tokens``) is filled in that order, so running requests keep
+decoding while long prompts are prefilled in chunks beside them, and a request that cannot start yet
+(its adapter still loading, no free rows) does not block those behind it. When KV blocks run out
+mid-decode the newest running sequence is preempted (its blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from .kv_cache import BlockManager
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_tokens: int, max_running: int) -> None:
+        self.blocks = blocks
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def schedule(self, try_start: Callable[[Sequence], bool],
+                 on_preempt: Callable[[Sequence], None]) -> list[tuple[Sequence, int]]:
+        """Return (sequence, tokens to compute) for this step.
+
+        ``try_start(seq)`` pins what a waiting sequence needs (its adapter) and says whether it may
+        start now; ``on_preempt(seq)`` releases it again.
+        """
+        budget = self.max_batch_tokens
+        plan: list[tuple[Sequence, int]] = []
+        # 1. decodes of running sequences (one token each), growing their KV by a block when needed
+        decoding = [s for s in self.running if s.num_pending == 1]
+        for seq in decoding:
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            while not self.blocks.can_grow(seq.block_table, seq.num_computed + 1):
+                victim = self.running[-1]
+                self._preempt(victim, on_preempt)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.grow(seq.block_table, seq.num_computed + 1)
+            plan.append((seq, 1))
+            budget -= 1
+        # 2. prefill chunks of running sequences admitted earlier
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_pending > 1:
+                n = min(seq.num_pending, budget)
+                plan.append((seq, n))
+                budget -= n
+        # 3. admit waiting sequences; their whole prompt's blocks are reserved now
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting.popleft()
+            if not self.blocks.can_grow(seq.block_table, len(seq.token_ids)):
+                self.waiting.appendleft(seq)  # keep FIFO for KV: a big prompt is not starved
+                break
+            if not try_start(seq):
+                skipped.append(seq)
+                continue
+            self.blocks.grow(seq.block_table, len(seq.token_ids))
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_pending, budget)
+            plan.append((seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return plan
+
+    def _preempt(self, seq: Sequence, on_preempt: Callable[[Sequence], None]) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        on_preempt(seq)
+        self.waiting.appendleft(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or cancelled sequence and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.status = Status.FINISHED

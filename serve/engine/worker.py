@@ -1,0 +1,81 @@
+"""A loaded checkpoint (the base, or a full fine-tuned model) with its own KV pool and scheduler."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..lora.batch import build_lora_step
+from .config import EngineConfig
+from .kv_cache import BlockManager, KVCache
+from .metadata import SeqSpan, build_metadata
+from .model import LlamaRunner
+from .requests import Target
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+MAX_CONTEXT = 8192
+
+
+def eos_ids(hf_model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (getattr(hf_model.generation_config, "eos_token_id", None), hf_model.config.eos_token_id,
+                  tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return frozenset(ids)
+
+
+class Worker:
+    """Runs steps for the sequences of one checkpoint; knows nothing of adapters' residency."""
+
+    def __init__(self, target: Target, hf_model, tokenizer, config: EngineConfig) -> None:
+        device, dtype = config.torch_device(), config.torch_dtype()
+        self.target = target
+        self.tokenizer = tokenizer
+        self.runner = LlamaRunner(hf_model, device, dtype)
+        self.eos_ids = eos_ids(hf_model, tokenizer)
+        r = self.runner
+        block_bytes = KVCache.block_bytes(r.num_layers, config.kv_block_size, r.num_kv_heads, r.head_dim, dtype)
+        num_blocks = max(1, config.kv_cache_bytes // block_bytes)
+        self.kv = KVCache(r.num_layers, num_blocks, config.kv_block_size, r.num_kv_heads, r.head_dim, dtype, device)
+        self.blocks = BlockManager(num_blocks, config.kv_block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_tokens, config.max_running)
+        self.max_model_len = min(config.max_model_len or min(r.max_positions, MAX_CONTEXT), r.max_positions)
+        self.device = device
+
+    @property
+    def nbytes(self) -> int:
+        return self.runner.nbytes + self.kv.nbytes
+
+    def fits_kv(self, num_tokens: int) -> bool:
+        return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks
+
+    def step(self, try_start: Callable[[Sequence], bool],
+             on_preempt: Callable[[Sequence], None]) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
+        """Schedule, run one forward, sample. Returns the plan (sequence, tokens computed) and
+        (sequence, new token) for the sequences sampled."""
+        plan = self.scheduler.schedule(try_start, on_preempt)
+        if not plan:
+            return [], []
+        spans, segments, first = [], [], 0
+        for seq, n in plan:
+            end = seq.num_computed + n
+            spans.append(SeqSpan(seq.token_ids[seq.num_computed:end], seq.num_computed, seq.block_table,
+                                 end == len(seq.token_ids)))
+            segments.append((first, n, seq.slot))
+            first += n
+        lora = None
+        if self.runner.lora is not None:
+            lora = build_lora_step(segments, first, self.runner.lora, self.device)
+        meta = build_metadata(spans, self.blocks.block_size, self.device, lora)
+        logits = self.runner.forward(meta, self.kv)
+        for seq, n in plan:
+            seq.num_computed += n
+        sampled = [seq for (seq, _), span in zip(plan, spans) if span.sample]
+        tokens = sample(logits, [s.sampling for s in sampled], [s.token_ids for s in sampled],
+                        [s.generator for s in sampled])
+        return plan, list(zip(sampled, tokens))
+

@@ -1,0 +1,101 @@
+"""Per-step LoRA indices: which tokens form which blocks, and each block's rows in every pool.
+
+Built once per step on the host from plain Python (sequence spans and slots), then handed to every
+layer; layers see only these tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .pool import GROUPS, LoraPool
+
+# Cost of gathering one block's adapter rows, in units of one padded token's LoRA compute; a
+# block of L tokens costs about L + _BLOCK_COST. It picks the block length below.
+_BLOCK_COST = 4
+
+
+@dataclass(slots=True)
+class LoraStep:
+    """Shapes: T tokens in the step, T_lora of them with an adapter, NB blocks of L positions."""
+
+    num_blocks: int
+    block_len: int
+    rank: int  # k: the highest rank among the step's adapters; smaller ranks pad with row 0
+    token_index: Tensor | None  # [NB * L] token feeding each block position; None: identity
+    block_pos: Tensor | None  # [T_lora] block position of each adapter token; None: identity
+    token_ids: Tensor | None  # [T_lora] which tokens those are; None: all T tokens
+    rows: dict[str, Tensor]  # group "qkv"/"gate_up"/"o"/"down" -> [NB, n*k] into a_stacked; module -> [NB, k]
+
+
+def choose_block_len(lengths: list[int]) -> int:
+    """The block length minimising padded compute plus per-block gathers."""
+    best, best_cost, cand = 1, None, 1
+    longest = max(lengths)
+    while True:
+        cost = sum(-(-n // cand) for n in lengths) * (cand + _BLOCK_COST)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = cand, cost
+        if cand >= longest:
+            return best
+        cand *= 2
+
+
+def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool: LoraPool,
+                    device: torch.device) -> LoraStep | None:
+    """``segments``: (first token, number of tokens, slot) per sequence, slot -1 = bare base.
+
+    Returns None when no token of the step uses an adapter: the layers then skip LoRA entirely.
+    """
+    active = [s for s in segments if s[2] >= 0 and s[1] > 0]
+    if not active:
+        return None
+    slots = {s: pool.slot(s) for _, _, s in active}
+    rank = max(info.rank for info in slots.values())
+    block_len = choose_block_len([n for _, n, _ in active])
+    token_index: list[int] = []
+    block_pos: list[int] = []
+    token_ids: list[int] = []
+    block_slots: list[int] = []
+    for start, n, slot in active:
+        for b0 in range(start, start + n, block_len):
+            b1 = min(b0 + block_len, start + n)
+            base = len(token_index)
+            block_pos.extend(range(base, base + b1 - b0))
+            token_ids.extend(range(b0, b1))
+            token_index.extend(range(b0, b1))
+            token_index.extend([b0] * (block_len - (b1 - b0)))  # padding reads a real token; never scattered back
+            block_slots.append(slot)
+    num_blocks = len(block_slots)
+    all_tokens = len(token_ids) == num_tokens and token_ids == list(range(num_tokens))
+    identity = all_tokens and len(token_index) == num_tokens
+    n = pool.max_rows + 1
+    per_module: dict[str, list[list[int]]] = {}
+    for group, modules in GROUPS.items():
+        for m in modules:
+            per_module[m] = [_pad(slots[s].rows.get(m, ()), rank) for s in block_slots]
+    rows: dict[str, Tensor] = {}
+    for group, modules in GROUPS.items():
+        fused = [sum(([r + i * n for r in per_module[m][b]] for i, m in enumerate(modules)), [])
+                 for b in range(num_blocks)]
+        rows[group] = torch.tensor(fused, dtype=torch.long).to(device, non_blocking=True)
+        for m in modules:
+            rows[m] = torch.tensor(per_module[m], dtype=torch.long).to(device, non_blocking=True)
+
+    def _t(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+    return LoraStep(
+        num_blocks=num_blocks, block_len=block_len, rank=rank,
+        token_index=None if identity else _t(token_index),
+        block_pos=None if identity else _t(block_pos),
+        token_ids=None if all_tokens else _t(token_ids),
+        rows=rows)
+
+
+def _pad(rows, rank: int) -> list[int]:
+    rows = list(rows)
+    return rows + [0] * (rank - len(rows))

@@ -1,0 +1,123 @@
+"""Device rows for adapters: per module type a preallocated pool of rank rows, and the slot table.
+
+An adapter of rank r occupies r rows (any free ones, the same row ids in every layer) in each
+module pool it targets, and nothing elsewhere; row 0 of every pool holds zeros and pads. So the
+capacity is in bytes (rank x modules x dims), adapters of any rank and targets share a batch, and
+activation is a copy into rows that already exist, never an allocation. The pools of modules that
+read the same input (q/k/v, gate/up) are slices of one tensor so a single gather serves them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .spec import MODULES
+from .weights import HostAdapter
+
+# Modules sharing an input, in the order their A rows are stacked.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",),
+}
+
+
+@dataclass(slots=True)
+class Slot:
+    rows: dict[str, list[int]]  # module -> row ids, len = the adapter's rank there (absent: not targeted)
+    rank: int
+    nbytes: int
+
+
+class LoraPool:
+    """Stacked adapter rows for every layer; plain-Python bookkeeping of rows and slots.
+
+    ``a_stacked[group]``: ``[num_layers, len(group) * (max_rows + 1), in]``;
+    ``b_stacked[module]``: ``[num_layers, max_rows + 1, out]``.
+    """
+
+    def __init__(self, num_layers: int, dims: dict[str, tuple[int, int]], max_rows: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        assert max_rows >= 0
+        self.num_layers, self.dims, self.max_rows = num_layers, dims, max_rows
+        n = max_rows + 1
+        self.a_stacked = {g: torch.zeros(num_layers, len(ms) * n, dims[ms[0]][0], dtype=dtype, device=device)
+                          for g, ms in GROUPS.items()}
+        self.b_stacked = {m: torch.zeros(num_layers, n, dims[m][1], dtype=dtype, device=device) for m in MODULES}
+        self._free = {m: list(range(max_rows, 0, -1)) for m in MODULES}  # pop() hands out low rows first
+        self._slots: dict[int, Slot] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._elem = torch.empty((), dtype=dtype).element_size()
+
+    # --- capacity -------------------------------------------------------------------
+    @staticmethod
+    def rows_for_bytes(capacity_bytes: int, num_layers: int, dims: dict[str, tuple[int, int]],
+                       dtype: torch.dtype) -> int:
+        """How many rows per module fit ``capacity_bytes`` when every module type gets the same count."""
+        per_row = num_layers * sum(i + o for i, o in dims.values()) * torch.empty((), dtype=dtype).element_size()
+        return capacity_bytes // per_row
+
+    def row_bytes(self, module: str) -> int:
+        return self.num_layers * sum(self.dims[module]) * self._elem
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(self.row_bytes(m) * self.max_rows for m in MODULES)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.nbytes for s in self._slots.values())
+
+    def needs(self, adapter: HostAdapter) -> dict[str, int]:
+        return {m: t.shape[1] for m, t in adapter.a.items()}
+
+    def fits_empty(self, adapter: HostAdapter) -> bool:
+        """Whether the adapter could ever be placed (with every other slot evicted)."""
+        return all(r <= self.max_rows for r in self.needs(adapter).values())
+
+    def fits_now(self, adapter: HostAdapter) -> bool:
+        return all(r <= len(self._free[m]) for m, r in self.needs(adapter).items())
+
+    # --- slots ----------------------------------------------------------------------
+    def activate(self, adapter: HostAdapter) -> int:
+        """Copy an adapter into free rows and return its slot (caller checked ``fits_now``)."""
+        rows = {m: [self._free[m].pop() for _ in range(r)] for m, r in self.needs(adapter).items()}
+        for group, modules in GROUPS.items():
+            for i, m in enumerate(modules):
+                if m not in rows:
+                    continue
+                idx = torch.tensor(rows[m], device=self.a_stacked[group].device) + i * (self.max_rows + 1)
+                self.a_stacked[group].index_copy_(1, idx, adapter.a[m].to(self.a_stacked[group].device, non_blocking=True))
+                self.b_stacked[m].index_copy_(1, idx - i * (self.max_rows + 1),
+                                              adapter.b[m].to(self.b_stacked[m].device, non_blocking=True))
+        slot = self._free_slots.pop() if self._free_slots else self._new_slot()
+        self._slots[slot] = Slot(rows=rows, rank=adapter.rank,
+                                 nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items()))
+        return slot
+
+    def _new_slot(self) -> int:
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def release(self, slot: int) -> None:
+        """Give the slot's rows back. Rows keep stale values: no step reads a row that no slot lists."""
+        info = self._slots.pop(slot)
+        for m, rows in info.rows.items():
+            self._free[m].extend(reversed(rows))
+        self._free_slots.append(slot)
+
+    def slot(self, slot: int) -> Slot:
+        return self._slots[slot]
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._slots)
+
+    def module_view(self, module: str, layer: int) -> tuple[Tensor, Tensor]:
+        """This layer's ``(A[rows, in], B[rows, out])`` of one module (tests and debugging)."""
+        group = next(g for g, ms in GROUPS.items() if module in ms)
+        i, n = GROUPS[group].index(module), self.max_rows + 1
+        return self.a_stacked[group][layer, i * n:(i + 1) * n], self.b_stacked[module][layer]
