@@ -12,6 +12,7 @@ from .errors import (
     InvalidMetadata,
     InvalidName,
     NotFoundError,
+    RemoteError,
     UnsafeContent,
 )
 from .index import AliasEvent
@@ -23,5 +24,5 @@ from .versions import Problem, PublishResult, Snapshot, Version
 __all__ = [
     "AliasEvent", "CorruptionError", "EntryMetadata", "HubError", "ImportFailed", "IncompatibleAdapter",
     "InUseError", "InvalidMetadata", "InvalidName", "KINDS", "LATEST", "NotFoundError", "Problem",
-    "PublishResult", "Ref", "Registry", "Snapshot", "UnsafeContent", "Version", "default_home", "parse_ref",
+    "PublishResult", "Ref", "Registry", "RemoteError", "Snapshot", "UnsafeContent", "Version", "default_home", "parse_ref",
 ]

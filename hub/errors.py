@@ -44,3 +44,8 @@ class InUseError(HubError):
 
 class ImportFailed(HubError):
     """A base model that could not be imported from the given source."""
+
+
+class RemoteError(HubError):
+    """A Hugging Face Hub exchange that failed or was refused: endpoint unreachable or offline,
+    credentials refused, a server error, or a version tag that already names other files."""

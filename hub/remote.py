@@ -1,0 +1,330 @@
+"""Hugging Face Hub interop. `push_version` uploads a version with a generated model card in one
+commit and tags that commit; `pull_version` downloads a repo revision and publishes it through
+`Registry.publish`, so a pulled version passes every check a local publish does.
+
+Conventions (a repo holds the versions of one entry):
+- Version N is the tag `vN`; `main` follows the last push. Pushing a version whose tag already
+  holds the same files changes nothing; a tag holding other files is never moved (someone may pin
+  it), the push is refused instead.
+- The repo holds the version's files under their own names plus a generated `README.md` card. A
+  version's own README.md (PEFT writes one) travels as `.hotswap/README.md` and pull puts it back,
+  so a pushed-then-pulled version has the same digest.
+- The card's front matter has the Hub's fields (base_model, library_name, language, tags,
+  pipeline_tag, model-index with the metrics) and a `hotswap` block (ref, kind, digest, task,
+  language, tags, metrics, lineage, source) that pull reads back.
+
+Environment, as huggingface_hub reads it: HF_ENDPOINT (a mirror or Hub-compatible server; re-read
+at each call), HF_TOKEN (credentials), HF_HUB_OFFLINE (push is refused; pull takes the revision
+from the Hugging Face cache, where some earlier download must have put it).
+
+Online pulls download into a temporary folder inside the registry home, not into the Hugging Face
+cache: the registry keeps its own content-addressed copy, so a cache copy would double the disk."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidMetadata, InvalidName, NotFoundError, RemoteError, UnsafeContent
+from .intake import CONVERT_HINT, PICKLE_SUFFIXES
+from .refs import check_identifier
+from .registry import Registry
+from .versions import PublishResult, Version
+
+CARD = "README.md"
+ORIGINAL_README = ".hotswap/README.md"
+HUB_FILES = {CARD, ".gitattributes"}  # the card, and the file the Hub adds to every new repo
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def endpoint() -> str:
+    """HF_ENDPOINT if set now, else huggingface_hub's endpoint (HF_ENDPOINT as it read it at import)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise InvalidName(f"{repo_id!r} is not a Hub repo id (ORG/NAME: letters, digits, '.', '_', '-')")
+    return repo_id
+
+
+def parse_repo_spec(spec: str) -> tuple[str, str | None]:
+    """`org/name` or `org/name@rev` (rev: a branch, tag or commit id) -> (repo_id, rev or None)."""
+    repo_id, sep, rev = spec.strip().partition("@")
+    if sep and not rev:
+        raise InvalidName(f"{spec!r} has an empty revision after '@'")
+    return check_repo_id(repo_id), rev or None
+
+
+# --- push ------------------------------------------------------------------------------------
+def push_version(registry: Registry, ref: str, repo_id: str, private: bool = False) -> dict[str, Any]:
+    """Upload a version and its card to `repo_id` in one commit tagged `v<version>`.
+
+    `private` applies only when the repo is created here. Returns ref, repo_id, tag, commit, url,
+    digest and `created` (False when the tag already held these files)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    check_repo_id(repo_id)
+    snapshot = registry.open(ref)  # verifies every file against its digest before anything leaves
+    version = snapshot.version
+    files = {(ORIGINAL_README if path == CARD else path): (snapshot.path / path, sha)
+             for path, sha, _size in registry.files(version)}
+    tag = f"v{version.version}"
+    card = render_card(registry, version, repo_id, tag)
+    api = HfApi(endpoint=endpoint())
+    result = {"ref": version.ref, "repo_id": repo_id, "tag": tag, "digest": version.digest,
+              "url": f"{endpoint()}/{repo_id}/tree/{tag}"}
+    with _remote_errors(repo_id, None, writing=True):
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        tagged = next((t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name == tag), None)
+        if tagged is not None:
+            _require_same_files(api, repo_id, tag, files)
+            return {**result, "commit": tagged, "created": False}
+        stale = [p for p in api.list_repo_files(repo_id) if p not in files and p not in HUB_FILES]
+        operations = [CommitOperationDelete(p) for p in stale]
+        operations += [CommitOperationAdd(p, str(src)) for p, (src, _sha) in sorted(files.items())]
+        operations.append(CommitOperationAdd(CARD, card.encode()))
+        commit = api.create_commit(repo_id, operations, commit_message=f"hotswap: {version.ref}",
+                                   commit_description=f"content digest {version.digest}")
+        api.create_tag(repo_id, tag=tag, revision=commit.oid, tag_message=f"hotswap {version.ref}")
+    return {**result, "commit": commit.oid, "created": True}
+
+
+def _require_same_files(api, repo_id: str, tag: str, files: dict[str, tuple[Path, str]]) -> None:
+    from huggingface_hub import RepoFile
+
+    remote = {f.path: f for f in api.list_repo_tree(repo_id, revision=tag, recursive=True)
+              if isinstance(f, RepoFile) and f.path not in HUB_FILES}
+    differ = sorted(set(remote) ^ set(files))
+    for path in sorted(set(remote) & set(files)):
+        entry, (local, sha) = remote[path], files[path]
+        same = entry.lfs.sha256 == sha if entry.lfs is not None else entry.blob_id == _git_blob_id(local)
+        if not same:
+            differ.append(path)
+    if differ:
+        raise RemoteError(f"{repo_id} already has tag {tag} on other files ({', '.join(differ[:5])} differ); "
+                          "a published tag is never moved: push to another repo or delete that tag first")
+
+
+def _git_blob_id(path: Path) -> str:
+    """The id git (and the Hub) gives a file stored without LFS."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- the model card ----------------------------------------------------------------------------
+def render_card(registry: Registry, version: Version, repo_id: str, tag: str) -> str:
+    """The README.md pushed with a version: Hub front matter plus a readable summary."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    meta = version.metadata
+    base_id = _base_source(registry, version, repo_id)
+    evals = [EvalResult(task_type="text-generation", task_name=meta.task, dataset_type=_dataset_id(meta.lineage),
+                        dataset_name=f"{meta.task or version.name} evaluation", metric_type=name, metric_value=value)
+             for name, value in sorted(meta.metrics.items())]
+    saved = meta.model_dump(mode="json", include={"task", "language", "tags", "metrics", "lineage", "source"})
+    data = ModelCardData(
+        base_model=base_id, library_name="peft" if version.kind == "adapter" else "transformers",
+        language=[meta.language] if meta.language else None, pipeline_tag="text-generation",
+        tags=[t for t in ("hotswap", version.kind, (meta.peft_type or "").lower(), meta.task) if t],
+        model_name=version.name, eval_results=evals or None,
+        hotswap={"ref": version.ref, "kind": version.kind, "digest": version.digest, **saved},
+    )
+    return f"---\n{data.to_yaml()}\n---\n\n{_card_body(version, base_id, repo_id, tag)}"
+
+
+def _base_source(registry: Registry, version: Version, repo_id: str) -> str | None:
+    """The Hub id this version derives from: its base's recorded source (a base: its own source)."""
+    source = version.metadata.source
+    if version.kind != "base" and version.metadata.base:
+        try:
+            source = registry.resolve(version.metadata.base).metadata.source
+        except NotFoundError:  # the base was removed since; the card just omits it
+            source = None
+    return source if source and _REPO_ID.fullmatch(source) and source != repo_id else None
+
+
+def _dataset_id(lineage: dict[str, Any]) -> str:
+    value = lineage.get("dataset")
+    return value if isinstance(value, str) and value else "custom"
+
+
+def _card_body(version: Version, base_id: str | None, repo_id: str, tag: str) -> str:
+    meta = version.metadata
+    base = " ".join(filter(None, [f"`{meta.base}`" if meta.base else None, f"({base_id})" if base_id else None]))
+    rows = [("hotswap ref", f"`{version.ref}`"), ("kind", version.kind), ("task", meta.task),
+            ("language", meta.language), ("base", base), ("base fingerprint", meta.base_fingerprint), ("fingerprint", meta.fingerprint),
+            ("content digest", f"`{version.digest}`"), ("size", f"{meta.size_bytes:,} bytes"),
+            ("created", meta.created_at.isoformat())]
+    if meta.peft_type:
+        rows.append(("adapter", f"{meta.peft_type} rank {meta.rank}, alpha {meta.alpha}, "
+                                f"on {', '.join(meta.target_modules)}"))
+    rows += [(f"metric `{name}`", f"{value:g}") for name, value in sorted(meta.metrics.items())]
+    rows += [(f"tag `{key}`", value) for key, value in sorted(meta.tags.items())]
+    lines = [f"# {version.name}, version {version.version}", "",
+             f"A hotswap {version.kind} pushed from a hotswap registry. Tag `{tag}` is this version.", "",
+             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows if v), "",
+             "## Lineage", "", "```json", json.dumps(meta.lineage, indent=2, sort_keys=True), "```", "",
+             "## Use", "", "```sh", f"hotswap hub pull {repo_id}@{tag} --name {version.name}", "```", ""]
+    if version.kind == "adapter" and base_id:
+        lines += ["or with PEFT:", "", "```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{base_id}")',
+                  f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="{tag}")', "```", ""]
+    return "\n".join(lines)
+
+
+# --- pull ----------------------------------------------------------------------------------------
+def pull_version(registry: Registry, spec: str, name: str, base: str | None = None,
+                 aliases: Iterable[str] = ()) -> PublishResult:
+    """Download `org/name[@rev]` and publish it as the next version of `name`.
+
+    The kind comes from the card's hotswap block, else `adapter` when adapter_config.json is there,
+    else `model` with `base` given, else `base`. An adapter's base: `base`, else the registry base
+    whose source is the card's `base_model`, else the one publish matches from adapter_config.json."""
+    repo_id, rev = parse_repo_spec(spec)
+    check_identifier(name, "name")  # refuse before downloading anything
+    with tempfile.TemporaryDirectory(prefix=".pull-", dir=registry.home) as tmp:
+        folder = Path(tmp) / "files"
+        commit = _download(repo_id, rev, folder, Path(tmp) / "hf-cache")
+        card = _take_card(folder, repo_id)
+        saved = card.get("hotswap") if isinstance(card.get("hotswap"), dict) else {}
+        kind = saved.get("kind") or ("adapter" if (folder / "adapter_config.json").is_file()
+                                     else "model" if base else "base")
+        card_base = card.get("base_model")
+        card_base = card_base[0] if isinstance(card_base, list) and card_base else card_base
+        card_base = card_base if isinstance(card_base, str) else None
+        if base is None and kind != "base" and card_base:
+            try:
+                base = registry.match_base(card_base)
+            except NotFoundError:
+                base = None  # an adapter may still name a known base in adapter_config.json
+        lineage = saved.get("lineage") if isinstance(saved.get("lineage"), dict) else {}
+        lineage = {**lineage, "pulled_from": repo_id, "revision": rev or "main", "commit": commit}
+        try:
+            return registry.publish(
+                folder, name=name, kind=kind, base=base, task=saved.get("task"), language=saved.get("language"),
+                tags=saved.get("tags"), metrics=saved.get("metrics"), lineage=lineage, aliases=aliases,
+                source=(saved.get("source") or card_base or repo_id) if kind == "base" else None)
+        except NotFoundError as exc:
+            if base is None and card_base:
+                raise NotFoundError(f"{exc}; its model card names base_model {card_base!r}, which matches "
+                                    "no base in the registry either") from None
+            raise
+
+
+def _download(repo_id: str, rev: str | None, dest: Path, cache: Path) -> str:
+    """Fetch the files of `repo_id` at `rev` into `dest`; return the commit id they come from."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    with _remote_errors(repo_id, rev):
+        if constants.is_offline_mode():
+            # huggingface_hub answers offline from its cache only; copy that snapshot, links followed
+            cached = Path(snapshot_download(repo_id, revision=rev))
+            shutil.copytree(cached, dest)
+            return cached.name  # the cache names each snapshot folder by its commit id
+        # Pin the commit first: a branch that moves mid-download cannot mix two revisions' files.
+        info = HfApi(endpoint=endpoint()).model_info(repo_id, revision=rev)
+        pickles = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:  # refused before downloading (publish would refuse them too)
+            raise UnsafeContent(f"{repo_id}@{rev or 'main'} holds pickle files ({', '.join(pickles)}), which can "
+                                f"run code when loaded; only safetensors weights are accepted: {CONVERT_HINT}")
+        snapshot_download(repo_id, revision=info.sha, local_dir=dest, cache_dir=cache, endpoint=endpoint())
+        shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+        return info.sha
+
+
+def _take_card(folder: Path, repo_id: str) -> dict[str, Any]:
+    """Drop the Hub-side files, put a version's own README.md back; return the card's front matter."""
+    from huggingface_hub.repocard import metadata_load
+
+    (folder / ".gitattributes").unlink(missing_ok=True)
+    meta: dict[str, Any] = {}
+    if (folder / CARD).is_file():
+        try:
+            meta = metadata_load(folder / CARD) or {}
+        except (ValueError, UnicodeDecodeError) as exc:  # yaml's errors are ValueErrors
+            raise InvalidMetadata(f"the model card (README.md) of {repo_id} has unreadable front matter: {exc}") from None
+        (folder / CARD).unlink()
+    original = folder / ORIGINAL_README
+    if original.is_file():
+        original.replace(folder / CARD)
+        if not any(original.parent.iterdir()):
+            original.parent.rmdir()
+    return meta
+
+
+# --- errors --------------------------------------------------------------------------------------
+@contextmanager
+def _remote_errors(repo_id: str, rev: str | None, writing: bool = False) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into HubError subclasses that say what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    where, action = endpoint(), "pushing to" if writing else "downloading"
+    try:
+        yield
+    except RevisionNotFoundError:
+        raise NotFoundError(f"{repo_id} on {where} has no revision {rev!r} (a branch, tag or commit id)"
+                            f"{_known_refs(repo_id)}") from None
+    except RepositoryNotFoundError:
+        raise NotFoundError(f"no repo {repo_id!r} on {where} (or it is private and HF_TOKEN does not give "
+                            "access to it)") from None
+    except OfflineModeIsEnabled:
+        raise RemoteError(f"HF_HUB_OFFLINE is set: {action} {repo_id} needs {where}; unset it") from None
+    except LocalEntryNotFoundError as exc:
+        if constants.is_offline_mode():
+            raise RemoteError(f"HF_HUB_OFFLINE is set and {repo_id}@{rev or 'main'} is not in the Hugging Face "
+                              "cache; unset HF_HUB_OFFLINE to download it") from None
+        raise RemoteError(f"{action} {repo_id} from {where} failed: {exc}") from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            need = "write" if writing else "read"
+            raise RemoteError(f"{where} refused {action} {repo_id} (HTTP {status}): set HF_TOKEN to a token "
+                              f"with {need} access") from None
+        why = exc.server_message or str(exc).strip().splitlines()[0]
+        raise RemoteError(f"{action} {repo_id}: {where} answered HTTP {status}: {why}") from None
+    except _transport_errors() as exc:
+        raise RemoteError(f"cannot reach {where} ({type(exc).__name__}: {exc}); check HF_ENDPOINT and the "
+                          "network") from None
+
+
+def _known_refs(repo_id: str) -> str:
+    from huggingface_hub import HfApi
+
+    try:
+        refs = HfApi(endpoint=endpoint()).list_repo_refs(repo_id)
+    except Exception:  # only a hint for the message; the lookup itself already failed
+        return ""
+    return (f" (branches: {', '.join(b.name for b in refs.branches) or 'none'}; "
+            f"tags: {', '.join(t.name for t in refs.tags) or 'none'})")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures raised below huggingface_hub (its HTTP client changed across releases)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+__all__ = ["check_repo_id", "endpoint", "parse_repo_spec", "pull_version", "push_version", "render_card"]
