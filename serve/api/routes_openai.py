@@ -60,7 +60,10 @@ class OpenAIController(Controller):
         target = await services.catalog.resolve(data.model, principal)
         request.scope[MODEL_SCOPE_KEY] = target.ref  # type: ignore[literal-required]
         run = Run(services.engine, services.metrics, target, "chat")
-        run.submit(chat_jobs(data, target, services.settings.default_max_tokens), n=data.n)
+        # Until the engine can fill "the rest of the context", a chat without max_tokens gets the server's
+        # default, kept to half the context so that ordinary prompts still fit.
+        default = min(services.settings.default_max_tokens, max(1, services.engine.max_model_len // 2))
+        run.submit(chat_jobs(data, target, default), n=data.n)
         if data.stream:
             return await _stream(request, run, ChunkWriter(run, chat=True, include_usage=data.include_usage()), services)
         await unless_gone(request, run, _drain(run))
