@@ -9,9 +9,8 @@ Conventions (a repo holds the versions of one entry):
 - The repo holds the version's files under their own names plus a generated `README.md` card. A
   version's own README.md (PEFT writes one) travels as `.hotswap/README.md` and pull puts it back,
   so a pushed-then-pulled version has the same digest.
-- The card's front matter has the Hub's fields (base_model, library_name, language, tags,
-  pipeline_tag, model-index with the metrics) and a `hotswap` block (ref, kind, digest, task,
-  language, tags, metrics, lineage, source) that pull reads back.
+- The card (`card.py`) carries the Hub's fields and a `hotswap` block that pull reads back (kind,
+  task, language, tags, metrics, lineage, source).
 
 Environment, as huggingface_hub reads it: HF_ENDPOINT (a mirror or Hub-compatible server; re-read
 at each call), HF_TOKEN (credentials), HF_HUB_OFFLINE (push is refused; pull takes the revision
@@ -24,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -34,16 +31,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidMetadata, InvalidName, NotFoundError, RemoteError, UnsafeContent
+from .card import REPO_ID, read_card, render_card
+from .errors import InvalidName, NotFoundError, RemoteError, UnsafeContent
 from .intake import CONVERT_HINT, PICKLE_SUFFIXES
 from .refs import check_identifier
 from .registry import Registry
-from .versions import PublishResult, Version
+from .versions import PublishResult
 
 CARD = "README.md"
 ORIGINAL_README = ".hotswap/README.md"
 HUB_FILES = {CARD, ".gitattributes"}  # the card, and the file the Hub adds to every new repo
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 def endpoint() -> str:
@@ -54,7 +51,7 @@ def endpoint() -> str:
 
 
 def check_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id:
         raise InvalidName(f"{repo_id!r} is not a Hub repo id (ORG/NAME: letters, digits, '.', '_', '-')")
     return repo_id
 
@@ -71,8 +68,9 @@ def parse_repo_spec(spec: str) -> tuple[str, str | None]:
 def push_version(registry: Registry, ref: str, repo_id: str, private: bool = False) -> dict[str, Any]:
     """Upload a version and its card to `repo_id` in one commit tagged `v<version>`.
 
-    `private` applies only when the repo is created here. Returns ref, repo_id, tag, commit, url,
-    digest and `created` (False when the tag already held these files)."""
+    `private` applies only when the repo is created here (without it, the Hub's default visibility).
+    Returns ref, repo_id, tag, commit, url, digest and `created` (False when the tag already held
+    these files: nothing was uploaded)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     check_repo_id(repo_id)
@@ -124,68 +122,6 @@ def _git_blob_id(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# --- the model card ----------------------------------------------------------------------------
-def render_card(registry: Registry, version: Version, repo_id: str, tag: str) -> str:
-    """The README.md pushed with a version: Hub front matter plus a readable summary."""
-    from huggingface_hub import EvalResult, ModelCardData
-
-    meta = version.metadata
-    base_id = _base_source(registry, version, repo_id)
-    evals = [EvalResult(task_type="text-generation", task_name=meta.task, dataset_type=_dataset_id(meta.lineage),
-                        dataset_name=f"{meta.task or version.name} evaluation", metric_type=name, metric_value=value)
-             for name, value in sorted(meta.metrics.items())]
-    saved = meta.model_dump(mode="json", include={"task", "language", "tags", "metrics", "lineage", "source"})
-    data = ModelCardData(
-        base_model=base_id, library_name="peft" if version.kind == "adapter" else "transformers",
-        language=[meta.language] if meta.language else None, pipeline_tag="text-generation",
-        tags=[t for t in ("hotswap", version.kind, (meta.peft_type or "").lower(), meta.task) if t],
-        model_name=version.name, eval_results=evals or None,
-        hotswap={"ref": version.ref, "kind": version.kind, "digest": version.digest, **saved},
-    )
-    return f"---\n{data.to_yaml()}\n---\n\n{_card_body(version, base_id, repo_id, tag)}"
-
-
-def _base_source(registry: Registry, version: Version, repo_id: str) -> str | None:
-    """The Hub id this version derives from: its base's recorded source (a base: its own source)."""
-    source = version.metadata.source
-    if version.kind != "base" and version.metadata.base:
-        try:
-            source = registry.resolve(version.metadata.base).metadata.source
-        except NotFoundError:  # the base was removed since; the card just omits it
-            source = None
-    return source if source and _REPO_ID.fullmatch(source) and source != repo_id else None
-
-
-def _dataset_id(lineage: dict[str, Any]) -> str:
-    value = lineage.get("dataset")
-    return value if isinstance(value, str) and value else "custom"
-
-
-def _card_body(version: Version, base_id: str | None, repo_id: str, tag: str) -> str:
-    meta = version.metadata
-    base = " ".join(filter(None, [f"`{meta.base}`" if meta.base else None, f"({base_id})" if base_id else None]))
-    rows = [("hotswap ref", f"`{version.ref}`"), ("kind", version.kind), ("task", meta.task),
-            ("language", meta.language), ("base", base), ("base fingerprint", meta.base_fingerprint), ("fingerprint", meta.fingerprint),
-            ("content digest", f"`{version.digest}`"), ("size", f"{meta.size_bytes:,} bytes"),
-            ("created", meta.created_at.isoformat())]
-    if meta.peft_type:
-        rows.append(("adapter", f"{meta.peft_type} rank {meta.rank}, alpha {meta.alpha}, "
-                                f"on {', '.join(meta.target_modules)}"))
-    rows += [(f"metric `{name}`", f"{value:g}") for name, value in sorted(meta.metrics.items())]
-    rows += [(f"tag `{key}`", value) for key, value in sorted(meta.tags.items())]
-    lines = [f"# {version.name}, version {version.version}", "",
-             f"A hotswap {version.kind} pushed from a hotswap registry. Tag `{tag}` is this version.", "",
-             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows if v), "",
-             "## Lineage", "", "```json", json.dumps(meta.lineage, indent=2, sort_keys=True), "```", "",
-             "## Use", "", "```sh", f"hotswap hub pull {repo_id}@{tag} --name {version.name}", "```", ""]
-    if version.kind == "adapter" and base_id:
-        lines += ["or with PEFT:", "", "```python", "from peft import PeftModel",
-                  "from transformers import AutoModelForCausalLM", "",
-                  f'base = AutoModelForCausalLM.from_pretrained("{base_id}")',
-                  f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="{tag}")', "```", ""]
-    return "\n".join(lines)
 
 
 # --- pull ----------------------------------------------------------------------------------------
@@ -250,15 +186,10 @@ def _download(repo_id: str, rev: str | None, dest: Path, cache: Path) -> str:
 
 def _take_card(folder: Path, repo_id: str) -> dict[str, Any]:
     """Drop the Hub-side files, put a version's own README.md back; return the card's front matter."""
-    from huggingface_hub.repocard import metadata_load
-
     (folder / ".gitattributes").unlink(missing_ok=True)
     meta: dict[str, Any] = {}
     if (folder / CARD).is_file():
-        try:
-            meta = metadata_load(folder / CARD) or {}
-        except (ValueError, UnicodeDecodeError) as exc:  # yaml's errors are ValueErrors
-            raise InvalidMetadata(f"the model card (README.md) of {repo_id} has unreadable front matter: {exc}") from None
+        meta = read_card(folder / CARD, repo_id)
         (folder / CARD).unlink()
     original = folder / ORIGINAL_README
     if original.is_file():
@@ -327,4 +258,4 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-__all__ = ["check_repo_id", "endpoint", "parse_repo_spec", "pull_version", "push_version", "render_card"]
+__all__ = ["check_repo_id", "endpoint", "parse_repo_spec", "pull_version", "push_version"]
