@@ -1,0 +1,120 @@
+"""API keys, roles and tenant isolation over HTTP; the no-keys loopback rule of `hotswap serve`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hotswap.serve.cli import serve_app
+
+from .api_support import ACME, ADMIN, BASE, GLOBEX, bearer, make_app, running_client, client, served, store  # noqa: F401
+
+
+def complete(client, model: str, headers):
+    return client.post("/v1/completions", headers=headers,
+                       json={"model": model, "prompt": "hi", "max_tokens": 2, "temperature": 0})
+
+
+@pytest.mark.parametrize("headers, why", [
+    ({}, "missing API key"),
+    ({"Authorization": "Basic b3BzOnB3"}, "malformed"),
+    ({"Authorization": "Bearer"}, "malformed"),
+    (bearer("sk-not-a-key-0000000000"), "invalid API key"),
+])
+def test_requests_without_a_valid_key_are_401(client, headers, why):
+    for response in (complete(client, BASE, headers), client.get("/v1/models", headers=headers),
+                     client.get("/v1/adapters", headers=headers)):
+        assert response.status_code == 401, response.text
+        error = response.json()["error"]
+        assert error["type"] == "authentication_error" and why in error["message"]
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_health_ready_and_schema_need_no_key(client):
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").json() == {"ready": True, "base": "tiny@1", "detail": None}
+    assert client.get("/schema/openapi.json").status_code == 200
+
+
+def test_user_keys_cannot_manage(client):
+    for method, path in [("GET", "/v1/adapters"), ("POST", "/v1/adapters/acme-sql/load"),
+                         ("POST", "/v1/adapters/acme-sql/pin"), ("GET", "/v1/hub/acme-sql"),
+                         ("PUT", "/v1/hub/acme-sql/aliases/prod"), ("POST", "/v1/hub/publish"), ("GET", "/metrics")]:
+        response = client.request(method, path, headers=ACME, json={"version": 1} if method == "PUT" else None)
+        assert response.status_code == 403, (path, response.text)
+        error = response.json()["error"]
+        assert error["type"] == "permission_error" and "admin" in error["message"]
+    assert client.get("/v1/adapters", headers=ADMIN).status_code == 200
+    assert client.get("/metrics", headers=ADMIN).status_code == 200
+
+
+def test_a_tenant_uses_only_its_adapters(client):
+    assert complete(client, "acme-sql@prod", ACME).status_code == 200
+    assert complete(client, BASE, ACME).status_code == 200  # the base is shared by every key
+    for model in ["globex-sql", "globex-sql@1", "tiny-ft", "globex-nothing"]:
+        response = complete(client, model, ACME)
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["param"] == "model"
+    chat = client.post("/v1/chat/completions", headers=GLOBEX,
+                       json={"model": "acme-chat", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 403
+    assert client.get("/v1/models/globex-sql", headers=ACME).status_code == 403
+    assert complete(client, "globex-sql", GLOBEX).status_code == 200
+    assert complete(client, "globex-sql", ADMIN).status_code == 200
+
+
+def test_a_tenant_lists_only_its_adapters(client):
+    ids = {m["id"] for m in client.get("/v1/models", headers=ACME).json()["data"]}
+    assert BASE in ids and {"acme-sql", "acme-sql@prod", "acme-chat"} <= ids
+    assert not any(i.startswith(("globex", "tiny-ft")) for i in ids)
+    ids = {m["id"] for m in client.get("/v1/models", headers=GLOBEX).json()["data"]}
+    assert ids == {BASE, "globex-sql", "globex-sql@1"}
+    ids = {m["id"] for m in client.get("/v1/models", headers=ADMIN).json()["data"]}
+    assert {"acme-sql", "globex-sql", "tiny-ft"} <= ids
+
+
+def test_nearest_name_hints_never_show_another_tenants_names(client):
+    # "acme-chat" is the closest existing name, but globex may not see it
+    response = complete(client, "globex-chat", GLOBEX)
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert "acme" not in message and "globex-sql" in message
+    assert "acme-chat" in complete(client, "globex-chat", ADMIN).json()["error"]["message"]
+
+
+def test_without_keys_every_local_caller_is_admin(store):
+    app, _ = make_app(store.home, keys=[])
+    with running_client(app) as client:
+        assert client.get("/v1/adapters").status_code == 200
+        assert complete(client, "globex-sql", {}).status_code == 200
+        assert client.get("/metrics").status_code == 200
+
+
+def test_metrics_can_be_public(store):
+    app, _ = make_app(store.home, public_metrics=True)
+    with running_client(app) as client:
+        assert client.get("/metrics").status_code == 200
+        assert client.get("/v1/adapters").status_code == 401
+
+
+def test_serve_refuses_to_bind_beyond_loopback_without_keys(store, monkeypatch):
+    monkeypatch.delenv("HOTSWAP_API_KEYS", raising=False)
+    monkeypatch.delenv("HOTSWAP_ADMIN_KEY", raising=False)
+    result = CliRunner().invoke(serve_app, ["--base", BASE, "--home", str(store.home), "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "refusing to listen on 0.0.0.0 without API keys" in result.output
+
+
+def test_serve_reports_a_bad_key_file(store, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "x", "key": "short", "role": "root"}]}))
+    result = CliRunner().invoke(serve_app, ["--base", BASE, "--home", str(store.home), "--api-keys", str(keys)])
+    assert result.exit_code == 2
+    assert "keys.json" in result.output and "keys.0.key" in result.output and "keys.0.role" in result.output
+
+
+def test_serve_reports_an_unknown_base(store):
+    result = CliRunner().invoke(serve_app, ["--base", "tiyn", "--home", str(store.home)])
+    assert result.exit_code == 2 and "tiny" in result.output

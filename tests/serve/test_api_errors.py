@@ -1,0 +1,144 @@
+"""Every error the server answers is OpenAI's error shape with the right status, on the real engine."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from litestar.testing import TestClient
+
+from hotswap.serve.engine import GenerationRequest, QueueFull, SamplingParams
+
+from .api_support import ADMIN, BASE, make_app, running_client, small_config, client, served, store  # noqa: F401
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def post(client, path: str, body: dict, headers=ADMIN):
+    return client.post(path, json=body, headers=headers)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "hi"}, "model"),
+    ({"model": BASE, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": BASE, "prompt": "hi", "temperature": 7}, "temperature"),
+    ({"model": BASE, "prompt": "hi", "top_p": 0}, "top_p"),
+    ({"model": BASE, "prompt": "hi", "n": 99}, "n"),
+    ({"model": BASE, "prompt": {"text": "hi"}}, "prompt"),
+    ({"model": BASE, "prompt": ""}, "prompt"),
+    ({"model": BASE, "prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"model": BASE, "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": BASE, "prompt": "hi", "best_of": 3}, "best_of"),
+    ({"model": BASE, "prompt": [1, 2], "echo": True}, "echo"),
+    ({"model": BASE, "prompt": "hi", "stop": [""]}, "stop"),
+    ({"model": "Not A Ref!", "prompt": "hi"}, "model"),
+])
+def test_bad_completion_parameters_name_the_field(client, body, field):
+    error = error_of(post(client, "/v1/completions", body), 400)
+    assert error["type"] == "invalid_request_error" and error["param"] == field
+    assert field in error["message"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"model": BASE, "messages": []}, "messages"),
+    ({"model": BASE, "messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"model": BASE, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+     "response_format"),
+])
+def test_bad_chat_parameters_name_the_field(client, body, field):
+    error = error_of(post(client, "/v1/chat/completions", body), 400)
+    assert error["param"] == field
+
+
+def test_malformed_json_and_engine_limits(client):
+    response = client.post("/v1/completions", content=b"{not json", headers=ADMIN | {"content-type": "application/json"})
+    assert "JSON" in error_of(response, 400)["message"]
+    error = error_of(post(client, "/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 5000}), 400)
+    assert "max_tokens" in error["message"] and "4096" in error["message"]
+
+
+def test_unknown_model_is_404_with_nearest_names(client):
+    error = error_of(post(client, "/v1/completions", {"model": "acme-sqll", "prompt": "hi"}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "acme-sql" in error["message"]
+    error = error_of(post(client, "/v1/completions", {"model": "acme-sql@9", "prompt": "hi"}), 404)
+    assert "version 9" in error["message"] and "1, 2" in error["message"]
+    error = error_of(post(client, "/v1/completions", {"model": "acme-sql@staging", "prompt": "hi"}), 404)
+    assert "staging" in error["message"] and "prod" in error["message"]
+    error = error_of(post(client, "/v1/adapters/acme-chta/load", {}), 404)
+    assert error["param"] == "ref" and "acme-chat" in error["message"]
+
+
+def test_adapter_for_another_base_is_refused(client):
+    error = error_of(post(client, "/v1/completions", {"model": "other-fit", "prompt": "hi"}), 400)
+    assert error["code"] == "incompatible_adapter" and "other" in error["message"]
+
+
+def test_prompt_too_long(client):
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 40
+    error = error_of(post(client, "/v1/completions", {"model": BASE, "prompt": long_prompt, "max_tokens": 4}), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    assert "256" in error["message"]
+    chat = {"model": BASE, "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 4}
+    assert error_of(post(client, "/v1/chat/completions", chat), 400)["param"] == "messages"
+
+
+def test_unknown_route_and_wrong_method(client):
+    assert error_of(client.get("/v1/nothing-here", headers=ADMIN), 404)["message"]
+    assert error_of(client.get("/v1/completions", headers=ADMIN), 405)["message"]
+
+
+def test_queue_full_is_429_with_retry_after(store):
+    app, engine = make_app(store.home, config=small_config(max_running=1, max_queue=2), retry_after_s=3)
+    with running_client(app) as client:
+        long = GenerationRequest(prompt="hello", sampling=SamplingParams(max_tokens=240, ignore_eos=True))
+        streams = []
+        with pytest.raises(QueueFull):
+            for _ in range(10):
+                streams.append(engine.submit(long))
+        try:
+            response = post(client, "/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 2})
+            error = error_of(response, 429)
+            assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
+            assert response.headers["retry-after"] == "3"
+        finally:
+            for stream in streams:
+                stream.cancel()
+
+
+def test_not_ready_is_503_while_the_engine_has_not_started(store):
+    app, _engine = make_app(store.home)
+    client = TestClient(app)  # no lifespan: the engine never starts
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["ready"] is False and "loading" in ready.json()["detail"]
+    assert ready.headers["retry-after"] == "1"
+    response = post(client, "/v1/completions", {"model": BASE, "prompt": "hi"})
+    assert error_of(response, 503)["type"] == "service_unavailable_error" and response.headers["retry-after"] == "1"
+    assert error_of(client.get("/v1/models", headers=ADMIN), 503)["code"] == "not_ready"
+
+
+def test_a_failed_start_is_reported_by_ready(store, tmp_path):
+    from hotswap.hub import Registry
+    from hotswap.serve.api import ServerSettings, create_app
+    from hotswap.serve.engine import Engine
+
+    registry = Registry(store.home)
+    app = create_app(Engine(registry, "no-such-base", small_config()), registry, ServerSettings())
+    with TestClient(app) as client:
+        for _ in range(200):
+            body = client.get("/ready").json()
+            if "failed" in (body.get("detail") or ""):
+                break
+            time.sleep(0.05)
+        assert body["ready"] is False and "no-such-base" in body["detail"]
+        assert client.get("/health").status_code == 200
