@@ -1,0 +1,161 @@
+"""Management over HTTP on the real engine and registry: residency, load/unload/pin/unpin, publish, aliases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .api_support import ADMIN, BASE, save_adapter, client, served, store  # noqa: F401
+
+
+def adapters(client, **params) -> dict[str, dict]:
+    response = client.get("/v1/adapters", headers=ADMIN, params=params)
+    assert response.status_code == 200, response.text
+    return {a["ref"]: a for a in response.json()["data"]}
+
+
+def act(client, ref: str, action: str, status: int = 200) -> dict:
+    response = client.post(f"/v1/adapters/{ref}/{action}", headers=ADMIN)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def complete(client, model: str) -> dict:
+    response = client.post("/v1/completions", headers=ADMIN,
+                           json={"model": model, "prompt": "hello world", "max_tokens": 6, "temperature": 0,
+                                 "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def upload(client, folder: Path, name: str, **form) -> object:
+    files = [("files", (p.name, p.read_bytes())) for p in sorted(folder.iterdir()) if p.is_file()]
+    return client.post("/v1/hub/publish", headers=ADMIN, data={"name": name, **form}, files=files)
+
+
+def test_adapter_list_shows_metadata_and_disk_residency(client):
+    listed = adapters(client)
+    sql = listed["acme-sql@1"]
+    assert sql | {"name": "acme-sql", "version": 1, "kind": "adapter", "aliases": ["prod"], "base": "tiny@1",
+                  "servable": True, "rank": 4, "target_modules": ["q_proj", "v_proj"], "task": "demo"} == sql
+    assert listed["acme-sql@2"]["aliases"] == ["latest"]
+    assert listed["other-fit@1"]["servable"] is False and listed["tiny-ft@1"]["kind"] == "model"
+    assert listed["globex-sql@1"]["residency"] == {"tier": "disk", "pinned": False, "pins": 0, "device_bytes": 0,
+                                                    "last_used": None}
+    assert set(adapters(client, kind="model")) == {"tiny-ft@1"}
+    assert "tiny@1" not in listed  # the base is not an adapter
+
+
+def test_load_unload_pin_unpin(client):
+    loaded = act(client, "globex-sql", "load")
+    assert loaded["ref"] == "globex-sql@1" and loaded["residency"]["tier"] == "device"
+    assert loaded["residency"]["device_bytes"] > 0
+    assert "globex-sql@1" in adapters(client, tier="device")
+
+    unloaded = act(client, "globex-sql@1", "unload")
+    assert unloaded == {"ref": "globex-sql@1", "unloaded": True, "residency": unloaded["residency"]}
+    assert unloaded["residency"]["tier"] == "disk"
+    assert act(client, "globex-sql@1", "unload")["unloaded"] is False  # nothing left to drop
+
+    pinned = act(client, "globex-sql", "pin")
+    assert pinned["residency"]["tier"] == "device" and pinned["residency"]["pinned"] is True
+    busy = act(client, "globex-sql", "unload", status=409)
+    assert busy["error"]["code"] == "adapter_busy" and "pinned: true" in busy["error"]["message"]
+    unpinned = act(client, "globex-sql", "unpin")
+    assert unpinned["residency"]["pinned"] is False and unpinned["residency"]["tier"] == "device"
+    assert act(client, "globex-sql", "unload")["unloaded"] is True
+
+
+def test_serving_an_adapter_makes_it_resident(client):
+    complete(client, "acme-chat")
+    held = adapters(client)["acme-chat@1"]["residency"]
+    assert held["tier"] in ("device", "host") and held["last_used"] is not None
+
+
+def test_full_model_load_and_unload(client):
+    assert act(client, "tiny-ft", "load")["residency"]["tier"] == "device"
+    assert act(client, "tiny-ft", "unload")["unloaded"] is True
+
+
+def test_management_refusals(client):
+    assert act(client, BASE, "load", status=400)["error"]["param"] == "ref"
+    assert act(client, "other-fit", "load", status=400)["error"]["code"] == "incompatible_adapter"
+    assert act(client, "globex-sqk", "pin", status=404)["error"]["code"] == "model_not_found"
+
+
+def test_publish_upload_then_serve(client, store, tmp_path):
+    folder = save_adapter(store.base_dir, tmp_path / "up", seed=21)
+    response = upload(client, folder, "acme-up", task="text-to-sql", language="en", aliases="prod, canary",
+                      tags=json.dumps({"team": "a"}), metrics=json.dumps({"exact_match": 0.5}))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body | {"ref": "acme-up@1", "name": "acme-up", "version": 1, "created": True, "base": "tiny@1",
+                   "rank": 4, "target_modules": ["q_proj", "v_proj"]} == body
+    assert body["aliases"] == ["canary", "latest", "prod"]
+    assert complete(client, "acme-up@prod")["model"] == "acme-up@1"
+    assert "acme-up" in {m["id"] for m in client.get("/v1/models", headers=ADMIN).json()["data"]}
+
+    again = upload(client, folder, "acme-up")
+    assert again.status_code == 201 and again.json()["created"] is False and again.json()["version"] == 1
+
+
+@pytest.mark.parametrize("case, status, code, param", [
+    ("bad-file-name", 400, "bad_upload", "files"),
+    ("missing-weights", 400, "unsafe_content", None),
+    ("other-base", 400, "incompatible_adapter", None),
+    ("bad-tags", 400, "bad_upload", "tags"),
+    ("bad-name", 400, "invalid_name", None),
+])
+def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, code, param):
+    folder = save_adapter(store.base_dir, tmp_path / "a", seed=22)
+    name, form = "acme-refused", {}
+    if case == "bad-file-name":
+        files = [("files", ("../adapter_config.json", b"{}"))]
+        response = client.post("/v1/hub/publish", headers=ADMIN, data={"name": name}, files=files)
+    else:
+        if case == "missing-weights":
+            (folder / "adapter_model.safetensors").unlink()
+        if case == "other-base":
+            folder = store.adapters["other-fit@1"]
+        if case == "bad-tags":
+            form = {"tags": "{not json"}
+        if case == "bad-name":
+            name = "Bad Name"
+        response = upload(client, folder, name, **form)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and (param is None or error["param"] == param)
+    assert client.get("/v1/hub/acme-refused", headers=ADMIN).status_code == 404
+
+
+def test_alias_moves_reach_the_next_request(client, store, tmp_path):
+    for seed in (31, 32):
+        assert upload(client, save_adapter(store.base_dir, tmp_path / f"v{seed}", seed=seed), "acme-moving").status_code == 201
+    entry = client.get("/v1/hub/acme-moving", headers=ADMIN).json()
+    assert entry["versions"] == [1, 2] and entry["aliases"] == {"latest": 2} and entry["kind"] == "adapter"
+
+    moved = client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 1})
+    assert moved.status_code == 200 and moved.json() == {"name": "acme-moving", "alias": "prod", "version": 1,
+                                                         "previous": None}
+    first = complete(client, "acme-moving@prod")
+    assert first["model"] == "acme-moving@1"
+    moved = client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 2})
+    assert moved.json()["previous"] == 1
+    second = complete(client, "acme-moving@prod")
+    assert second["model"] == "acme-moving@2"
+    assert second["choices"][0]["text"] != first["choices"][0]["text"]
+
+    history = client.get("/v1/hub/acme-moving", headers=ADMIN).json()["history"]
+    assert [(h["alias"], h["previous"], h["version"]) for h in history if h["alias"] == "prod"] == [
+        ("prod", None, 1), ("prod", 1, 2)]
+    removed = client.delete("/v1/hub/acme-moving/aliases/prod", headers=ADMIN)
+    assert removed.status_code == 200 and removed.json()["version"] is None
+    gone = client.post("/v1/completions", headers=ADMIN, json={"model": "acme-moving@prod", "prompt": "x"})
+    assert gone.status_code == 404
+
+    assert client.delete("/v1/hub/acme-moving/aliases/latest", headers=ADMIN).status_code == 400
+    assert client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 9}).status_code == 404
+    assert client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 0}).status_code == 400
+    assert client.put("/v1/hub/acme-moving/aliases/Bad!", headers=ADMIN, json={"version": 1}).status_code == 400
