@@ -29,7 +29,8 @@ def render_card(registry: Registry, version: Version, repo_id: str, tag: str) ->
     evals = [EvalResult(task_type="text-generation", task_name=meta.task, dataset_type=_dataset_id(meta.lineage),
                         dataset_name=f"{meta.task or version.name} evaluation", metric_type=name, metric_value=value)
              for name, value in sorted(meta.metrics.items())]
-    saved = meta.model_dump(mode="json", include={"task", "language", "tags", "metrics", "lineage", "source"})
+    saved = meta.model_dump(mode="json", include={"task", "language", "tags", "metrics", "lineage", "source"},
+                           exclude_none=True)
     data = ModelCardData(
         base_model=base_id, library_name="peft" if version.kind == "adapter" else "transformers",
         language=[meta.language] if meta.language else None, pipeline_tag="text-generation",
@@ -51,6 +52,10 @@ def _base_source(registry: Registry, version: Version, repo_id: str) -> str | No
     return source if source and REPO_ID.fullmatch(source) and source != repo_id else None
 
 
+def _cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def _dataset_id(lineage: dict[str, Any]) -> str:
     value = lineage.get("dataset")
     return value if isinstance(value, str) and value else "custom"
@@ -70,7 +75,7 @@ def _card_body(version: Version, base_id: str | None, repo_id: str, tag: str) ->
     rows += [(f"tag `{key}`", value) for key, value in sorted(meta.tags.items())]
     lines = [f"# {version.name}, version {version.version}", "",
              f"A hotswap {version.kind} pushed from a hotswap registry. Tag `{tag}` is this version.", "",
-             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows if v), "",
+             "| | |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in rows if v), "",
              "## Lineage", "", "```json", json.dumps(meta.lineage, indent=2, sort_keys=True), "```", "",
              "## Use", "", "```sh", f"hotswap hub pull {repo_id}@{tag} --name {version.name}", "```", ""]
     if version.kind == "adapter" and base_id:

@@ -136,7 +136,7 @@ def pull_version(registry: Registry, spec: str, name: str, base: str | None = No
     check_identifier(name, "name")  # refuse before downloading anything
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=registry.home) as tmp:
         folder = Path(tmp) / "files"
-        commit = _download(repo_id, rev, folder, Path(tmp) / "hf-cache")
+        commit = fetch_repo(repo_id, rev, folder)
         card = _take_card(folder, repo_id)
         saved = card.get("hotswap") if isinstance(card.get("hotswap"), dict) else {}
         kind = saved.get("kind") or ("adapter" if (folder / "adapter_config.json").is_file()
@@ -163,24 +163,30 @@ def pull_version(registry: Registry, spec: str, name: str, base: str | None = No
             raise
 
 
-def _download(repo_id: str, rev: str | None, dest: Path, cache: Path) -> str:
-    """Fetch the files of `repo_id` at `rev` into `dest`; return the commit id they come from."""
+def fetch_repo(repo_id: str, rev: str | None, dest: Path, allow_patterns: list[str] | None = None) -> str:
+    """Download the files of `repo_id` at `rev` (those matching `allow_patterns`) as plain files
+    into the new folder `dest`; return the commit id they come from. Pickle files are refused
+    before any download. Online, nothing is written to the Hugging Face cache."""
     from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
 
     with _remote_errors(repo_id, rev):
         if constants.is_offline_mode():
             # huggingface_hub answers offline from its cache only; copy that snapshot, links followed
-            cached = Path(snapshot_download(repo_id, revision=rev))
+            cached = Path(snapshot_download(repo_id, revision=rev, allow_patterns=allow_patterns))
             shutil.copytree(cached, dest)
             return cached.name  # the cache names each snapshot folder by its commit id
         # Pin the commit first: a branch that moves mid-download cannot mix two revisions' files.
         info = HfApi(endpoint=endpoint()).model_info(repo_id, revision=rev)
-        pickles = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.lower().endswith(PICKLE_SUFFIXES))
+        wanted = filter_repo_objects([s.rfilename for s in info.siblings or []], allow_patterns=allow_patterns)
+        pickles = sorted(p for p in wanted if p.lower().endswith(PICKLE_SUFFIXES))
         if pickles:  # refused before downloading (publish would refuse them too)
             raise UnsafeContent(f"{repo_id}@{rev or 'main'} holds pickle files ({', '.join(pickles)}), which can "
                                 f"run code when loaded; only safetensors weights are accepted: {CONVERT_HINT}")
-        snapshot_download(repo_id, revision=info.sha, local_dir=dest, cache_dir=cache, endpoint=endpoint())
-        shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+        bookkeeping = dest / ".cache"  # huggingface_hub's download state, dropped once done
+        snapshot_download(repo_id, revision=info.sha, local_dir=dest, cache_dir=bookkeeping / "hub",
+                          allow_patterns=allow_patterns, endpoint=endpoint())
+        shutil.rmtree(bookkeeping, ignore_errors=True)
         return info.sha
 
 
@@ -258,4 +264,4 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-__all__ = ["check_repo_id", "endpoint", "parse_repo_spec", "pull_version", "push_version"]
+__all__ = ["check_repo_id", "endpoint", "fetch_repo", "parse_repo_spec", "pull_version", "push_version"]

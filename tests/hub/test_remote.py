@@ -32,7 +32,7 @@ from huggingface_hub import constants, snapshot_download
 from hotswap.hub import (IncompatibleAdapter, InvalidName, NotFoundError, Registry, RemoteError,
                          UnsafeContent)
 from hotswap.hub.cli import main
-from hotswap.hub.remote import pull_version, push_version
+from hotswap.hub.remote import fetch_repo, pull_version, push_version
 
 from .conftest import TINY_SOURCE, save_tiny_base
 from .fake_hub_server import FakeHub
@@ -93,6 +93,8 @@ def test_push_then_pull_round_trips_the_digest(hub, registry, other_registry, ma
     assert {p: remote[p] for p in local if p != "README.md"} == {p: b for p, b in local.items() if p != "README.md"}
 
     pulled = pull_version(other_registry, "org/sql@v1", "sql")
+    assert not Path(constants.HF_HUB_CACHE).exists()  # downloaded beside the registry, not into the HF cache
+    assert not list(other_registry.home.glob(".pull-*"))  # and the download folder is gone
     version = pulled.version
     assert pulled.created and version.ref == "sql@1"
     assert version.digest == published.version.digest  # byte-identical files, same names
@@ -170,7 +172,19 @@ def test_pull_refuses_pickle_files_before_downloading(hub, registry, make_adapte
     with pytest.raises(UnsafeContent, match=r"pickle files \(adapter_model\.bin\).*only safetensors.*convert it"):
         pull_version(registry, "org/pickled", "pickled")
     assert not any("/resolve/" in path for _, path, _ in hub.requests)
+    assert not list(registry.home.glob(".pull-*"))
     assert [v.name for v in registry.list()] == ["tiny"]
+
+
+def test_fetch_repo_gives_plain_files_matching_the_patterns(hub, make_adapter, tmp_path):
+    folder = make_adapter(seed=15)
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04pickled")
+    commit = _upload_folder(hub, "org/mixed", folder)
+    dest = tmp_path / "fetched"
+    assert fetch_repo("org/mixed", None, dest, allow_patterns=["*.json", "*.safetensors"]) == commit
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+    assert (dest / "adapter_model.safetensors").read_bytes() == (folder / "adapter_model.safetensors").read_bytes()
 
 
 def test_pull_refuses_an_adapter_that_does_not_fit_its_base(hub, registry, make_adapter, tmp_path):
