@@ -1,0 +1,94 @@
+"""/metrics in Prometheus text format, with per-model figures, after real traffic on the real engine."""
+
+from __future__ import annotations
+
+import re
+
+from .api_support import ADMIN, BASE, client, served, store  # noqa: F401
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+
+
+def scrape(client) -> dict[tuple[str, frozenset], float]:
+    response = client.get("/metrics", headers=ADMIN)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples, helped, typed = {}, set(), set()
+    for line in response.text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert name not in helped
+            helped.add(name)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge", "histogram") and name not in typed
+            typed.add(name)
+        else:
+            match = SAMPLE.match(line)
+            assert match, f"not a Prometheus sample: {line!r}"
+            labels = frozenset(re.findall(r'([a-zA-Z_]+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+            samples[(match.group(1), labels)] = float(match.group(3).replace("+Inf", "inf"))
+    assert helped == typed
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def complete(client, model: str, max_tokens: int = 5) -> dict:
+    response = client.post("/v1/completions", headers=ADMIN, json={
+        "model": model, "prompt": "hello world", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_per_model_request_token_and_latency_figures(client):
+    before = scrape(client)
+    usages = [complete(client, "acme-sql@1")["usage"] for _ in range(3)] + [complete(client, BASE, 4)["usage"]]
+    chat = client.post("/v1/chat/completions", headers=ADMIN, json={
+        "model": "acme-sql@1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0,
+        "ignore_eos": True})
+    assert chat.status_code == 200
+    assert client.post("/v1/completions", headers=ADMIN, json={"model": "nobody", "prompt": "x"}).status_code == 404
+    too_long = {"model": "acme-sql@1", "prompt": "hello " * 300, "max_tokens": 2}
+    assert client.post("/v1/completions", headers=ADMIN, json=too_long).status_code == 400
+
+    s = scrape(client)
+    delta = lambda name, **labels: value(s, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert delta("hotswap_requests_total", model="acme-sql@1", endpoint="completions", finish_reason="length") == 3
+    assert delta("hotswap_requests_total", model="acme-sql@1", endpoint="chat", finish_reason="length") == 1
+    assert delta("hotswap_requests_total", model="tiny@1", endpoint="completions", finish_reason="length") == 1
+    assert delta("hotswap_prompt_tokens_total", model="acme-sql@1") == \
+        sum(u["prompt_tokens"] for u in usages[:3]) + chat.json()["usage"]["prompt_tokens"]
+    assert delta("hotswap_generation_tokens_total", model="acme-sql@1") == 3 * 5 + 2
+    assert delta("hotswap_generation_tokens_total", model="tiny@1") == 4
+    assert delta("hotswap_request_errors_total", model="none", status="404") == 1
+    assert delta("hotswap_request_errors_total", model="acme-sql@1", status="400") == 1
+
+    for family in ("hotswap_time_to_first_token_seconds", "hotswap_time_per_output_token_seconds"):
+        count = value(s, f"{family}_count", model="acme-sql@1")
+        assert count == 4 and value(s, f"{family}_sum", model="acme-sql@1") > 0
+        buckets = sorted(((float(dict(lbl)["le"]), v) for (name, lbl), v in s.items()
+                          if name == f"{family}_bucket" and dict(lbl)["model"] == "acme-sql@1"))
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+        assert buckets[-1] == (float("inf"), count)
+
+
+def test_residency_cache_and_queue_figures(client):
+    before = scrape(client)
+    complete(client, "globex-sql")  # cold: found on disk
+    complete(client, "globex-sql")  # warm: already in a device slot
+    s = scrape(client)
+    delta = lambda name, **labels: value(s, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert delta("hotswap_adapter_cache_misses_total", tier="device") >= 1
+    assert delta("hotswap_adapter_cache_misses_total", tier="host") >= 1
+    assert delta("hotswap_adapter_cache_hits_total", tier="device") >= 1
+    assert value(s, "hotswap_adapter_resident", model="globex-sql@1", kind="adapter", tier="device") == 1
+    assert value(s, "hotswap_adapter_load_seconds_count") >= 1
+    assert value(s, "hotswap_lora_slots_in_use") >= 1
+    assert value(s, "hotswap_lora_bytes", state="used") > 0
+    assert value(s, "hotswap_lora_bytes", state="capacity") >= value(s, "hotswap_lora_bytes", state="used")
+    assert value(s, "hotswap_queue_depth") == 0 and value(s, "hotswap_requests_running") == 0
+    assert value(s, "hotswap_ready") == 1
+    assert value(s, "hotswap_kv_blocks", state="total") > 0
