@@ -89,6 +89,7 @@ def test_push_then_pull_round_trips_the_digest(hub, registry, other_registry, ma
     remote = hub.files_at("org/sql", "v1")
     local = {p: (registry.open("sql").path / p).read_bytes() for p, _, _ in registry.files("sql")}
     assert "README.md" in local  # PEFT writes its own card: it travels aside, as .hotswap/README.md
+    assert set(remote) == set(local) | {".hotswap/README.md", ".gitattributes"}  # README.md: now the card
     assert remote[".hotswap/README.md"] == local["README.md"]
     assert {p: remote[p] for p in local if p != "README.md"} == {p: b for p, b in local.items() if p != "README.md"}
 
