@@ -1,0 +1,90 @@
+"""Recipes: validation names the bad field; overrides are checked like the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hotswap.train.errors import RecipeError
+from hotswap.train.recipe import load_recipe
+
+SHIPPED = sorted(p.parent for p in (Path(__file__).parents[2] / "adapters").glob("*/recipe.toml"))
+
+
+def test_recipe_loads_with_defaults_and_paths(write_recipe):
+    folder = write_recipe()
+    loaded = load_recipe(folder)
+    assert loaded.recipe.name == "colours" and loaded.recipe.lora.rank == 4
+    assert loaded.train_path == folder.resolve() / "train.jsonl"
+    assert loaded.digest.startswith("sha256:")
+
+
+def test_unknown_top_level_field_is_named(write_recipe):
+    folder = write_recipe()
+    (folder / "recipe.toml").write_text("epochz = 3\n" + (folder / "recipe.toml").read_text())
+    with pytest.raises(RecipeError, match=r"epochz: unknown field"):
+        load_recipe(folder)
+
+
+def test_unknown_nested_field_in_lora_is_named(write_recipe):
+    folder = write_recipe()
+    text = (folder / "recipe.toml").read_text().replace("rank = 4", "rnak = 4")
+    (folder / "recipe.toml").write_text(text)
+    with pytest.raises(RecipeError, match=r"lora\.rnak: unknown field"):
+        load_recipe(folder)
+
+
+def test_override_applies_and_is_validated(write_recipe):
+    folder = write_recipe()
+    loaded = load_recipe(folder, ["train.lr=2e-4", "lora.target_modules=['q_proj']", "train.seed=7"])
+    assert loaded.recipe.train.lr == 2e-4 and loaded.recipe.lora.target_modules == ["q_proj"]
+    assert loaded.digest != load_recipe(folder).digest
+    with pytest.raises(RecipeError, match=r"train\.lrr: unknown field"):
+        load_recipe(folder, ["train.lrr=1"])
+    with pytest.raises(RecipeError, match=r"train\.batch_size"):
+        load_recipe(folder, ["train.batch_size=0"])
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        load_recipe(folder, ["train.lr"])
+
+
+@pytest.mark.parametrize("line, message", [
+    ('language = "english"', "BCP-47"),
+    ('metric = "bleu"', "unknown metric 'bleu'"),
+    ('method = "qlora"', "method"),
+    ('name = "Bad Name"', "registry name"),
+])
+def test_bad_values_are_refused(write_recipe, line, message):
+    folder = write_recipe()
+    key = line.split(" =")[0]
+    lines = [line if l.startswith(key + " =") else l for l in (folder / "recipe.toml").read_text().splitlines()]
+    (folder / "recipe.toml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(folder)
+
+
+def test_missing_recipe_and_bad_toml(tmp_path):
+    with pytest.raises(RecipeError, match="no recipe"):
+        load_recipe(tmp_path)
+    (tmp_path / "recipe.toml").write_text("name = \n")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(tmp_path)
+
+
+def test_method_switch_keeps_everything_else(write_recipe):
+    loaded = load_recipe(write_recipe())
+    full = loaded.with_method("full")
+    assert full.recipe.method == "full" and full.recipe.lora == loaded.recipe.lora
+    assert full.digest != loaded.digest
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_recipes_validate_and_their_data_reads(folder):
+    from hotswap.train.data import read_jsonl
+
+    loaded = load_recipe(folder)
+    assert loaded.recipe.base == "smollm2"
+    train, held_out = read_jsonl(loaded.train_path), read_jsonl(loaded.eval_path)
+    assert len(train) >= 100 and len(held_out) >= 30
+    seen = {e.messages[-1]["content"] for e in train}
+    assert not any(e.messages[-1]["content"] in seen for e in held_out), "held-out prompts must not be in train"

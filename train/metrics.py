@@ -1,0 +1,108 @@
+"""Held-out metrics, computed automatically from a generated answer and the example.
+
+Each metric scores one example as a dict of numbers in [0, 1]; the key named like the metric
+is the headline, the others explain it (e.g. how many answers were valid JSON at all). A run's
+score is the mean over the held-out set."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .data import Example
+from .langid import detect_language, primary_subtag
+
+Scores = dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    name: str
+    description: str
+    score: Callable[[str, Example, str], Scores]  # (generated answer, example, recipe language)
+
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```\s*$", re.DOTALL)
+
+
+def strip_fence(text: str) -> str:
+    """A model may wrap its answer in a Markdown code fence; the content is what counts."""
+    text = text.strip()
+    match = _FENCE.match(text)
+    return match.group(1).strip() if match else text
+
+
+# --- text-to-SQL ------------------------------------------------------------------------------
+_SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\d+(?:\.\d+)?|[A-Za-z_][A-Za-z_0-9.]*|<=|>=|<>|!=|[=<>(),*;+\-/%]")
+
+
+def normalize_sql(text: str) -> str:
+    """Keyword/identifier case, spacing, a trailing semicolon and `!=` vs `<>` do not matter;
+    string literals keep their case."""
+    tokens = _SQL_TOKEN.findall(strip_fence(text))
+    out = [t if t.startswith("'") else ("<>" if t == "!=" else t.lower()) for t in tokens]
+    while out and out[-1] == ";":
+        out.pop()
+    return " ".join(out)
+
+
+def sql_exact_match(answer: str, example: Example, language: str) -> Scores:
+    return {"sql_exact_match": float(normalize_sql(answer) == normalize_sql(example.completion))}
+
+
+# --- field extraction into JSON ---------------------------------------------------------------
+def _same_value(got: object, want: object) -> bool:
+    if isinstance(want, str):
+        return isinstance(got, str) and " ".join(got.split()).casefold() == " ".join(want.split()).casefold()
+    if isinstance(want, bool) or want is None:
+        return got is want
+    if isinstance(want, (int, float)):
+        return isinstance(got, (int, float)) and not isinstance(got, bool) and float(got) == float(want)
+    return got == want
+
+
+def json_fields(answer: str, example: Example, language: str) -> Scores:
+    """Valid JSON object with exactly the expected fields, each with the expected value."""
+    want = json.loads(example.completion)
+    try:
+        got = json.loads(strip_fence(answer))
+    except json.JSONDecodeError:
+        got = None
+    if not isinstance(got, dict):
+        return {"json_fields": 0.0, "json_valid": 0.0, "field_accuracy": 0.0}
+    right = sum(1 for key, value in want.items() if key in got and _same_value(got[key], value))
+    exact = right == len(want) and set(got) == set(want)
+    return {"json_fields": float(exact), "json_valid": 1.0, "field_accuracy": right / len(want)}
+
+
+# --- customer-support replies -----------------------------------------------------------------
+def _squash(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def support_reply(answer: str, example: Example, language: str) -> Scores:
+    """In the recipe's language (function-word identification) and stating every required fact
+    (order numbers, dates, amounts: the example's meta.facts) verbatim."""
+    facts = example.meta.get("facts", [])
+    reply = _squash(answer)
+    found = sum(1 for fact in facts if _squash(str(fact)) in reply)
+    right_language = detect_language(answer) == primary_subtag(language)
+    all_facts = found == len(facts)
+    return {"support_reply": float(right_language and all_facts), "right_language": float(right_language),
+            "facts_recall": found / len(facts) if facts else 1.0}
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m for m in (
+        Metric("sql_exact_match", "generated SQL equals the reference after normalisation", sql_exact_match),
+        Metric("json_fields", "valid JSON object with exactly the right fields and values", json_fields),
+        Metric("support_reply", "reply in the right language that states every required fact", support_reply),
+    )
+}
+
+
+def aggregate(per_example: list[Scores]) -> Scores:
+    keys = per_example[0].keys() if per_example else ()
+    return {key: sum(s[key] for s in per_example) / len(per_example) for key in keys}

@@ -1,0 +1,45 @@
+"""`hotswap train eval`: the recipe's held-out metric for the base, a registry entry (adapter or
+full model) or an adapter folder, scored exactly as a training run scores its result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hotswap.hub import HubError, Registry
+
+from .data import Example, read_jsonl
+from .errors import RecipeError, TrainError
+from .evaluate import EvalReport, evaluate
+from .model import ADAPTER_FILES, Placement, load_base
+from .recipe import LoadedRecipe
+
+
+def score_target(loaded: LoadedRecipe, registry: Registry, ref: str | None = None,
+                 adapter: Path | None = None) -> tuple[str, EvalReport, list[Example]]:
+    """(what was scored, its report, the held-out examples)."""
+    if ref is not None and adapter is not None:
+        raise TrainError("give --ref or --adapter, not both")
+    recipe = loaded.recipe
+    examples = read_jsonl(loaded.eval_path)
+    place = Placement.pick()
+    try:
+        entry = registry.resolve(ref or recipe.base)
+        if entry.kind == "adapter":
+            base = registry.open(entry.metadata.base)
+            target = registry.open(entry).path
+        else:
+            base, target = registry.open(entry), None
+    except HubError as exc:
+        raise RecipeError(str(exc)) from None
+    label = entry.ref
+    model, tokenizer = load_base(base.path, place.device)
+    if adapter is not None:
+        missing = [f for f in ADAPTER_FILES if not (adapter / f).is_file()]
+        if missing:
+            raise TrainError(f"{adapter} is not an adapter folder (lacks {', '.join(missing)})")
+        target, label = adapter, f"{adapter} on {entry.ref}"
+    if target is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, target)
+    return label, evaluate(model, tokenizer, examples, recipe, place), examples

@@ -1,0 +1,152 @@
+"""The training loop: AdamW with linear warm-up and decay, gradient accumulation and clipping,
+held-out loss every `eval.every` steps with early stopping (the best weights are restored at
+the end), resumable checkpoints, and a progress bar showing the loss.
+
+The order of examples is a pure function of (seed, epoch), so a run resumed at step s sees
+exactly the batches the uninterrupted run would have seen from step s on."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import LoopState, load_checkpoint, save_checkpoint, set_rng_state
+from .encode import Encoded, collate
+from .model import Placement, load_trainable_state, trainable_state
+from .recipe import EvalSettings, TrainSettings
+
+BEST_FILE = "best.safetensors"
+StepHook = Callable[[LoopState], None]
+
+
+@dataclass(frozen=True, slots=True)
+class LoopConfig:
+    train: TrainSettings
+    eval: EvalSettings
+    lr: float  # the method's learning rate (adapter or full)
+    pad_id: int
+    recipe_digest: str
+
+
+def total_steps(settings: TrainSettings, num_examples: int) -> int:
+    if settings.max_steps:
+        return settings.max_steps
+    per_epoch = math.ceil(num_examples / (settings.batch_size * settings.grad_accum))
+    return max(1, math.ceil(settings.epochs * per_epoch))
+
+
+def micro_batch(data: list[Encoded], settings: TrainSettings, index: int) -> list[Encoded]:
+    """The index-th micro-batch of the run: epochs are seeded shuffles, the last batch may be short."""
+    per_epoch = math.ceil(len(data) / settings.batch_size)
+    epoch, position = divmod(index, per_epoch)
+    generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(data), generator=generator).tolist()
+    picked = order[position * settings.batch_size:(position + 1) * settings.batch_size]
+    return [data[i] for i in picked]
+
+
+def _schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def evaluate_loss(model: nn.Module, data: list[Encoded], batch_size: int, pad_id: int, place: Placement) -> float:
+    """Mean loss per answer token over the held-out set."""
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = {k: v.to(place.device) for k, v in collate(data[start:start + batch_size], pad_id).items()}
+            with place.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            shifted = batch["labels"][:, 1:]
+            losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
+                                                 ignore_index=-100, reduction="sum")
+            loss_sum += losses.item()
+            tokens += int((shifted != -100).sum())
+    model.train(was_training)
+    return loss_sum / max(1, tokens)
+
+
+def train_loop(model: nn.Module, train: list[Encoded], held_out: list[Encoded], config: LoopConfig,
+               run_dir: Path, place: Placement, resume: bool = False, on_step: StepHook | None = None,
+               show_progress: bool = True) -> LoopState:
+    settings = config.train
+    steps = total_steps(settings, len(train))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.warmup_steps, steps))
+    loop = LoopState()
+    if resume:
+        saved = load_checkpoint(run_dir, config.recipe_digest)
+        load_trainable_state(model, saved.trainable)
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        set_rng_state(saved.rng)
+        loop = saved.loop
+    model.train()
+    bar = tqdm(total=steps, initial=loop.step, desc="train", unit="step", disable=not show_progress, dynamic_ncols=True)
+    while loop.step < steps and not loop.stopped_early:
+        loss = _optimizer_step(model, train, settings, loop.step, params, optimizer, config.pad_id, place)
+        scheduler.step()
+        loop.step += 1
+        loop.history.append({"step": loop.step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if config.eval.every and loop.step % config.eval.every == 0 and loop.step < steps:
+            _evaluate(model, held_out, config, loop, run_dir, place, bar)
+        if settings.checkpoint_every and loop.step % settings.checkpoint_every == 0:
+            save_checkpoint(run_dir, trainable_state(model), optimizer, scheduler, loop, config.recipe_digest)
+        if on_step is not None:
+            on_step(loop)
+    if not loop.evals or loop.evals[-1]["step"] != loop.step:
+        _evaluate(model, held_out, config, loop, run_dir, place, bar)
+    bar.close()
+    save_checkpoint(run_dir, trainable_state(model), optimizer, scheduler, loop, config.recipe_digest)
+    if loop.best_step is not None and loop.best_step != loop.step and (run_dir / BEST_FILE).is_file():
+        load_trainable_state(model, load_file(run_dir / BEST_FILE))  # early stopping keeps the best weights
+    return loop
+
+
+def _optimizer_step(model, train, settings: TrainSettings, step: int, params, optimizer, pad_id: int,
+                    place: Placement) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for k in range(settings.grad_accum):
+        batch = collate(micro_batch(train, settings, step * settings.grad_accum + k), pad_id)
+        batch = {name: t.to(place.device) for name, t in batch.items()}
+        with place.autocast():
+            loss = model(**batch).loss / settings.grad_accum
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    optimizer.step()
+    return total
+
+
+def _evaluate(model, held_out, config: LoopConfig, loop: LoopState, run_dir: Path, place: Placement, bar) -> None:
+    eval_loss = evaluate_loss(model, held_out, config.eval.batch_size, config.pad_id, place)
+    loop.evals.append({"step": loop.step, "eval_loss": eval_loss})
+    bar.write(f"step {loop.step}: held-out loss {eval_loss:.4f}", file=sys.stderr)
+    if loop.best_eval_loss is None or eval_loss < loop.best_eval_loss - config.eval.min_delta:
+        loop.best_eval_loss, loop.best_step, loop.bad_evals = eval_loss, loop.step, 0
+        if config.eval.every:  # only periodic evaluation can pick an earlier step than the last
+            save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, run_dir / BEST_FILE)
+        return
+    loop.bad_evals += 1
+    if config.eval.patience and loop.bad_evals >= config.eval.patience:
+        loop.stopped_early = True
+        bar.write(f"early stop at step {loop.step}: no improvement in {loop.bad_evals} evaluations "
+                  f"(best {loop.best_eval_loss:.4f} at step {loop.best_step})", file=sys.stderr)
