@@ -10,17 +10,45 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
 MAX_CHOICES = 16  # n x prompts per request
 ModelRef = Annotated[str, Field(min_length=1, max_length=200, description=(
     "What serves the request: the base's name, an adapter (`sql`, `sql@3`, `sql@prod`) or a full model's name."))]
 
 
-def _unsupported(field: str, value: Any, allowed: Any = None) -> Any:
-    if value not in (None, allowed):
-        raise ValueError(f"{field} is not supported by hotswap (leave it unset)")
-    return value
+def Unsupported(field: str, *neutral: Any, hint: str = "leave it unset") -> Any:
+    """An OpenAI field hotswap cannot honour: its schema admits only null; a neutral value (false, 0, an
+    empty list) is read as null, anything else is refused with a message naming the field."""
+
+    def check(value: Any) -> None:
+        if value is None or any(value == n and type(value) is type(n) for n in neutral):
+            return None
+        raise ValueError(f"{field} is not supported by hotswap ({hint})")
+
+    return Annotated[None, BeforeValidator(check), Field(description=f"Not supported: {hint}.")]
+
+
+def _bound(**schema: float) -> dict[str, Any]:
+    """Zero bounds for the OpenAPI schema (the schema generator drops bounds that are 0)."""
+    return {"json_schema_extra": schema}
+
+
+def _exact(union: Any) -> dict[str, Any]:
+    """The alternatives of a union as pydantic sees them, constraints included, for the OpenAPI schema
+    (the generator drops the constraints inside union members, and fuzzers rely on them)."""
+    return {"json_schema_extra": {"one_of": TypeAdapter(union).json_schema()["anyOf"]}}
+
+
+def list_of(item: Any) -> Any:
+    return Annotated[list[item], Field(min_length=1, max_length=MAX_CHOICES)]
+
+
+StopString = Annotated[str, Field(min_length=1)]
+TextPrompt = Annotated[str, Field(min_length=1)]
+TokenPrompt = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = TextPrompt | list_of(TextPrompt) | TokenPrompt | list_of(TokenPrompt)
+Stop = StopString | Annotated[list[StopString], Field(max_length=16)] | None
 
 
 class StreamOptions(BaseModel):
@@ -33,43 +61,23 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: ModelRef
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1 (off).")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.", **_bound(minimum=0))
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1 (off).",
+                                **_bound(exclusive_minimum=0))
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
     stream: bool = Field(False, description="Answer with server-sent events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, description="Up to 16 stop strings; the matched string is not returned.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same sample.")
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: leave unset or empty.")
+    stop: Stop = Field(None, description="Up to 16 stop strings; the matched string is not returned.", **_exact(Stop))
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same sample.", **_bound(minimum=0))
+    presence_penalty: Unsupported("presence_penalty", 0, 0.0, hint="use repetition_penalty") = None
+    frequency_penalty: Unsupported("frequency_penalty", 0, 0.0, hint="use repetition_penalty") = None
+    logit_bias: Unsupported("logit_bias", {}, hint="leave it unset or empty") = None
     user: str | None = Field(None, max_length=256, description="Ignored.")
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens; 0 or -1 is off.")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="1 is off (HF semantics).")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="1 is off (HF semantics).",
+                                             **_bound(exclusive_minimum=0))
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 16:
-            raise ValueError("at most 16 stop strings")
-        if value == "":
-            raise ValueError("a stop string must not be empty")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _zero_penalty(cls, value: float | None, info) -> float | None:
-        if value not in (None, 0.0):
-            raise ValueError(f"{info.field_name} is not supported by hotswap (use repetition_penalty)")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        return _unsupported("logit_bias", value or None)
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -83,30 +91,13 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-             | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-             | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1)]) = Field(
-        description="A string, a list of strings, a list of token ids, or a list of token-id lists.")
+    prompt: Prompt = Field(description="A string, a list of strings, a list of token ids, or a list of token-id lists.",
+                           **_exact(Prompt))
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most; default 16.")
     echo: bool = Field(False, description="Return the prompt before the completion (text prompts only).")
-    logprobs: int | None = Field(None, ge=0, le=20, description="Not supported: leave unset.")
-    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Only 1 is supported.")
-    suffix: str | None = Field(None, description="Not supported: leave unset.")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        return _unsupported("logprobs", value)
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, value: int | None) -> int | None:
-        return _unsupported("best_of", value, allowed=1)
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        return _unsupported("suffix", value or None)
+    logprobs: Unsupported("logprobs") = None
+    best_of: Unsupported("best_of", 1, hint="leave it unset or 1") = None
+    suffix: Unsupported("suffix", "") = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of single prompts (text, or token ids)."""
@@ -147,27 +138,12 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (the server's default if unset).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name).")
-    logprobs: bool | None = Field(None, description="Not supported: leave unset or false.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Not supported: leave unset.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: leave unset or empty.")
+    logprobs: Unsupported("logprobs", False, hint="leave it unset or false") = None
+    top_logprobs: Unsupported("top_logprobs", 0) = None
+    tools: Unsupported("tools", [], hint="leave it unset or empty") = None
     tool_choice: Literal["none", "auto"] | None = Field(None, description="With no tools, only none/auto.")
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = Field(True, description="Open an assistant turn after the messages.")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        return _unsupported("logprobs", value or None)
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, value: int | None) -> int | None:
-        return _unsupported("top_logprobs", value or None)
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        return _unsupported("tools", value or None)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

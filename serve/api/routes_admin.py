@@ -26,7 +26,7 @@ class AdaptersController(Controller):
     security = [{"BearerAuth": []}]
 
     @get("/", summary="Every adapter and full-model version, with residency (disk, host, device; pinned)",
-         responses=error_responses(401, 403, 503))
+         responses=error_responses(400, 401, 403, 503))
     async def list_adapters(self, services: Services,
                             kind: Annotated[Literal["adapter", "model"] | None, Parameter(description="Only this kind")] = None,
                             tier: Annotated[Tier | None, Parameter(description="Only entries held in this tier")] = None,

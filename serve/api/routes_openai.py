@@ -74,7 +74,7 @@ class OpenAIController(Controller):
     async def list_models(self, principal: Principal, services: Services) -> ModelList:
         return ModelList(data=await services.catalog.model_cards(principal))
 
-    @get("/models/{model:str}", summary="Describe one model id", responses=error_responses(401, 403, 404, 503))
+    @get("/models/{model:str}", summary="Describe one model id", responses=error_responses(400, 401, 403, 404, 503))
     async def get_model(self, model: str, principal: Principal, services: Services) -> ModelCard:
         return await services.catalog.model_card(model, principal)
 

@@ -139,3 +139,15 @@ def test_retrieve_one_model(client):
     assert response.status_code == 200 and response.json()["root"] == "acme-sql@1"
     missing = client.get("/v1/models/acme-sqk", headers=ADMIN)
     assert missing.status_code == 404 and "acme-sql" in missing.json()["error"]["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(client):
+    """Clients often send OpenAI's defaults explicitly; those mean 'off' and are served."""
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u-1", "n": 1,
+               "unknown_future_field": {"x": 1}}
+    assert complete(client, BASE, best_of=1, logprobs=None, suffix="", **neutral)["choices"]
+    chat = client.post("/v1/chat/completions", headers=ADMIN, json={
+        "model": BASE, "messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "hi"}],
+        "logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+        **GREEDY, **neutral})
+    assert chat.status_code == 200, chat.text
