@@ -227,7 +227,12 @@ def push(ref: str, repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME 
     from .remote import push_version
 
     result = push_version(Registry(home), ref, repo_id, private=private)
-    _echo_json(result) if as_json else typer.echo(f"pushed {result['ref']} to {repo_id} (tag {result['tag']})")
+    if as_json:
+        _echo_json(result)
+    elif result.get("created", True):
+        typer.echo(f"pushed {result['ref']} to {repo_id} (tag {result['tag']})")
+    else:
+        typer.echo(f"{result['ref']} is already on {repo_id} at tag {result['tag']}; nothing uploaded")
 
 
 @app.command()

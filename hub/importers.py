@@ -64,15 +64,14 @@ def _folder_source_id(folder: Path) -> str:
 
 
 def _import_hub(registry: Registry, name: str, repo_id: str, source_id: str | None, aliases) -> PublishResult:
-    # huggingface_hub honours HF_HUB_OFFLINE (cache only) and HF_ENDPOINT (a mirror) by itself.
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    # fetch_repo honours HF_HUB_OFFLINE (cache only) and HF_ENDPOINT (a mirror), and downloads
+    # plain files (the HF cache holds links, which publish would refuse as pointing outside).
+    from .remote import fetch_repo
 
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise ImportFailed(f"could not download {repo_id}: {exc}") from None
-    return registry.publish(Path(folder), name=name, kind="base", source=source_id or repo_id, aliases=aliases)
+    with tempfile.TemporaryDirectory(dir=registry.home, prefix=".import-") as tmp:
+        commit = fetch_repo(repo_id, None, Path(tmp) / "files", allow_patterns=HUB_PATTERNS)
+        return registry.publish(Path(tmp) / "files", name=name, kind="base", source=source_id or repo_id,
+                                aliases=aliases, lineage={"imported_from": repo_id, "commit": commit})
 
 
 def _import_gguf(registry: Registry, name: str, gguf: Path, source_id: str, aliases) -> PublishResult:

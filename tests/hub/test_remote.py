@@ -299,3 +299,19 @@ def test_cli_subprocess_takes_endpoint_and_token_from_the_environment(hub, regis
     assert hub.repos["org/sub"].tags.keys() == {"v1"}
     writes = [auth for method, _, auth in hub.requests if method == "POST"]
     assert writes and all(auth == f"Bearer {TOKEN}" for auth in writes)
+
+
+def test_import_base_from_a_hub_repo_id(hub, tmp_path, tiny_base_dir):
+    """`hotswap hub import-base NAME ORG/NAME`: a plain HF repo (no hotswap card) becomes a base."""
+    from hotswap.hub.importers import import_base
+
+    commit = _upload_folder(hub, "org/tiny-llama", tiny_base_dir)
+    fresh = Registry(tmp_path / "imported")
+    version = import_base(fresh, "tiny", "org/tiny-llama").version
+    assert (version.kind, version.metadata.source) == ("base", "org/tiny-llama")
+    assert version.metadata.lineage == {"imported_from": "org/tiny-llama", "commit": commit}
+    stored = {p: fresh.blobs.path(s).read_bytes() for p, s, _ in fresh.files(version)}
+    assert stored == {p.name: p.read_bytes() for p in tiny_base_dir.iterdir() if p.is_file()}
+    assert not list(fresh.home.glob(".import-*"))  # the download folder is gone
+    with pytest.raises(NotFoundError):
+        import_base(fresh, "other", "org/does-not-exist")
