@@ -1,0 +1,195 @@
+"""The demo: serve the base and every adapter of it, show the base and each adapter answering the same
+prompt, print example `curl` and `openai` calls, then keep serving until Ctrl-C.
+
+    python -m hotswap.serve.api.demo [--base smollm2] [--adapters-dir adapters] [--port 8000] [--no-serve]
+
+It expects the base and the shipped adapters to be in the registry already (`make demo` does that with
+`hotswap hub import-base` and `hotswap train publish`); it says what to run when they are not. A shipped
+adapter's demo prompt is the first example of its recipe's held-out set (`adapters/<name>/recipe.toml`,
+`[data] eval`), read as a file: the server never imports the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PROMPT = [{"role": "user", "content": "In one sentence, what is a LoRA adapter?"}]
+
+
+@dataclass
+class Showcase:
+    adapter: str  # registry name
+    messages: list[dict[str, str]]
+    source: str  # where the prompt came from
+
+
+def shipped_prompts(adapters_dir: Path) -> dict[str, Showcase]:
+    """name -> the first held-out example of each shipped recipe (with the recipe's system prompt)."""
+    found: dict[str, Showcase] = {}
+    for recipe_file in sorted(adapters_dir.glob("*/recipe.toml")):
+        try:
+            recipe = tomllib.loads(recipe_file.read_text())
+            name, eval_file = recipe["name"], recipe_file.parent / recipe["data"]["eval"]
+            first = json.loads(next(line for line in eval_file.read_text().splitlines() if line.strip()))
+        except (OSError, KeyError, StopIteration, ValueError) as exc:
+            print(f"demo: skipping {recipe_file}: {exc}", file=sys.stderr)
+            continue
+        if "messages" in first:
+            turns = [m for m in first["messages"] if m["role"] != "assistant"] or first["messages"][:-1]
+            while turns and turns[-1]["role"] == "assistant":
+                turns.pop()
+        else:
+            turns = [{"role": "user", "content": first["prompt"]}]
+        if recipe.get("system") and not (turns and turns[0]["role"] == "system"):
+            turns.insert(0, {"role": "system", "content": recipe["system"]})
+        found[name] = Showcase(name, turns, f"{eval_file.relative_to(adapters_dir.parent)}, line 1")
+    return found
+
+
+def servable_adapters(registry, base_ref: str) -> list[str]:
+    base = registry.resolve(base_ref)
+    names = {v.name for v in registry.list(kind="adapter")
+             if v.metadata.base_fingerprint == base.metadata.fingerprint}
+    return sorted(names)
+
+
+def start_server(app, host: str, port: int):
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="hotswap-demo-server", daemon=True)
+    thread.start()
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and thread.is_alive():
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return server, thread, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"demo: the server did not become ready on {url}")
+
+
+def answer(client, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    return reply.choices[0].message.content.strip()
+
+
+def examples(url: str, base_name: str, adapter: str, messages: list[dict[str, str]]) -> str:
+    body = json.dumps({"model": adapter, "messages": messages, "max_tokens": 64, "temperature": 0})
+    quoted = body.replace("'", "'\\''")  # inside a single-quoted shell word
+    return f"""# Generation with an adapter (any OpenAI client works; `model` picks the adapter)
+curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+  -d '{quoted}'
+
+# Streaming (server-sent events), with the base alone
+curl -sN {url}/v1/completions -H 'Content-Type: application/json' \\
+  -d '{{"model": "{base_name}", "prompt": "The capital of France is", "max_tokens": 16, "stream": true}}'
+
+# What can be served, and where each adapter is held now (disk, host, device)
+curl -s {url}/v1/models
+curl -s {url}/v1/adapters
+curl -s -X POST {url}/v1/adapters/{adapter}/pin
+curl -s {url}/metrics | grep hotswap_requests_total
+
+# Python, the official client unmodified
+python - <<'EOF'
+from openai import OpenAI
+client = OpenAI(base_url="{url}/v1", api_key="unused-without-keys")
+reply = client.chat.completions.create(model="{adapter}", messages={messages!r}, max_tokens=64, temperature=0)
+print(reply.choices[0].message.content)
+EOF"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hotswap.serve.api.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="smollm2")
+    parser.add_argument("--home", type=Path, default=None, help="registry folder (default: $HOTSWAP_HOME)")
+    parser.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="shipped adapters (recipes)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the answers as a Markdown table")
+    parser.add_argument("--no-serve", dest="serve", action="store_false", help="exit after the showcase")
+    args = parser.parse_args(argv)
+
+    import openai
+
+    from hotswap.hub import HubError, Registry
+
+    from ..engine import Engine, EngineConfig
+    from .app import create_app
+    from .settings import ServerSettings
+
+    registry = Registry(args.home)
+    try:
+        base = registry.resolve(args.base)
+    except HubError as exc:
+        print(f"demo: {exc}\ndemo: import it first: hotswap hub import-base {args.base}", file=sys.stderr)
+        return 2
+    prompts = shipped_prompts(args.adapters_dir) if args.adapters_dir.is_dir() else {}
+    in_registry = servable_adapters(registry, base.ref)
+    for name in sorted(set(prompts) - set(in_registry)):
+        print(f"demo: shipped adapter {name} is not in the registry: "
+              f"hotswap train publish {args.adapters_dir / name}", file=sys.stderr)
+    showcases = [prompts.get(n) or Showcase(n, DEFAULT_PROMPT, "a generic prompt") for n in in_registry]
+
+    settings = ServerSettings(host=args.host, port=args.port)
+    settings.check_binding()
+    app = create_app(Engine(registry, base.ref, EngineConfig()), registry, settings)
+    for noisy in ("httpx", "httpx2"):  # the demo's own client calls; keep its output readable
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    server, thread, url = start_server(app, args.host, args.port)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused-without-keys", max_retries=0)
+
+    print(f"\nhotswap is serving {base.ref} and {len(in_registry)} adapters on {url} (OpenAPI: {url}/schema)\n")
+    rows = []
+    for show in showcases:
+        question = show.messages[-1]["content"]
+        base_says = answer(client, base.name, show.messages, args.max_tokens)
+        adapter_says = answer(client, show.adapter, show.messages, args.max_tokens)
+        rows.append((show, base_says, adapter_says))
+        print(f"=== {show.adapter}  (prompt: {show.source})\n  prompt : {question}\n"
+              f"  {base.name:<7}: {base_says}\n  adapter: {adapter_says}\n")
+    if not showcases:
+        print("no adapters of this base in the registry yet: publish one (hotswap train publish adapters/<name>)\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(base.name, rows))
+        print(f"answers written to {args.markdown}")
+    first = showcases[0] if showcases else Showcase(base.name, DEFAULT_PROMPT, "")
+    print(examples(url, base.name, first.adapter, first.messages))
+    if not args.serve:
+        server.should_exit = True
+        thread.join(timeout=30)
+        return 0
+    print(f"\nserving on {url}; Ctrl-C stops it")
+    try:
+        while thread.is_alive():
+            thread.join(timeout=1)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        thread.join(timeout=30)
+    return 0
+
+
+def markdown(base_name: str, rows) -> str:
+    lines = ["| adapter | prompt | base answer | adapter answer |", "|---|---|---|---|"]
+    cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
+    for show, base_says, adapter_says in rows:
+        lines.append(f"| `{show.adapter}` | {cell(show.messages[-1]['content'])} | {cell(base_says)} | "
+                     f"{cell(adapter_says)} |")
+    return f"Same prompt, greedy, `{base_name}` alone and with each adapter:\n\n" + "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

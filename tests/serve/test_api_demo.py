@@ -1,0 +1,40 @@
+"""The demo script end to end on the tiny store: prompts from a shipped recipe, answers, examples."""
+
+from __future__ import annotations
+
+import json
+
+from hotswap.serve.api import demo
+
+from .api_support import BASE, free_port, store  # noqa: F401
+
+
+def test_demo_shows_base_and_adapters_then_exits(store, tmp_path, capsys):
+    recipe = tmp_path / "adapters" / "acme-sql"
+    recipe.mkdir(parents=True)
+    (recipe / "recipe.toml").write_text('name = "acme-sql"\ntask = "text-to-sql"\nlanguage = "en"\nmetric = "em"\n'
+                                        'system = "Answer with SQL only."\n[data]\ntrain = "t.jsonl"\neval = "e.jsonl"\n')
+    (recipe / "e.jsonl").write_text(json.dumps({"prompt": "names of all users", "completion": "SELECT name"}) + "\n")
+    missing = tmp_path / "adapters" / "not-published"
+    missing.mkdir()
+    (missing / "recipe.toml").write_text('name = "not-published"\n[data]\neval = "e.jsonl"\n')
+    (missing / "e.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                              {"role": "assistant", "content": "a"}]}) + "\n")
+    table = tmp_path / "answers.md"
+
+    code = demo.main(["--base", BASE, "--home", str(store.home), "--adapters-dir", str(tmp_path / "adapters"),
+                      "--port", str(free_port()), "--max-tokens", "4", "--markdown", str(table), "--no-serve"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "hotswap train publish" in err and "not-published" in err
+    assert "=== acme-sql" in out and "names of all users" in out and "e.jsonl, line 1" in out
+    assert "curl -s http://127.0.0.1:" in out and "from openai import OpenAI" in out
+    rows = table.read_text().splitlines()
+    assert rows[2] == "| adapter | prompt | base answer | adapter answer |"
+    assert any(r.startswith("| `acme-sql` | names of all users |") for r in rows)
+    assert any(r.startswith("| `globex-sql` |") for r in rows)
+
+
+def test_demo_says_how_to_import_a_missing_base(store, capsys):
+    assert demo.main(["--base", "smollm9", "--home", str(store.home), "--no-serve"]) == 2
+    assert "hotswap hub import-base smollm9" in capsys.readouterr().err
