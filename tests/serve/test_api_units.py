@@ -127,3 +127,45 @@ def test_exposition_of_histograms_is_cumulative_and_labels_are_escaped():
     assert 'hotswap_adapter_load_seconds_bucket{le="0.5"} 1' in text
     assert 'hotswap_adapter_load_seconds_bucket{le="+Inf"} 1' in text
     assert 'hotswap_time_per_output_token_seconds_sum{model="we\\"ird\\\\name"} 0.015' in text
+
+
+def test_an_error_after_the_first_chunk_becomes_an_error_event_then_done():
+    """Once a stream has begun, a failure is reported in-band (the openai client raises it)."""
+    import asyncio
+    import json as _json
+
+    from hotswap.serve.api.generation import Choice
+    from hotswap.serve.api.responses import ChunkWriter, chunk_stream
+    from hotswap.serve.engine import Target, TokenEvent, Usage
+
+    class Run:  # the parts of generation.Run a ChunkWriter reads
+        target, created, id_suffix, cancelled = Target("adapter", "sql@3", "d" * 8), 1, "req-1", 0
+
+        def usage(self):
+            return Usage(3, 1)
+
+        def cancel(self):
+            self.cancelled += 1
+
+    run = Run()
+    choice = Choice(0, stream=None)  # type: ignore[arg-type]
+
+    async def events():
+        yield choice, TokenEvent("req-1", (5,), "SEL")
+        raise CapacityExceeded("sql@3 needs 9 MiB of device rows but the capacity is 4 MiB")
+
+    errors = []
+
+    async def collect():
+        stream = events()
+        first = await anext(stream)
+        return [c async for c in chunk_stream(ChunkWriter(run, chat=True, include_usage=False), first, stream,
+                                              "/v1/chat/completions", errors.append)]
+
+    chunks = asyncio.run(collect())
+    payloads = [c.decode().removeprefix("data: ").strip() for c in chunks]
+    assert _json.loads(payloads[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert _json.loads(payloads[1])["choices"][0]["delta"] == {"content": "SEL"}
+    assert _json.loads(payloads[2])["error"]["code"] == "capacity_exceeded"
+    assert payloads[3] == "[DONE]" and len(payloads) == 4
+    assert [type(e) for e in errors] == [CapacityExceeded] and run.cancelled == 1
