@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 from .api.command import serve as _serve_command
@@ -12,3 +14,33 @@ from .api.command import serve as _serve_command
 serve_app = typer.Typer(help="Run the multi-adapter inference server.", no_args_is_help=True)
 serve_app.command(name="serve")(_serve_command)
 bench_app = typer.Typer(help="Benchmark the serving engine against HF transformers and PEFT.")
+
+
+@bench_app.command()
+def bench(
+    base: str = typer.Option("smollm2", help="registry reference of the base to benchmark"),
+    home: Optional[str] = typer.Option(None, help="registry folder (default: $HOTSWAP_HOME or the per-user one)"),
+    shape: Optional[str] = typer.Option(None, help="use a random-init Llama shape instead: tiny, smol, 1b, 8b"),
+    batch: int = typer.Option(8, help="requests in the batch"),
+    prompt: int = typer.Option(64, help="prompt tokens per request"),
+    new_tokens: int = typer.Option(32, help="generated tokens per request"),
+    adapters: int = typer.Option(8, help="distinct adapters in the mixed batch"),
+    rank: int = typer.Option(16, help="LoRA rank of the benchmark adapters"),
+    repeat: int = typer.Option(2, help="timed runs per configuration (best reported)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the engine's decode step"),
+    skip_hf: bool = typer.Option(False, "--skip-hf", help="engine only (no HF / PEFT baselines)"),
+    json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Tokens/s of the engine (base only, N adapters mixed) beside HF generate and PEFT's mixed batch."""
+    from .bench import SHAPES, BenchSettings, format_table, run, to_json
+
+    if shape is not None and shape not in SHAPES:
+        raise typer.BadParameter(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}", param_hint="--shape")
+    if min(batch, prompt, new_tokens, adapters, rank, repeat) < 1:
+        raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
+    settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
+                             adapters=adapters, rank=rank, repeat=repeat, device=device, compile=compile,
+                             skip_hf=skip_hf)
+    result = run(settings)
+    typer.echo(to_json(result) if json_out else format_table(result))

@@ -5,9 +5,11 @@ template, PEFT adapters of several ranks and targets for it, and a real registry
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -145,3 +147,29 @@ def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int],
         out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                              max_new_tokens=max_new, do_sample=False)
     return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    return build_world(tmp_path_factory.mktemp("engine-world"))
+
+
+@pytest.fixture
+def engine(world):
+    eng = start_engine(world.home)
+    yield eng
+    eng.stop_sync()
+
+
+def preload(engine: Engine, refs) -> None:
+    """Bring adapters to device slots first, so the requests that follow share their first step."""
+    for ref in refs:
+        engine.load_future(ref).result(timeout=30)
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.005)

@@ -1,0 +1,262 @@
+"""`hotswap bench`: the engine against HF transformers and PEFT, on the same requests in one run.
+
+Measures tokens/s for the engine with the bare base, the engine with N distinct adapters mixed
+in one batch, HF PEFT's mixed batch (``generate(adapter_names=...)``) and HF ``generate`` on the
+base; and the cold-load time of one adapter, registry -> device slot, against PEFT ``load_adapter``.
+Adapters are random rank-R LoRA on all seven linear modules, published into a throwaway registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # random-init Llama shapes (the anchors' table)
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False),
+    "smol": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class BenchSettings:
+    base: str | None = "smollm2"  # registry reference of the base (used when shape is None)
+    home: str | None = None
+    shape: str | None = None  # random-init shape instead of a registry base
+    batch: int = 8
+    prompt: int = 64
+    new_tokens: int = 32
+    adapters: int = 8
+    rank: int = 16
+    repeat: int = 2  # timed runs per configuration; the best is reported
+    device: str = "auto"
+    compile: bool = False
+    skip_hf: bool = False
+
+
+@dataclass
+class BenchResult:
+    settings: dict
+    machine: dict
+    tok_s: dict[str, float] = field(default_factory=dict)
+    load_ms: dict[str, float] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    parity: dict[str, str] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best(fn, repeat: int) -> float:
+    fn()  # warm-up
+    return min(fn() for _ in range(repeat))
+
+
+def _prepare_base(s: BenchSettings, work: Path, registry, dtype):
+    """Publish the base into the throwaway registry; returns (its name, folder, HF config)."""
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    from hotswap.hub import Registry
+
+    folder = work / "base"
+    if s.shape is not None:
+        torch.manual_seed(0)
+        config = LlamaConfig(**SHAPES[s.shape], max_position_embeddings=4096)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(folder)
+        del model
+        _word_tokenizer(config.vocab_size, config.eos_token_id).save_pretrained(folder)
+    else:
+        source = Registry(s.home)
+        snap = source.open(s.base)
+        if snap.version.kind != "base":
+            raise SystemExit(f"{s.base} is a {snap.version.kind}, not a base")
+        shutil.copytree(snap.path, folder)
+        source.close()
+    registry.publish(folder, name="bench-base", kind="base")
+    return "bench-base", folder, AutoConfig.from_pretrained(folder)
+
+
+def _word_tokenizer(vocab_size: int, eos_id: int):
+    """A tokenizer for random-init shapes: token i is the word ``<i>`` (the bench sends token ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"<{eos_id}>", unk_token="<0>")
+
+
+def _make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry) -> list[Path]:
+    """N random adapters (B non-zero so each changes the output), saved by PEFT and published."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    cfg = LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=MODULES, init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg, adapter_name="a0")
+    dirs = []
+    for i in range(s.adapters + 1):  # the last one is kept cold for the load timing
+        torch.manual_seed(100 + i)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.02)
+        out = work / f"adapter{i}"
+        peft_model.save_pretrained(out)
+        dirs.append(out / "a0" if (out / "a0").is_dir() else out)
+        registry.publish(dirs[-1], name=f"bench-a{i}", kind="adapter", base="bench-base")
+    return dirs
+
+
+def run(s: BenchSettings) -> BenchResult:
+    from hotswap.hub import Registry
+    from hotswap.serve.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+
+    cfg = EngineConfig(device=s.device, max_batch_tokens=max(512, s.batch * s.prompt), max_running=max(32, s.batch),
+                       lora_capacity_bytes=1 << 30, host_cache_bytes=2 << 30, max_rank=max(64, s.rank),
+                       compile=s.compile)
+    device, dtype = cfg.torch_device(), cfg.torch_dtype()
+    result = BenchResult(settings=asdict(s), machine=dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        torch=torch.__version__, threads=torch.get_num_threads(), platform=platform.platform(),
+        load_avg=os.getloadavg()[0], dtype=str(dtype).replace("torch.", "")))
+    work = Path(tempfile.mkdtemp(prefix="hotswap-bench-"))
+    try:
+        registry = Registry(work / "home")
+        base_name, base_dir, hf_config = _prepare_base(s, work, registry, dtype)
+        adapter_dirs = _make_adapters(s, work, base_dir, registry)
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(5, hf_config.vocab_size, (s.batch, s.prompt), generator=gen).tolist()
+        names = [f"bench-a{i % s.adapters}" for i in range(s.batch)]
+        total = s.batch * s.new_tokens
+
+        engine = Engine(registry, base_name, cfg)
+        engine.start_sync()
+        try:
+            def engine_run(models) -> float:
+                sp = SamplingParams(max_tokens=s.new_tokens, ignore_eos=True)
+                reqs = [GenerationRequest(prompt_token_ids=p, model=m, sampling=sp) for p, m in zip(prompts, models)]
+                start = time.perf_counter()
+                outs = engine.generate_sync(reqs)
+                elapsed = time.perf_counter() - start
+                engine_run.outputs = [list(o.token_ids) for o in outs]
+                return elapsed
+
+            for name in set(names):  # steady state: adapters resident, as under traffic
+                engine.load_future(name).result()
+            result.tok_s["engine_base"] = total / _best(lambda: engine_run([None] * s.batch), s.repeat)
+            result.tok_s["engine_mixed"] = total / _best(lambda: engine_run(names), s.repeat)
+            engine_outputs = engine_run.outputs
+            cold = f"bench-a{s.adapters}"
+            start = time.perf_counter()
+            engine.load_future(cold).result()
+            result.load_ms["engine_registry_to_slot"] = (time.perf_counter() - start) * 1000
+            result.load_ms["engine_adapter_load_hist_mean"] = (engine.stats().adapter_load.total * 1000
+                                                               / max(1, engine.stats().adapter_load.count))
+        finally:
+            engine.stop_sync()
+        result.load_ms["adapter_file_mb"] = (adapter_dirs[-1] / "adapter_model.safetensors").stat().st_size / 1e6
+
+        if not s.skip_hf:
+            _hf_baselines(s, base_dir, adapter_dirs, prompts, names, device, dtype, result, engine_outputs)
+        t = result.tok_s
+        if "engine_base" in t and "engine_mixed" in t:
+            result.ratios["mixed_vs_engine_base"] = t["engine_mixed"] / t["engine_base"]
+        if "peft_mixed" in t:
+            result.ratios["mixed_vs_peft_mixed"] = t["engine_mixed"] / t["peft_mixed"]
+        if "hf_base" in t:
+            result.ratios["engine_base_vs_hf_base"] = t["engine_base"] / t["hf_base"]
+        if "peft_load_adapter" in result.load_ms:
+            result.ratios["peft_load_vs_engine_load"] = (result.load_ms["peft_load_adapter"]
+                                                         / result.load_ms["engine_registry_to_slot"])
+        registry.close()
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _hf_baselines(s, base_dir, adapter_dirs, prompts, names, device, dtype, result, engine_outputs) -> None:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval()
+    model.generation_config.pad_token_id = 0
+    ids = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(ids)
+    total = s.batch * s.new_tokens
+
+    def hf_run(m, **kw) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.new_tokens,
+                             min_new_tokens=s.new_tokens, do_sample=False, **kw)
+        _sync(device)
+        hf_run.outputs = out[:, s.prompt:].tolist()
+        return time.perf_counter() - start
+
+    result.tok_s["hf_base"] = total / _best(lambda: hf_run(model), s.repeat)
+    peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="bench-a0")
+    for i in range(1, s.adapters):
+        peft_model.load_adapter(adapter_dirs[i], adapter_name=f"bench-a{i}")
+    peft_model.eval()
+    result.tok_s["peft_mixed"] = total / _best(lambda: hf_run(peft_model, adapter_names=names), s.repeat)
+    same = sum(_agree(a, b) for a, b in zip(engine_outputs, hf_run.outputs))
+    result.parity["engine_mixed_vs_peft_mixed_greedy"] = f"{same}/{len(names)} rows identical"
+    _sync(device)
+    start = time.perf_counter()
+    peft_model.load_adapter(adapter_dirs[-1], adapter_name="cold")
+    _sync(device)
+    result.load_ms["peft_load_adapter"] = (time.perf_counter() - start) * 1000
+
+
+def _agree(a: list[int], b: list[int]) -> bool:
+    """Same greedy tokens. HF forbids EOS (min_new_tokens) where the engine ignores it, so compare
+    up to the first place either produced an EOS-forced divergence: identical lists, or identical
+    prefixes until HF's output differs because EOS was suppressed."""
+    return a == b
+
+
+def format_table(r: BenchResult) -> str:
+    s = r.settings
+    lines = [f"hotswap bench: {s['shape'] or s['base']}, batch {s['batch']}, prompt {s['prompt']}, "
+             f"{s['new_tokens']} new tokens, {s['adapters']} adapters of rank {s['rank']} on all linear modules",
+             f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
+             f"load average at start {r.machine['load_avg']:.2f}", "",
+             "| configuration | tokens/s |", "|---|---|"]
+    labels = {"engine_base": "engine, base only", "engine_mixed": f"engine, {s['adapters']} adapters mixed",
+              "peft_mixed": f"HF PEFT mixed batch, {s['adapters']} adapters", "hf_base": "HF generate, base"}
+    lines += [f"| {labels[k]} | {v:,.1f} |" for k, v in r.tok_s.items()]
+    lines += ["", "| adapter cold load | ms |", "|---|---|"]
+    load_labels = {"engine_registry_to_slot": "engine, registry -> device slot",
+                   "engine_adapter_load_hist_mean": "engine, load histogram mean",
+                   "peft_load_adapter": "PEFT load_adapter", "adapter_file_mb": "adapter file (MB)"}
+    lines += [f"| {load_labels[k]} | {v:,.1f} |" for k, v in r.load_ms.items()]
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    targets = {"mixed_vs_engine_base": ">= 0.9", "mixed_vs_peft_mixed": ">= 3",
+               "engine_base_vs_hf_base": ">= 1", "peft_load_vs_engine_load": ""}
+    lines += [f"| {k} | {v:.2f} | {targets.get(k, '')} |" for k, v in r.ratios.items()]
+    lines += [f"\n{k}: {v}" for k, v in r.parity.items()]
+    return "\n".join(lines)
+
+
+def to_json(r: BenchResult) -> str:
+    return json.dumps(asdict(r), indent=2)

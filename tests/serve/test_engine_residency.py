@@ -1,0 +1,140 @@
+"""Three tiers: more adapters than device rows, eviction and reload, background cold loads, aliases."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hotswap.hub import Registry
+from hotswap.serve.engine import GenerationRequest, SamplingParams
+
+from .engine_support import (ADAPTERS, BASE, PROMPTS, AdapterSpec, peft_greedy, preload, save_adapter,  # noqa: F401
+                             start_engine, tiny_tokenizer, wait_until, world)
+
+NEW = 8
+ROW_BYTES = 3 * 928 * 4  # one rank row in all 7 module pools of the tiny base (3 layers, fp32)
+
+
+def req(engine, model, prompt, new=NEW):
+    return GenerationRequest(prompt_token_ids=engine.tokenizer(PROMPTS[prompt])["input_ids"], model=model,
+                             sampling=SamplingParams(max_tokens=new))
+
+
+def expected(world, model, prompt, new=NEW):
+    ids = tiny_tokenizer()(PROMPTS[prompt])["input_ids"]
+    return peft_greedy(world.base_dir, world.adapter_dirs[model] if model else None, ids, new)
+
+
+def test_more_adapters_than_rows_evict_and_reload_never_mix(world):
+    # 20 rows per module: "chat" (rank 16 everywhere) cannot share q/v with "sql" (rank 8) or "attn" (12)
+    engine = start_engine(world.home, lora_capacity_bytes=20 * ROW_BYTES)
+    try:
+        names = [a.name for a in ADAPTERS]
+        want = {(n, i): expected(world, n, i) for i, n in enumerate(names)}
+        for round_ in range(2):  # all at once: they queue for rows, each runs with its own adapter
+            streams = [(n, i, engine.submit(req(engine, n, i))) for i, n in enumerate(names)]
+            for n, i, s in streams:
+                assert list(s.result().token_ids) == want[(n, i)], f"round {round_}: {n} got another adapter's output"
+        stats = engine.stats()
+        assert stats.adapter_evictions.get("device", 0) >= 2
+        assert stats.adapter_hits["disk"] == len(names)  # reloads come from the host cache, not the registry
+        assert stats.lora_bytes_used <= stats.lora_bytes_capacity == 20 * ROW_BYTES
+        assert all(r.pins == 0 for r in engine.residency())
+    finally:
+        engine.stop_sync()
+
+
+def test_capacity_counts_bytes_not_adapters(world):
+    # 18 rows per module: "attn" (rank 12 on attention), "mlp" (rank 4 on the MLP) and "odd"
+    # (rank 6 on k, 2 on down) share them; "chat" (16 on every module) needs nearly all
+    engine = start_engine(world.home, lora_capacity_bytes=18 * ROW_BYTES)
+    try:
+        preload(engine, ["attn", "mlp", "odd"])
+        on_device = {r.ref for r in engine.residency() if r.tier == "device"}
+        assert on_device == {"attn@1", "mlp@1", "odd@1"}
+        used = sum(r.size_bytes for r in engine.residency() if r.tier == "device")
+        assert engine.stats().lora_bytes_used == used < engine.stats().lora_bytes_capacity
+        preload(engine, ["chat"])  # needs 16 of 18 rows in every module: the other three are evicted
+        assert {r.ref for r in engine.residency() if r.tier == "device"} == {"chat@1"}
+    finally:
+        engine.stop_sync()
+
+
+def test_host_cache_evicts_lru_by_bytes(world):
+    engine = start_engine(world.home, lora_capacity_bytes=16 * ROW_BYTES, host_cache_bytes=200_000)
+    try:
+        for name in ("chat", "attn", "sql"):
+            preload(engine, [name])
+        assert engine.stats().host_cache_bytes_used <= 200_000
+        assert engine.stats().adapter_evictions.get("host", 0) >= 1
+        out = engine.generate_sync([req(engine, "chat", 0)])[0]  # evicted everywhere: read again from disk
+        assert list(out.token_ids) == expected(world, "chat", 0)
+    finally:
+        engine.stop_sync()
+
+
+def test_pinned_adapter_is_never_evicted(world):
+    import asyncio
+
+    engine = start_engine(world.home, lora_capacity_bytes=20 * ROW_BYTES)
+    try:
+        asyncio.run(engine.pin("sql"))
+        preload(engine, ["mlp"])
+        with pytest.raises(TimeoutError):  # "chat" needs the rows "sql" holds in q/v
+            engine.load_future("chat").result(timeout=0.5)
+        assert {r.ref: r.manually_pinned for r in engine.residency() if r.tier == "device"}["sql@1"]
+        engine.unpin("sql")
+        engine.load_future("chat").result(timeout=10)
+        assert "sql@1" not in {r.ref for r in engine.residency() if r.tier == "device"}
+    finally:
+        engine.stop_sync()
+
+
+def test_cold_load_runs_in_background_without_stalling_running_requests(world):
+    engine = start_engine(world.home)
+    try:
+        load = engine._core.residency._load
+
+        def slow_load(ref, digest):
+            time.sleep(1.5)
+            return load(ref, digest)
+
+        engine._core.residency._load = slow_load
+        running = engine.submit(req(engine, None, 0, new=40))
+        next(iter(running))
+        cold = engine.submit(req(engine, "chat", 1))
+        start = time.monotonic()
+        running.result()
+        assert time.monotonic() - start < 1.0, "the running request waited for the cold load"
+        assert {r.ref: r.tier for r in engine.residency()}["chat@1"] == "loading"
+        assert list(cold.result().token_ids) == expected(world, "chat", 1)
+        assert engine.stats().adapter_load.count == 1
+    finally:
+        engine.stop_sync()
+
+
+def test_alias_moved_during_traffic(world, tmp_path):
+    registry = Registry(world.home)
+    dirs = [save_adapter(world.base_dir, tmp_path / f"v{i}", AdapterSpec("moving", 8, ("q_proj", "v_proj"), seed=40 + i))
+            for i in (1, 2)]
+    v1 = registry.publish(dirs[0], name="moving", kind="adapter", base=BASE, aliases=("prod",)).version
+    v2 = registry.publish(dirs[1], name="moving", kind="adapter", base=BASE).version
+    ids = tiny_tokenizer()(PROMPTS[2])["input_ids"]
+    want1, want2 = (peft_greedy(world.base_dir, d, ids, 30) for d in dirs)
+    assert want1 != want2
+    engine = start_engine(world.home)
+    try:
+        sp = SamplingParams(max_tokens=30)
+        old = engine.submit(GenerationRequest(prompt_token_ids=ids, model="moving@prod", sampling=sp))
+        head = next(iter(old)).token_ids  # running on v1 ...
+        Registry(world.home).alias("moving@2", "prod")  # ... when another process moves the alias
+        new = engine.submit(GenerationRequest(prompt_token_ids=ids, model="moving@prod", sampling=sp))
+        assert (old.target.digest, new.target.digest) == (v1.digest, v2.digest)
+        assert list(head + old.result().token_ids) == want1
+        assert list(new.result().token_ids) == want2
+        resident = {r.digest: r.ref for r in engine.residency()}
+        assert resident[v1.digest] == "moving@1" and resident[v2.digest] == "moving@2"
+    finally:
+        engine.stop_sync()
+        registry.close()
