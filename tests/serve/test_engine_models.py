@@ -1,0 +1,74 @@
+"""Full fine-tuned models (registry kind "model") served beside the base, within a memory budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from hotswap.hub import Registry
+from hotswap.serve.engine import CapacityExceeded, GenerationRequest, SamplingParams
+
+from .engine_support import BASE, PROMPTS, save_model, start_engine, tiny_tokenizer, world  # noqa: F401
+
+
+def hf_greedy(folder, ids, new):
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=new, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def models(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("full-models")
+    registry = Registry(world.home)
+    dirs = {}
+    for name, seed in (("full-a", 21), ("full-b", 22)):
+        dirs[name] = save_model(root / name, seed=seed)
+        registry.publish(dirs[name], name=name, kind="model", base=BASE)
+    registry.close()
+    return dirs
+
+
+def test_full_model_served_beside_the_base_and_adapters(world, models):
+    ids = tiny_tokenizer()(PROMPTS[0])["input_ids"]
+    engine = start_engine(world.home, model_memory_bytes=64 << 20)
+    try:
+        sp = SamplingParams(max_tokens=8)
+        outs = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, model=m, sampling=sp)
+                                     for m in ("full-a", None, "full-a@1")])
+        assert list(outs[0].token_ids) == hf_greedy(models["full-a"], ids, 8) == list(outs[2].token_ids)
+        assert list(outs[1].token_ids) == hf_greedy(world.base_dir, ids, 8)
+        assert outs[0].target.kind == "model" and outs[1].target.kind == "base"
+        (entry,) = [r for r in engine.residency() if r.kind == "model"]
+        assert entry.ref == "full-a@1" and entry.tier == "device" and entry.pins == 0
+    finally:
+        engine.stop_sync()
+
+
+def test_models_evicted_lru_within_the_budget(world, models):
+    ids = tiny_tokenizer()(PROMPTS[1])["input_ids"]
+    # each tiny model is ~0.4 MB of weights + 1 MB of KV: the budget holds one at a time
+    engine = start_engine(world.home, model_memory_bytes=2 << 20, kv_cache_bytes=1 << 20)
+    try:
+        sp = SamplingParams(max_tokens=6)
+        streams = [engine.submit(GenerationRequest(prompt_token_ids=ids, model=m, sampling=sp))
+                   for m in ("full-a", "full-b", "full-a")]
+        outs = [s.result() for s in streams]
+        assert list(outs[0].token_ids) == hf_greedy(models["full-a"], ids, 6) == list(outs[2].token_ids)
+        assert list(outs[1].token_ids) == hf_greedy(models["full-b"], ids, 6)
+        stats = engine.stats()
+        assert stats.model_evictions >= 1 and stats.models_loaded <= 1
+    finally:
+        engine.stop_sync()
+
+
+def test_model_over_the_budget_is_refused(world, models):
+    engine = start_engine(world.home, model_memory_bytes=100_000)
+    try:
+        with pytest.raises(CapacityExceeded, match="model memory budget"):
+            engine.submit(GenerationRequest(prompt="hi", model="full-a"))
+    finally:
+        engine.stop_sync()

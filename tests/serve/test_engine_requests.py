@@ -1,0 +1,177 @@
+"""Requests end to end: streaming, sampling settings, chat, cancellation, shutdown and every typed error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+
+from hotswap.hub import Registry
+from hotswap.serve.engine import (AdapterNotFound, Engine, EngineNotReady, GenerationRequest, IncompatibleAdapter,
+                                  InvalidRequest, PromptTooLong, QueueFull, SamplingParams)
+
+from .engine_support import (BASE, PROMPTS, AdapterSpec, edit_config, engine, peft_greedy, save_adapter,  # noqa: F401
+                             save_model, small_config, start_engine, tiny_tokenizer, wait_until, world)
+
+
+def ids_of(engine, i=0):
+    return engine.tokenizer(PROMPTS[i])["input_ids"]
+
+
+def test_stream_async_deltas_add_up_to_the_text(engine):
+    async def main():
+        stream = engine.submit(GenerationRequest(prompt=PROMPTS[1], model="chat", sampling=SamplingParams(max_tokens=12)))
+        events = [e async for e in stream]
+        return stream, events
+    stream, events = asyncio.run(main())
+    assert len(events) == 12 and all(len(e.token_ids) == 1 for e in events)
+    assert [e.finish_reason for e in events] == [None] * 11 + ["length"]
+    assert events[-1].usage.completion_tokens == 12 and events[-1].usage.prompt_tokens == stream.prompt_tokens
+    ids = [t for e in events for t in e.token_ids]
+    assert "".join(e.text for e in events) == engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_repeats(engine):
+    greedy = [GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=10)) for _ in range(2)]
+    a, b = engine.generate_sync(greedy)
+    assert a.token_ids == b.token_ids
+    sp = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    runs = [engine.generate_sync([GenerationRequest(prompt=PROMPTS[0], model="sql", sampling=sp),
+                                  GenerationRequest(prompt=PROMPTS[3], sampling=SamplingParams(max_tokens=5))])[0]
+            for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids  # the same seed repeats whatever shares the batch
+    other = engine.generate_sync([GenerationRequest(prompt=PROMPTS[0], model="sql", sampling=SamplingParams(
+        max_tokens=16, temperature=1.5, top_p=0.9, top_k=50, seed=8))])[0]
+    assert other.token_ids != runs[0].token_ids
+
+
+def test_top_k_one_is_greedy_and_repetition_penalty_matches_hf(engine, world):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    ids = ids_of(engine, 2)
+    greedy = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=8))])[0]
+    top1 = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(
+        max_tokens=8, temperature=0.7, top_k=1, seed=3))])[0]
+    assert top1.token_ids == greedy.token_ids
+    out = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(
+        max_tokens=12, repetition_penalty=1.8))])[0]
+    model = LlamaForCausalLM.from_pretrained(world.base_dir).eval()
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, repetition_penalty=1.8)
+    assert list(out.token_ids) == ref[0, len(ids):].tolist()[:len(out.token_ids)]
+
+
+def test_stop_strings_cut_the_text(engine):
+    free = engine.generate_sync([GenerationRequest(prompt=PROMPTS[4], sampling=SamplingParams(max_tokens=20))])[0]
+    assert len(free.text) > 4
+    stop = free.text[3:5]
+    cut = engine.generate_sync([GenerationRequest(prompt=PROMPTS[4], sampling=SamplingParams(max_tokens=20, stop=(stop,)))])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[:free.text.find(stop)]
+    assert stop not in cut.text
+
+
+def test_chat_uses_the_base_chat_template(engine, world):
+    messages = [{"role": "user", "content": "hello world"}]
+    out = engine.generate_sync([GenerationRequest(messages=messages, model="chat", sampling=SamplingParams(max_tokens=6))])[0]
+    tok = tiny_tokenizer()
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert out.usage.prompt_tokens == len(ids)
+    assert list(out.token_ids) == peft_greedy(world.base_dir, world.adapter_dirs["chat"], ids, 6)[:len(out.token_ids)]
+
+
+def test_cancel_frees_kv_and_unpins_at_once(engine):
+    blocks_free = engine._base.blocks.num_free
+    stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], model="chat", sampling=SamplingParams(max_tokens=200)))
+    it = iter(stream)
+    next(it)
+    assert {r.ref: r.pins for r in engine.residency()}["chat@1"] == 1
+    stream.cancel()
+    rest = list(it)
+    assert rest[-1].finish_reason == "cancelled" and rest[-1].usage.completion_tokens < 200
+    wait_until(lambda: engine.stats().running == 0)
+    assert engine._base.blocks.num_free == blocks_free
+    assert {r.ref: r.pins for r in engine.residency()}["chat@1"] == 0
+    assert engine.stats().requests_finished["cancelled"] == 1
+
+
+def test_cancel_while_waiting_and_stop_ends_streams(world):
+    eng = start_engine(world.home, max_running=1)
+    busy = eng.submit(GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=200)))
+    queued = eng.submit(GenerationRequest(prompt=PROMPTS[1], sampling=SamplingParams(max_tokens=5)))
+    queued.cancel()
+    assert queued.result().finish_reason == "cancelled" and queued.result is not None
+    eng.stop_sync()
+    assert busy.result().finish_reason == "cancelled"
+    with pytest.raises(EngineNotReady):
+        eng.submit(GenerationRequest(prompt="x"))
+
+
+def test_bad_requests_get_typed_errors_and_serving_goes_on(engine, world, tmp_path):
+    sp = SamplingParams(max_tokens=4)
+    with pytest.raises(AdapterNotFound, match="no entry named 'nosuch'"):
+        engine.submit(GenerationRequest(prompt="hi", model="nosuch"))
+    with pytest.raises(AdapterNotFound, match="no version 9"):
+        engine.submit(GenerationRequest(prompt="hi", model="sql@9"))
+    with pytest.raises(AdapterNotFound, match="no alias"):
+        engine.submit(GenerationRequest(prompt="hi", model="sql@staging"))
+    with pytest.raises(PromptTooLong, match="exceeds the context of 256"):
+        engine.submit(GenerationRequest(prompt_token_ids=[5] * 250, sampling=SamplingParams(max_tokens=10)))
+    with pytest.raises(InvalidRequest, match="max_tokens 5000 is above"):
+        engine.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=5000)))
+    for bad, word in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
+                      (dict(max_tokens=0), "max_tokens"), (dict(repetition_penalty=0), "repetition_penalty")]:
+        with pytest.raises(InvalidRequest, match=word):
+            engine.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(**bad)))
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        engine.submit(GenerationRequest(prompt="hi", messages=[{"role": "user", "content": "x"}]))
+    with pytest.raises(InvalidRequest, match="outside"):
+        engine.submit(GenerationRequest(prompt_token_ids=[10 ** 6]))
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.submit(GenerationRequest(prompt=""))
+    # an adapter made for another base
+    registry = Registry(world.home)
+    other = save_model(tmp_path / "other", seed=9)
+    registry.publish(other, name="otherbase", kind="base")
+    registry.publish(save_adapter(other, tmp_path / "foreign", AdapterSpec("foreign", 4, ("q_proj",))),
+                     name="foreign", kind="adapter", base="otherbase")
+    with pytest.raises(IncompatibleAdapter, match="made for base otherbase@1, not for tiny@1"):
+        engine.submit(GenerationRequest(prompt="hi", model="foreign"))
+    with pytest.raises(IncompatibleAdapter, match="another base"):
+        engine.submit(GenerationRequest(prompt="hi", model="otherbase"))
+    # refused at load (DoRA): the stream raises the reason; nothing was half-applied
+    dora = edit_config(shutil.copytree(world.adapter_dirs["sql"], tmp_path / "dora"), use_dora=True)
+    registry.publish(dora, name="dora", kind="adapter", base=BASE)
+    stream = engine.submit(GenerationRequest(prompt="hi", model="dora", sampling=sp))
+    with pytest.raises(IncompatibleAdapter, match="use_dora=True: DoRA"):
+        stream.result()
+    registry.close()
+    ok = engine.generate_sync([GenerationRequest(prompt="hi", model="sql", sampling=sp)])[0]
+    assert ok.finish_reason == "length"
+    rejected = engine.stats().requests_rejected
+    assert rejected["AdapterNotFound"] == 3 and rejected["IncompatibleAdapter"] == 2
+
+
+def test_queue_full(world):
+    eng = start_engine(world.home, max_running=1, max_queue=2)
+    try:
+        streams = [eng.submit(GenerationRequest(prompt=PROMPTS[i], sampling=SamplingParams(max_tokens=100)))
+                   for i in range(2)]
+        with pytest.raises(QueueFull, match="max_queue 2"):
+            for _ in range(3):
+                streams.append(eng.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=100))))
+        for s in streams:
+            s.cancel()
+    finally:
+        eng.stop_sync()
+
+
+def test_engine_not_ready_before_start(world):
+    eng = Engine(Registry(world.home), BASE, small_config())
+    with pytest.raises(EngineNotReady, match="call start"):
+        eng.submit(GenerationRequest(prompt="hi"))
+    with pytest.raises(AdapterNotFound):
+        Engine(Registry(world.home), "nobase", small_config()).start_sync()

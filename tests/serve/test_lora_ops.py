@@ -1,0 +1,106 @@
+"""The batched LoRA ops against their "Semantics:" loops, the per-step block layout and the row pool."""
+
+from __future__ import annotations
+
+import torch
+
+from hotswap.serve.lora import ops
+from hotswap.serve.lora.batch import build_lora_step, choose_block_len
+from hotswap.serve.lora.pool import GROUPS, LoraPool
+from hotswap.serve.lora.spec import LoraSpec
+from hotswap.serve.lora.weights import HostAdapter
+
+DIMS = {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16, 16),
+        "gate_proj": (16, 24), "up_proj": (16, 24), "down_proj": (24, 16)}
+
+
+def random_adapter(ranks: dict[str, int], layers: int = 2, seed: int = 0) -> HostAdapter:
+    g = torch.Generator().manual_seed(seed)
+    a = {m: torch.randn(layers, r, DIMS[m][0], generator=g) for m, r in ranks.items()}
+    b = {m: torch.randn(layers, r, DIMS[m][1], generator=g) for m, r in ranks.items()}
+    spec = LoraSpec(ranks={(l, m): r for m, r in ranks.items() for l in range(layers)}, scales={}, keys={})
+    return HostAdapter(digest=f"d{seed}", ref=f"a{seed}", spec=spec, a=a, b=b)
+
+
+def test_shrink_expand_follow_their_semantics_loops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 16, generator=g)
+    a_stacked, b_stacked = torch.randn(9, 16, generator=g), torch.randn(9, 12, generator=g)
+    token_index = torch.tensor([0, 1, 2, 3, 4, 4])  # 3 blocks of 2, the last padded
+    rows = torch.tensor([[1, 2, 0], [3, 4, 5], [6, 0, 0]])
+    xb = ops.gather_blocks(x, token_index, 3, 2)
+    h = ops.shrink(xb, a_stacked, rows)
+    y = torch.zeros(5, 12)
+    ops.scatter_add(y, ops.expand(h, b_stacked, rows), torch.tensor([0, 1, 2, 3, 4]), None)
+    ref_h = torch.zeros(3, 2, 3)
+    for b in range(3):
+        for j in range(3):
+            ref_h[b, :, j] = xb[b] @ a_stacked[rows[b, j]]
+    assert torch.allclose(h, ref_h, atol=1e-5)
+    block_of = [0, 0, 1, 1, 2]
+    ref_y = torch.stack([sum(h[block_of[t], t % 2, j] * b_stacked[rows[block_of[t], j]] for j in range(3))
+                         for t in range(5)])
+    assert torch.allclose(y, ref_y, atol=1e-5)
+
+
+def test_pool_and_step_rows_reproduce_per_token_lora():
+    pool = LoraPool(2, DIMS, max_rows=12, dtype=torch.float32, device=torch.device("cpu"))
+    adapters = [random_adapter({"q_proj": 4, "v_proj": 4}, seed=1),
+                random_adapter({m: 2 for m in DIMS}, seed=2),
+                random_adapter({"k_proj": 6, "down_proj": 3}, seed=3)]
+    slots = [pool.activate(a) for a in adapters]
+    # tokens: seq0 (adapter 0) 3 tokens, seq1 base 2 tokens, seq2 (adapter 2) 1 token, seq3 (adapter 1) 4 tokens
+    segments = [(0, 3, slots[0]), (3, 2, -1), (5, 1, slots[2]), (6, 4, slots[1])]
+    owner = [0, 0, 0, None, None, 2, 1, 1, 1, 1]
+    step = build_lora_step(segments, 10, pool, torch.device("cpu"))
+    x = torch.randn(10, 16)
+    for group, modules in GROUPS.items():
+        if group != "qkv":
+            continue
+        layer = 1
+        xb = ops.gather_blocks(x, step.token_index, step.num_blocks, step.block_len)
+        h = ops.shrink(xb, pool.a_stacked[group][layer], step.rows[group])
+        for i, m in enumerate(modules):
+            y = torch.zeros(10, DIMS[m][1])
+            k = step.rank
+            ops.scatter_add(y, ops.expand(h[..., i * k:(i + 1) * k], pool.b_stacked[m][layer], step.rows[m]),
+                            step.block_pos, step.token_ids)
+            a_t = [adapters[o].a[m][layer] if o is not None and m in adapters[o].a else None for o in owner]
+            b_t = [adapters[o].b[m][layer] if o is not None and m in adapters[o].a else None for o in owner]
+            a_t = [a if a is not None else torch.zeros(1, DIMS[m][0]) for a in a_t]
+            b_t = [b if b is not None else torch.zeros(1, DIMS[m][1]) for b in b_t]
+            assert torch.allclose(y, ops.lora_reference(x, a_t, b_t), atol=1e-5), m
+
+
+def test_no_adapter_in_step_means_no_lora_and_decode_is_identity():
+    pool = LoraPool(1, DIMS, max_rows=4, dtype=torch.float32, device=torch.device("cpu"))
+    assert build_lora_step([(0, 3, -1), (3, 1, -1)], 4, pool, torch.device("cpu")) is None
+    slot = pool.activate(random_adapter({"q_proj": 2}, layers=1))
+    step = build_lora_step([(0, 1, slot), (1, 1, slot)], 2, pool, torch.device("cpu"))
+    assert step.block_len == 1 and step.token_index is None and step.block_pos is None and step.token_ids is None
+    assert step.rows["q_proj"].tolist() == [pool.slot(slot).rows["q_proj"]] * 2
+    assert step.rows["k_proj"].tolist() == [[0, 0], [0, 0]]  # untargeted module: the zero row
+
+
+def test_block_length_balances_padding_and_gathers():
+    assert choose_block_len([1] * 8) == 1
+    assert choose_block_len([64] * 8) == 64
+    assert choose_block_len([64, 1, 1, 1, 1, 1, 1, 1]) in (8, 16, 32)
+
+
+def test_pool_rows_are_reused_and_counted_in_bytes():
+    pool = LoraPool(2, DIMS, max_rows=6, dtype=torch.float32, device=torch.device("cpu"))
+    big = random_adapter({m: 4 for m in DIMS}, seed=1)
+    small = random_adapter({"q_proj": 2, "down_proj": 2}, seed=2)
+    s1, s2 = pool.activate(big), pool.activate(small)
+    assert pool.used_bytes == sum(pool.row_bytes(m) * r for m, r in (*((m, 4) for m in DIMS), ("q_proj", 2), ("down_proj", 2)))
+    assert not pool.fits_now(random_adapter({"q_proj": 1}, seed=3))
+    assert pool.fits_now(random_adapter({"k_proj": 2}, seed=3))
+    pool.release(s1)
+    third = random_adapter({"q_proj": 4}, seed=4)
+    s3 = pool.activate(third)
+    a_view, _ = pool.module_view("q_proj", 1)
+    assert torch.equal(a_view[pool.slot(s3).rows["q_proj"]], third.a["q_proj"][1])
+    assert torch.equal(a_view[pool.slot(s2).rows["q_proj"]], small.a["q_proj"][1])
+    assert not a_view[0].any()  # the zero row stays zero
+    assert LoraPool.rows_for_bytes(pool.capacity_bytes, 2, DIMS, torch.float32) == 6

@@ -1,0 +1,68 @@
+"""Adapters the engine cannot apply exactly are refused at load, with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from hotswap.serve.lora.spec import AdapterRefused, build_spec, check_config
+
+DIMS = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+        "gate_proj": (64, 96), "up_proj": (64, 96), "down_proj": (96, 64)}
+PREFIX = "base_model.model.model.layers"
+
+
+def shapes(module="q_proj", parent="self_attn", r=8, layer=0):
+    d_in, d_out = DIMS[module]
+    return {f"{PREFIX}.{layer}.{parent}.{module}.lora_A.weight": (r, d_in),
+            f"{PREFIX}.{layer}.{parent}.{module}.lora_B.weight": (d_out, r)}
+
+
+BASE_CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "bias": "none"}
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "all"}, "bias='all'"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"lora_bias": True}, "bias on lora_B"),
+    ({"trainable_token_indices": [1, 2]}, "trainable tokens"),
+    ({"init_lora_weights": "pissa"}, "rewritten base"),
+    ({"peft_type": "IA3"}, "not LoRA"),
+    ({"r": 128}, "above the engine's max_rank 64"),
+    ({"some_future_option": 3}, "unknown adapter config fields"),
+])
+def test_config_refusals(change, reason):
+    with pytest.raises(AdapterRefused, match=reason):
+        check_config({**BASE_CONFIG, **change}, max_rank=64)
+
+
+def test_plain_config_passes_and_neutral_fields_are_ignored():
+    check_config({**BASE_CONFIG, "lora_dropout": 0.1, "use_rslora": True, "layers_to_transform": [0],
+                  "exclude_modules": ["x"], "init_lora_weights": "gaussian"}, max_rank=64)
+
+
+@pytest.mark.parametrize("tensors, reason", [
+    ({"base_model.model.model.embed_tokens.lora_embedding_A": (8, 100)}, "embedding/lm_head"),
+    ({"base_model.model.lm_head.lora_A.weight": (8, 64)}, "embedding/lm_head"),
+    (shapes("q_proj", parent="mlp"), "not one of"),
+    (shapes(layer=7), "layer 7 does not exist"),
+    ({f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": (8, 64)}, "must both be present"),
+    ({f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": (8, 60),
+      f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": (64, 8)}, "do not fit a 64->64"),
+    (shapes(r=4), "tensors have rank 4 but the config says 8"),
+    ({f"{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector": (64,)}, "outside the decoder's linear layers"),
+    ({}, "no LoRA tensors"),
+])
+def test_tensor_refusals(tensors, reason):
+    with pytest.raises(AdapterRefused, match=reason):
+        build_spec(BASE_CONFIG, tensors, num_layers=2, dims=DIMS, max_rank=64)
+
+
+def test_scales_follow_alpha_rslora_and_patterns():
+    tensors = {**shapes("q_proj", r=8), **shapes("down_proj", parent="mlp", r=2), **shapes("q_proj", r=8, layer=1)}
+    config = {**BASE_CONFIG, "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"layers.1.self_attn.q_proj": 4}}
+    spec = build_spec(config, tensors, num_layers=2, dims=DIMS, max_rank=64)
+    assert spec.scales == {(0, "q_proj"): 2.0, (0, "down_proj"): 8.0, (1, "q_proj"): 0.5}
+    assert spec.module_rank("q_proj") == 8 and spec.module_rank("down_proj") == 2
+    rs = build_spec({**BASE_CONFIG, "use_rslora": True}, shapes(r=8), num_layers=2, dims=DIMS, max_rank=64)
+    assert rs.scales[(0, "q_proj")] == pytest.approx(16 / 8 ** 0.5)
