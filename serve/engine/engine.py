@@ -157,13 +157,35 @@ class Engine:
 
         Errors found later (an adapter refused when its files are read) end the stream by raising.
         """
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[GenerationRequest]) -> list[RequestStream]:
+        """Submit several requests that join the running batch at the same step (all or none:
+        if one is refused, none is queued)."""
+        prepared = []
         try:
-            return self._submit(request)
+            for request in requests:
+                prepared.append(self._prepare(request))
         except EngineError as exc:
             self._recorder.incr("requests_rejected", type(exc).__name__)
+            for seq in prepared:
+                self._unqueue()
             raise
+        for seq in prepared:
+            if seq.target.kind == "adapter":
+                self._core.residency.request(seq.target.ref, seq.target.digest)
+            elif seq.target.kind == "model":
+                self._core.models.request(seq.target.ref, seq.target.digest,
+                                          self.resolver.model_info(seq.target, self.config).estimate_bytes)
+            self._recorder.update(lambda s, n=seq.prompt_len: _count_submit(s, n))
 
-    def _submit(self, request: GenerationRequest) -> RequestStream:
+        def admit() -> None:
+            for seq in prepared:
+                self._core.admit(seq)
+        self._core.post(admit)
+        return [seq.stream for seq in prepared]
+
+    def _prepare(self, request: GenerationRequest) -> Sequence:
         self._require_ready()
         cfg = self.config
         check_sampling(request.sampling, cfg.max_tokens_limit)
@@ -190,16 +212,9 @@ class Engine:
         generator = None
         if p.seed is not None:
             generator = torch.Generator(device=cfg.torch_device()).manual_seed(p.seed)
-        seq = Sequence(request_id=rid, target=target, prompt_len=len(ids), token_ids=ids, sampling=p,
-                       stream=stream, detok=Detokenizer(tokenizer, p.stop), eos_ids=frozenset(),
-                       generator=generator)
-        if target.kind == "adapter":
-            self._core.residency.request(target.ref, target.digest)
-        elif target.kind == "model":
-            self._core.models.request(target.ref, target.digest, info.estimate_bytes)
-        self._recorder.update(lambda s: _count_submit(s, len(ids)))
-        self._core.post(lambda: self._core.admit(seq))
-        return stream
+        return Sequence(request_id=rid, target=target, prompt_len=len(ids), token_ids=ids, sampling=p,
+                        stream=stream, detok=Detokenizer(tokenizer, p.stop), eos_ids=frozenset(),
+                        generator=generator)
 
     def _unqueue(self) -> None:
         with self._lock:
@@ -211,8 +226,7 @@ class Engine:
 
     def generate_sync(self, requests: list[GenerationRequest]) -> list[Completion]:
         """Submit all, then wait for all (callers without an event loop: benchmarks, scripts)."""
-        streams = [self.submit(r) for r in requests]
-        return [s.result() for s in streams]
+        return [s.result() for s in self.submit_many(requests)]
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its KV blocks and adapter pin are freed before the next step."""

@@ -120,12 +120,13 @@ class LlamaRunner:
         y = F.linear(x, weight)
         if lora is None:
             return y
-        pool = self.lora
-        xb = ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len)
-        h = ops.shrink(xb, pool.a_stacked[group][layer], lora.rows[group])
-        k = lora.rank
-        outs = [ops.expand(h[..., i * k:(i + 1) * k], pool.b_stacked[m][layer], lora.rows[m])
-                for i, m in enumerate(modules)]
+        pool, k, cached = self.lora, lora.rank, lora.gathered
+        a = cached[group][layer] if cached else ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group])
+        h = ops.shrink(ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len), a)
+        outs = []
+        for i, m in enumerate(modules):
+            b = cached[m][layer] if cached else ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m])
+            outs.append(ops.expand(h[..., i * k:(i + 1) * k], b))
         ops.scatter_add(y, outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1), lora.block_pos, lora.token_ids)
         return y
 

@@ -45,6 +45,7 @@ class Worker:
         self.scheduler = Scheduler(self.blocks, config.max_batch_tokens, config.max_running)
         self.max_model_len = min(config.max_model_len or min(r.max_positions, MAX_CONTEXT), r.max_positions)
         self.device = device
+        self.lora_batch_cache_bytes = config.lora_batch_cache_bytes
 
     @property
     def nbytes(self) -> int:
@@ -69,7 +70,7 @@ class Worker:
             first += n
         lora = None
         if self.runner.lora is not None:
-            lora = build_lora_step(segments, first, self.runner.lora, self.device)
+            lora = build_lora_step(segments, first, self.runner.lora, self.device, self.lora_batch_cache_bytes)
         meta = build_metadata(spans, self.blocks.block_size, self.device, lora)
         logits = self.runner.forward(meta, self.kv)
         for seq, n in plan:

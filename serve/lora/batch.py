@@ -29,6 +29,7 @@ class LoraStep:
     block_pos: Tensor | None  # [T_lora] block position of each adapter token; None: identity
     token_ids: Tensor | None  # [T_lora] which tokens those are; None: all T tokens
     rows: dict[str, Tensor]  # group "qkv"/"gate_up"/"o"/"down" -> [NB, n*k] into a_stacked; module -> [NB, k]
+    gathered: dict[str, Tensor] | None  # the same rows' weights for every layer: [layers, NB, n*k, d]; None: gather per layer
 
 
 def choose_block_len(lengths: list[int]) -> int:
@@ -45,8 +46,9 @@ def choose_block_len(lengths: list[int]) -> int:
 
 
 def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool: LoraPool,
-                    device: torch.device) -> LoraStep | None:
+                    device: torch.device, cache_bytes: int = 0) -> LoraStep | None:
     """``segments``: (first token, number of tokens, slot) per sequence, slot -1 = bare base.
+    ``cache_bytes``: how large the gathered rows of all layers may be (see ``LoraPool.batch_rows``).
 
     Returns None when no token of the step uses an adapter: the layers then skip LoRA entirely.
     """
@@ -88,8 +90,10 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
     def _t(values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
+    key = (rank, tuple((s, slots[s].generation) for s in block_slots))
     return LoraStep(
         num_blocks=num_blocks, block_len=block_len, rank=rank,
+        gathered=pool.batch_rows(key, rows, cache_bytes) if cache_bytes else None,
         token_index=None if identity else _t(token_index),
         block_pos=None if identity else _t(block_pos),
         token_ids=None if all_tokens else _t(token_ids),

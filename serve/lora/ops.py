@@ -5,7 +5,8 @@ belongs to one sequence, hence one adapter, whose rank rows in a stacked pool ar
 ``rows[NB, k]`` (padded with row 0, which holds zeros). Decode steps have ``L == 1``; a prefill
 chunk fills blocks of up to ``L`` tokens. Tokens of bare-base sequences are in no block.
 This is the pure-torch backend (gather + bmm); a fused kernel can replace it behind the same
-signatures.
+signatures. Gathered rows can be kept across steps while a batch's adapters stay the same (see
+``LoraPool.batch_rows``): decode steps then only read them.
 """
 
 from __future__ import annotations
@@ -30,30 +31,41 @@ def gather_blocks(x: Tensor, token_index: Tensor | None, num_blocks: int, block_
     return x.index_select(0, token_index).view(num_blocks, block_len, x.shape[-1])
 
 
-def shrink(x_blocks: Tensor, a_stacked: Tensor, rows: Tensor) -> Tensor:
-    """Project block tokens onto their adapter's A rows: ``[NB, L, in], [R, in], [NB, k] -> [NB, L, k]``.
+def gather_rows(stacked: Tensor, rows: Tensor) -> Tensor:
+    """Each block's adapter rows out of a pool: ``[R, d], [NB, k] -> [NB, k, d]`` (also ``[Lyr, R, d] -> [Lyr, NB, k, d]``).
 
     Semantics::
 
         for b in range(NB):
             for j in range(k):
-                out[b, :, j] = x_blocks[b] @ a_stacked[rows[b, j]]
+                out[b, j] = stacked[rows[b, j]]
     """
-    a = a_stacked.index_select(0, rows.view(-1)).view(rows.shape[0], rows.shape[1], a_stacked.shape[-1])
-    return torch.bmm(x_blocks, a.transpose(1, 2))
+    flat = stacked.index_select(-2, rows.view(-1))
+    return flat.view(*stacked.shape[:-2], rows.shape[0], rows.shape[1], stacked.shape[-1])
 
 
-def expand(h: Tensor, b_stacked: Tensor, rows: Tensor) -> Tensor:
-    """Map rank activations back through B rows (scale folded in): ``[NB, L, k], [R, out], [NB, k] -> [NB, L, out]``.
+def shrink(x_blocks: Tensor, a_blocks: Tensor) -> Tensor:
+    """Project block tokens onto their adapter's A rows: ``[NB, L, in], [NB, k, in] -> [NB, L, k]``.
 
     Semantics::
 
         for b in range(NB):
             for j in range(k):
-                out[b] += h[b, :, j:j+1] * b_stacked[rows[b, j]]
+                out[b, :, j] = x_blocks[b] @ a_blocks[b, j]
     """
-    b = b_stacked.index_select(0, rows.view(-1)).view(rows.shape[0], rows.shape[1], b_stacked.shape[-1])
-    return torch.bmm(h, b)
+    return torch.bmm(x_blocks, a_blocks.transpose(1, 2))
+
+
+def expand(h: Tensor, b_blocks: Tensor) -> Tensor:
+    """Map rank activations back through B rows (scale folded in): ``[NB, L, k], [NB, k, out] -> [NB, L, out]``.
+
+    Semantics::
+
+        for b in range(NB):
+            for j in range(k):
+                out[b] += h[b, :, j:j+1] * b_blocks[b, j]
+    """
+    return torch.bmm(h, b_blocks)
 
 
 def scatter_add(y: Tensor, y_blocks: Tensor, block_pos: Tensor | None, token_ids: Tensor | None) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .ops import gather_rows
 from .spec import MODULES
 from .weights import HostAdapter
 
@@ -29,6 +30,7 @@ class Slot:
     rows: dict[str, list[int]]  # module -> row ids, len = the adapter's rank there (absent: not targeted)
     rank: int
     nbytes: int
+    generation: int  # changes whenever the slot's rows are (re)written
 
 
 class LoraPool:
@@ -50,6 +52,9 @@ class LoraPool:
         self._slots: dict[int, Slot] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
+        self._generation = 0
+        self._batch_key: tuple | None = None  # the blocks whose rows ``_batch`` holds
+        self._batch: dict[str, Tensor] | None = None
         self._elem = torch.empty((), dtype=dtype).element_size()
 
     # --- capacity -------------------------------------------------------------------
@@ -94,8 +99,10 @@ class LoraPool:
                 self.b_stacked[m].index_copy_(1, idx - i * (self.max_rows + 1),
                                               adapter.b[m].to(self.b_stacked[m].device, non_blocking=True))
         slot = self._free_slots.pop() if self._free_slots else self._new_slot()
+        self._generation += 1
         self._slots[slot] = Slot(rows=rows, rank=adapter.rank,
-                                 nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items()))
+                                 nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items()),
+                                 generation=self._generation)
         return slot
 
     def _new_slot(self) -> int:
@@ -115,6 +122,22 @@ class LoraPool:
     @property
     def num_slots(self) -> int:
         return len(self._slots)
+
+    def batch_rows(self, key: tuple, rows: dict[str, Tensor], budget_bytes: int) -> dict[str, Tensor] | None:
+        """Every layer's rows of a step's blocks, gathered in one copy per pool and kept while the
+        same blocks come back (steady decoding), so those steps only read them. ``key`` names the
+        blocks' slots and generations. None when the copy would exceed ``budget_bytes``."""
+        if key == self._batch_key:
+            return self._batch
+        self._batch_key = self._batch = None  # free the old copy before making the new one
+        num_blocks, rank = rows["q_proj"].shape
+        nbytes = self.num_layers * num_blocks * rank * sum(i + o for i, o in self.dims.values()) * self._elem
+        if nbytes > budget_bytes:
+            return None
+        batch = {g: gather_rows(self.a_stacked[g], rows[g]) for g in GROUPS}
+        batch.update({m: gather_rows(self.b_stacked[m], rows[m]) for m in MODULES})
+        self._batch_key, self._batch = key, batch
+        return batch
 
     def module_view(self, module: str, layer: int) -> tuple[Tensor, Tensor]:
         """This layer's ``(A[rows, in], B[rows, out])`` of one module (tests and debugging)."""

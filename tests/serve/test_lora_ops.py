@@ -29,9 +29,9 @@ def test_shrink_expand_follow_their_semantics_loops():
     token_index = torch.tensor([0, 1, 2, 3, 4, 4])  # 3 blocks of 2, the last padded
     rows = torch.tensor([[1, 2, 0], [3, 4, 5], [6, 0, 0]])
     xb = ops.gather_blocks(x, token_index, 3, 2)
-    h = ops.shrink(xb, a_stacked, rows)
+    h = ops.shrink(xb, ops.gather_rows(a_stacked, rows))
     y = torch.zeros(5, 12)
-    ops.scatter_add(y, ops.expand(h, b_stacked, rows), torch.tensor([0, 1, 2, 3, 4]), None)
+    ops.scatter_add(y, ops.expand(h, ops.gather_rows(b_stacked, rows)), torch.tensor([0, 1, 2, 3, 4]), None)
     ref_h = torch.zeros(3, 2, 3)
     for b in range(3):
         for j in range(3):
@@ -52,18 +52,22 @@ def test_pool_and_step_rows_reproduce_per_token_lora():
     # tokens: seq0 (adapter 0) 3 tokens, seq1 base 2 tokens, seq2 (adapter 2) 1 token, seq3 (adapter 1) 4 tokens
     segments = [(0, 3, slots[0]), (3, 2, -1), (5, 1, slots[2]), (6, 4, slots[1])]
     owner = [0, 0, 0, None, None, 2, 1, 1, 1, 1]
-    step = build_lora_step(segments, 10, pool, torch.device("cpu"))
+    step = build_lora_step(segments, 10, pool, torch.device("cpu"), cache_bytes=1 << 20)
+    for name, rows in step.rows.items():  # rows kept for every layer == gathered per layer
+        stacked = pool.a_stacked[name] if name in GROUPS else pool.b_stacked[name]
+        assert torch.equal(step.gathered[name][1], ops.gather_rows(stacked[1], rows))
+    assert build_lora_step(segments, 10, pool, torch.device("cpu"), cache_bytes=1 << 20).gathered is step.gathered
     x = torch.randn(10, 16)
     for group, modules in GROUPS.items():
         if group != "qkv":
             continue
         layer = 1
         xb = ops.gather_blocks(x, step.token_index, step.num_blocks, step.block_len)
-        h = ops.shrink(xb, pool.a_stacked[group][layer], step.rows[group])
+        h = ops.shrink(xb, ops.gather_rows(pool.a_stacked[group][layer], step.rows[group]))
         for i, m in enumerate(modules):
             y = torch.zeros(10, DIMS[m][1])
             k = step.rank
-            ops.scatter_add(y, ops.expand(h[..., i * k:(i + 1) * k], pool.b_stacked[m][layer], step.rows[m]),
+            ops.scatter_add(y, ops.expand(h[..., i * k:(i + 1) * k], ops.gather_rows(pool.b_stacked[m][layer], step.rows[m])),
                             step.block_pos, step.token_ids)
             a_t = [adapters[o].a[m][layer] if o is not None and m in adapters[o].a else None for o in owner]
             b_t = [adapters[o].b[m][layer] if o is not None and m in adapters[o].a else None for o in owner]
