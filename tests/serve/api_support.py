@@ -70,7 +70,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def save_base(folder: Path, hidden: int = 64, seed: int = 0, max_len: int = 256) -> Path:
+def save_base(folder: Path, hidden: int = 64, seed: int = 0, max_len: int = 2048) -> Path:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -139,7 +139,8 @@ def build_store(root: Path) -> Store:
 
 
 def small_config(**overrides) -> EngineConfig:
-    fields = dict(device="cpu", max_batch_tokens=256, max_running=8, max_queue=64, kv_cache_bytes=8 << 20,
+    """Small capacities; a 256-token context (the base allows 2048: tests that need long runs raise it)."""
+    fields = dict(device="cpu", max_model_len=256, max_batch_tokens=256, max_running=8, max_queue=64, kv_cache_bytes=8 << 20,
                   lora_capacity_bytes=4 << 20, host_cache_bytes=16 << 20, model_memory_bytes=256 << 20)
     return EngineConfig(**(fields | overrides))
 

@@ -98,9 +98,11 @@ def test_unknown_route_and_wrong_method(client):
 
 
 def test_queue_full_is_429_with_retry_after(store):
-    app, engine = make_app(store.home, config=small_config(max_running=1, max_queue=2), retry_after_s=3)
+    # one running and two waiting requests of 2000 tokens each keep the queue full for seconds
+    config = small_config(max_running=1, max_queue=2, max_model_len=2048)
+    app, engine = make_app(store.home, config=config, retry_after_s=3)
     with running_client(app) as client:
-        long = GenerationRequest(prompt="hello", sampling=SamplingParams(max_tokens=240, ignore_eos=True))
+        long = GenerationRequest(prompt="hello", sampling=SamplingParams(max_tokens=2000, ignore_eos=True))
         streams = []
         with pytest.raises(QueueFull):
             for _ in range(10):
