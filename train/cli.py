@@ -149,7 +149,7 @@ def publish_cmd(
     home: Optional[Path] = HomeOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Publish an exported result (e.g. the committed artifact of a shipped recipe) without retraining."""
+    """Publish an exported result, such as a shipped recipe's committed artifact, without retraining."""
     with _refusals():
         from .publish import publish_artifact
         from .recipe import load_recipe

@@ -88,3 +88,28 @@ def test_shipped_recipes_validate_and_their_data_reads(folder):
     assert len(train) >= 100 and len(held_out) >= 30
     seen = {e.messages[-1]["content"] for e in train}
     assert not any(e.messages[-1]["content"] in seen for e in held_out), "held-out prompts must not be in train"
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_reference_answers_score_full_marks(folder):
+    """The metric accepts every reference answer: a low score is the model's, never the data's."""
+    from hotswap.train.data import read_jsonl
+    from hotswap.train.metrics import METRICS
+
+    loaded = load_recipe(folder)
+    metric = METRICS[loaded.recipe.metric]
+    for example in read_jsonl(loaded.eval_path) + read_jsonl(loaded.train_path):
+        assert metric.score(example.completion, example, loaded.recipe.language)[metric.name] == 1.0, example
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_data_is_what_the_generator_writes(folder, tmp_path):
+    """The committed JSONL is reproducible from the committed generator."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(folder / "make_data.py", tmp_path / "make_data.py")
+    subprocess.run([sys.executable, str(tmp_path / "make_data.py")], check=True, capture_output=True)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name

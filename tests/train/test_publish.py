@@ -1,0 +1,102 @@
+"""Publishing through the registry: lineage, metrics, `latest`, full checkpoints as kind model,
+exported artifacts published later, and refusals that happen before any training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hotswap.train.errors import RecipeError, TrainError
+from hotswap.train.publish import publish_artifact, publish_result
+from hotswap.train.recipe import load_recipe
+from hotswap.train.run import export, prepare, run
+
+from .conftest import TINY_SOURCE
+
+
+def _run(folder, registry, run_dir, **kw):
+    return run(prepare(load_recipe(folder, kw.pop("overrides", ())), registry), run_dir, show_progress=False, **kw)
+
+
+def test_published_adapter_carries_lineage_and_metrics(write_recipe, registry, tmp_path):
+    folder = write_recipe(steps=4)
+    result = _run(folder, registry, tmp_path / "run", eval_base=True)
+    published = publish_result(registry, result)
+    version = registry.resolve("colours")
+    assert published.created and version == published.version and version.kind == "adapter"
+    meta = version.metadata
+    base = registry.resolve("tiny")
+    assert meta.base == base.ref and meta.base_fingerprint == base.metadata.fingerprint
+    assert meta.task == "colours" and meta.language == "en" and meta.rank == 4
+    assert meta.tags == {"method": "lora", "recipe": "colours", "metric": "sql_exact_match"}
+    assert set(meta.metrics) >= {"sql_exact_match", "eval_loss", "base_sql_exact_match"}
+    lineage = meta.lineage
+    loaded = load_recipe(folder)
+    assert lineage["recipe"]["digest"] == loaded.digest and lineage["recipe"]["text"] == loaded.text
+    train_sha = "sha256:" + __import__("hashlib").sha256((folder / "train.jsonl").read_bytes()).hexdigest()
+    assert lineage["dataset"]["train"] == train_sha and lineage["dataset"]["num_train"] == 8
+    assert lineage["base"] == {"ref": base.ref, "fingerprint": base.metadata.fingerprint, "source": TINY_SOURCE}
+    assert lineage["method"] == "lora" and lineage["seed"] == 0 and lineage["steps"] == 4
+    assert set(lineage["libraries"]) == {"hotswap", "torch", "transformers", "peft"}
+    stored = json.loads((registry.open("colours").path / "adapter_config.json").read_text())
+    assert stored["base_model_name_or_path"] == TINY_SOURCE
+    assert sorted(p.name for p in registry.open("colours").path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_second_publish_moves_latest(write_recipe, registry, tmp_path):
+    folder = write_recipe(steps=2)
+    first = publish_result(registry, _run(folder, registry, tmp_path / "a"))
+    second = publish_result(registry, _run(folder, registry, tmp_path / "b", overrides=["train.seed=3"]),
+                            aliases=("prod",))
+    assert (first.version.version, second.version.version) == (1, 2)
+    assert registry.resolve("colours").version == 2 and registry.aliases("colours")["prod"] == 2
+
+
+def test_full_fine_tune_publishes_a_model_with_its_base(write_recipe, registry, tmp_path):
+    result = _run(write_recipe(method="full", steps=2), registry, tmp_path / "run")
+    published = publish_result(registry, result)
+    version = published.version
+    assert version.name == "colours-full" and version.kind == "model"
+    assert version.metadata.base == registry.resolve("tiny").ref
+    assert version.metadata.lineage["method"] == "full"
+    files = {p.name for p in registry.open(version).path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+
+
+def test_exported_artifact_publishes_later_with_its_records(write_recipe, registry, tmp_path):
+    folder = write_recipe(steps=2)
+    result = _run(folder, registry, tmp_path / "run")
+    shipped = export(result, tmp_path / "artifact")
+    assert sorted(p.name for p in shipped.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lineage.json", "metrics.json"]
+    published = publish_artifact(registry, load_recipe(folder), shipped)
+    assert published.version.metadata.lineage == result.lineage
+    assert published.version.metadata.metrics["sql_exact_match"] == result.metrics["sql_exact_match"]
+    lineage = json.loads((shipped / "lineage.json").read_text())
+    lineage["base"]["fingerprint"] = "sha256:other"
+    (shipped / "lineage.json").write_text(json.dumps(lineage))
+    with pytest.raises(TrainError, match="trained on a base with fingerprint sha256:other"):
+        publish_artifact(registry, load_recipe(folder), shipped)
+
+
+def test_unknown_base_refused_before_training(write_recipe, registry):
+    with pytest.raises(RecipeError, match="base 'nope'.*no entry named 'nope'"):
+        prepare(load_recipe(write_recipe(base="nope")), registry)
+
+
+def test_missing_target_module_refused_before_training(write_recipe, registry):
+    folder = write_recipe(targets='["q_proj", "qkv_proj"]')
+    with pytest.raises(RecipeError, match=r"'qkv_proj' not in base tiny@1 \(its linear modules: .*q_proj"):
+        prepare(load_recipe(folder), registry)
+
+
+def test_malformed_data_refused_before_training(write_recipe, registry):
+    folder = write_recipe()
+    with open(folder / "train.jsonl", "a") as handle:
+        handle.write('{"prompt": "x", "completion": "y"\n')
+    from hotswap.train.errors import DataError
+
+    with pytest.raises(DataError, match=r"train\.jsonl:9: malformed JSON"):
+        prepare(load_recipe(folder), registry)
