@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -55,8 +55,12 @@ def create_app(engine: Engine, registry: Registry, settings: ServerSettings | No
                 log.exception("stopping the engine failed")
             hub.close()
 
+    # The schema says a key is needed exactly where this server will ask for one.
+    keyed = [OpenAIController, AdaptersController, HubController] + ([] if settings.public_metrics else [metrics])
+    open_ = [health, ready] + ([metrics] if settings.public_metrics else [])
+    security = [{"BearerAuth": []}] if settings.auth_enabled else None
     return Litestar(
-        route_handlers=[OpenAIController, AdaptersController, HubController, health, ready, metrics],
+        route_handlers=[Router(path="/", route_handlers=keyed, security=security), *open_],
         lifespan=[lifespan],
         state=State({"services": services, "settings": settings, "keyring": KeyRing(settings.keys)}),
         dependencies={"services": Provide(provide_services)},
@@ -67,7 +71,8 @@ def create_app(engine: Engine, registry: Registry, settings: ServerSettings | No
             description="One frozen base, many LoRA adapters per batch: OpenAI-compatible generation with "
                         "per-request adapters, adapter management, and the registry over HTTP.",
             components=Components(security_schemes={
-                "BearerAuth": SecurityScheme(type="http", scheme="bearer", description="An API key.")}),
+                "BearerAuth": SecurityScheme(type="http", scheme="bearer", description="An API key.")}
+                if settings.auth_enabled else None),
         ),
     )
 

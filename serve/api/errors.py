@@ -133,7 +133,7 @@ def error_response(request: Request, exc: Exception) -> Response[ErrorResponse]:
     status, detail, retry = describe(exc, request.url.path)
     services = request.app.state.services
     services.metrics.failed(request.scope.get(MODEL_SCOPE_KEY), status)  # type: ignore[call-overload]
-    headers = {}
+    headers = dict(getattr(exc, "headers", None) or {}) if isinstance(exc, HTTPException) else {}
     if retry:
         headers["Retry-After"] = str(services.settings.retry_after_s)
     if status == 401:

@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
 MAX_CHOICES = 16  # n x prompts per request
-ModelRef = Annotated[str, Field(min_length=1, max_length=200, description=(
+# The registry's reference grammar (hub.refs), for the schema; requests are checked by hub.parse_ref.
+NAME_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,63}$"
+REF_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,63}(@([1-9][0-9]{0,17}|(?![0-9]+$)[a-z0-9][a-z0-9._-]{0,63}))?$"
+ModelRef = Annotated[str, Field(min_length=1, max_length=129, json_schema_extra={"pattern": REF_PATTERN}, description=(
     "What serves the request: the base's name, an adapter (`sql`, `sql@3`, `sql@prod`) or a full model's name."))]
 
 

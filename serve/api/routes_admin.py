@@ -12,18 +12,22 @@ from ..engine import Target
 from .admin_schemas import AdapterInfo, AdapterList, AliasInfo, AliasMove, EntryInfo, PublishResponse, Tier, UnloadResult
 from .auth import ANONYMOUS_ADMIN, require_admin
 from .exceptions import ApiProblem, Busy
+from .openai_schemas import NAME_PATTERN, REF_PATTERN
 from .publishing import PublishForm, alias_info, entry_info, publish_upload, remove_alias
 from .services import Services, error_responses
 
 REF_DOC = "An adapter or full model: `name`, `name@3` or `name@alias`."
-Ref = Annotated[str, Parameter(description=REF_DOC, min_length=1, max_length=200)]
+Ref = Annotated[str, Parameter(description=REF_DOC, min_length=1, max_length=129, schema_extra={"pattern": REF_PATTERN})]
+Name = Annotated[str, Parameter(description="An entry name.", min_length=1, max_length=64,
+                                schema_extra={"pattern": NAME_PATTERN})]
+Alias = Annotated[str, Parameter(description="An alias (not a number).", min_length=1, max_length=64,
+                                 schema_extra={"pattern": NAME_PATTERN})]
 
 
 class AdaptersController(Controller):
     path = "/v1/adapters"
     tags = ["Management"]
     guards = [require_admin]
-    security = [{"BearerAuth": []}]
 
     @get("/", summary="Every adapter and full-model version, with residency (disk, host, device; pinned)",
          responses=error_responses(400, 401, 403, 503))
@@ -83,7 +87,6 @@ class HubController(Controller):
     path = "/v1/hub"
     tags = ["Registry"]
     guards = [require_admin]
-    security = [{"BearerAuth": []}]
 
     @post("/publish", status_code=201, summary="Upload a PEFT adapter's files; the registry checks them against the base",
           responses=error_responses(400, 401, 403, 404, 409, 413, 503))
@@ -92,15 +95,15 @@ class HubController(Controller):
         return await publish_upload(data, services)
 
     @get("/{name:str}", summary="Versions, aliases and alias history of one entry", responses=error_responses(400, 401, 403, 404))
-    async def get_entry(self, name: str, services: Services) -> EntryInfo:
+    async def get_entry(self, name: Name, services: Services) -> EntryInfo:
         return await services.hub.run(lambda reg: entry_info(reg, name))
 
     @put("/{name:str}/aliases/{alias:str}", summary="Point an alias at a version (atomic; recorded in the history)",
          responses=error_responses(400, 401, 403, 404))
-    async def move_alias(self, name: str, alias: str, data: AliasMove, services: Services) -> AliasInfo:
+    async def move_alias(self, name: Name, alias: Alias, data: AliasMove, services: Services) -> AliasInfo:
         return await services.hub.run(lambda reg: alias_info(reg, name, alias, data.version))
 
     @delete("/{name:str}/aliases/{alias:str}", status_code=200, summary="Remove an alias (not `latest`)",
             responses=error_responses(400, 401, 403, 404))
-    async def delete_alias(self, name: str, alias: str, services: Services) -> AliasInfo:
+    async def delete_alias(self, name: Name, alias: Alias, services: Services) -> AliasInfo:
         return await services.hub.run(lambda reg: remove_alias(reg, name, alias))

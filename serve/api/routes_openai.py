@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from litestar import Controller, Request, Response, get, post
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
 from litestar.response import Stream
 
 from .auth import Principal, provide_principal, require_key
@@ -17,12 +20,15 @@ from .openai_schemas import (
     CompletionRequest,
     CompletionResponse,
     ModelCard,
+    REF_PATTERN,
     ModelList,
 )
 from .responses import ChunkWriter, chat_body, chunk_stream, completion_body
 from .services import Services, error_responses
 
 GENERATION_ERRORS = error_responses(400, 401, 403, 404, 429, 503)
+ModelPath = Annotated[str, Parameter(description="A model id from GET /v1/models.", min_length=1, max_length=129,
+                                     schema_extra={"pattern": REF_PATTERN})]
 SSE_NOTE = " With `stream: true` the answer is `text/event-stream`: one `data: <chunk>` per event, then `data: [DONE]`."
 
 
@@ -31,7 +37,6 @@ class OpenAIController(Controller):
     tags = ["OpenAI-compatible"]
     guards = [require_key]
     dependencies = {"principal": Provide(provide_principal)}
-    security = [{"BearerAuth": []}]
     request_max_body_size = 32 << 20  # prompts, not uploads
 
     @post("/completions", status_code=200, summary="Complete a prompt with the base, an adapter or a full model",
@@ -75,7 +80,7 @@ class OpenAIController(Controller):
         return ModelList(data=await services.catalog.model_cards(principal))
 
     @get("/models/{model:str}", summary="Describe one model id", responses=error_responses(400, 401, 403, 404, 503))
-    async def get_model(self, model: str, principal: Principal, services: Services) -> ModelCard:
+    async def get_model(self, model: ModelPath, principal: Principal, services: Services) -> ModelCard:
         return await services.catalog.model_card(model, principal)
 
 

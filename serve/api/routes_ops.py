@@ -31,7 +31,7 @@ async def ready(services: Services) -> Response[Readiness]:
 @get("/metrics", tags=["Operations"], guards=[metrics_guard], media_type=CONTENT_TYPE,
      summary="Prometheus metrics (admin key unless the server runs with public metrics)",
      responses={200: ResponseSpec(str, description="Prometheus text format 0.0.4.", media_type=CONTENT_TYPE),
-                **error_responses(401, 403)}, security=[{"BearerAuth": []}])
+                **error_responses(401, 403)})
 async def metrics(services: Services) -> Response[str]:
     engine = services.engine
     ready_now = engine.ready

@@ -50,8 +50,8 @@ def test_every_operation_is_typed(schema):
                 if code.startswith("4") or (code == "503" and path != "/ready"):
                     assert response["content"]["application/json"]["schema"] == {
                         "$ref": "#/components/schemas/ErrorResponse"}, (method, path, code)
-            if path.startswith("/v1/"):
-                assert op["security"] == [{"BearerAuth": []}]
+            assert op.get("security") == ([{"BearerAuth": []}] if path.startswith("/v1/") or path == "/metrics"
+                                          else None), (method, path)
     for path, media, model, required in [
         ("/v1/completions", "application/json", "CompletionRequest", {"model", "prompt"}),
         ("/v1/chat/completions", "application/json", "ChatCompletionRequest", {"model", "messages"}),
@@ -130,3 +130,14 @@ def test_schema_valid_bodies_never_cause_a_server_error(client, schema, path, mo
             error = response.json()["error"]
             assert error["message"] and error["type"], body
     assert statuses.count(200) >= 10, statuses  # most drawn bodies are served, not merely refused
+
+
+def test_without_keys_the_schema_asks_for_none(store):
+    from litestar.testing import TestClient
+
+    from .api_support import make_app
+
+    app, _ = make_app(store.home, keys=[])
+    schema = TestClient(app).get("/schema/openapi.json").json()  # no lifespan needed for the schema
+    assert "securitySchemes" not in schema.get("components", {})
+    assert all("security" not in op for ops in schema["paths"].values() for op in ops.values())
