@@ -33,11 +33,11 @@ def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: Lor
         raise IncompatibleAdapter(f"{ref} now has digest {snap.version.digest[:12]}, expected {digest[:12]}")
     try:
         host = read_adapter(snap.path, digest, ref, runner.num_layers, runner.module_dims(), cfg.max_rank,
-                            cfg.torch_dtype(), pin_memory=cfg.torch_device().type == "cuda")
+                            pin_memory=cfg.torch_device().type == "cuda")
     except AdapterRefused as exc:
         raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
     if not pool.fits_empty(host):
-        need = max(host.a[m].shape[1] for m in host.a)
+        need = max(host.ranks.values())
         raise CapacityExceeded(f"adapter {ref} needs {need} rows per module but the device pool has "
                                f"{pool.max_rows} (raise lora_capacity_bytes)")
     return host

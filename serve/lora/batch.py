@@ -28,8 +28,8 @@ class LoraStep:
     token_index: Tensor | None  # [NB * L] token feeding each block position; None: identity
     block_pos: Tensor | None  # [T_lora] block position of each adapter token; None: identity
     token_ids: Tensor | None  # [T_lora] which tokens those are; None: all T tokens
-    rows: dict[str, Tensor]  # group "qkv"/"gate_up"/"o"/"down" -> [NB, n*k] into a_stacked; module -> [NB, k]
-    gathered: dict[str, Tensor] | None  # the same rows' weights for every layer: [layers, NB, n*k, d]; None: gather per layer
+    rows: dict[str, Tensor] | None  # group "qkv"/... -> [NB, n*k] into a_stacked; module -> [NB, k]; None when gathered
+    gathered: dict[str, list[Tensor]] | None  # those rows' weights, per layer [NB, n*k, d]; None: gather per layer
 
 
 def choose_block_len(lengths: list[int]) -> int:
@@ -74,30 +74,38 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
     num_blocks = len(block_slots)
     all_tokens = len(token_ids) == num_tokens and token_ids == list(range(num_tokens))
     identity = all_tokens and len(token_index) == num_tokens
-    n = pool.max_rows + 1
-    per_module: dict[str, list[list[int]]] = {}
-    for group, modules in GROUPS.items():
-        for m in modules:
-            per_module[m] = [_pad(slots[s].rows.get(m, ()), rank) for s in block_slots]
-    rows: dict[str, Tensor] = {}
-    for group, modules in GROUPS.items():
-        fused = [sum(([r + i * n for r in per_module[m][b]] for i, m in enumerate(modules)), [])
-                 for b in range(num_blocks)]
-        rows[group] = torch.tensor(fused, dtype=torch.long).to(device, non_blocking=True)
-        for m in modules:
-            rows[m] = torch.tensor(per_module[m], dtype=torch.long).to(device, non_blocking=True)
+    key = (rank, tuple((s, slots[s].generation) for s in block_slots))
+    gathered = pool.cached_batch(key) if cache_bytes else None
+    rows = None
+    if gathered is None:
+        rows = _rows(pool, [slots[s] for s in block_slots], rank, device)
+        if cache_bytes:
+            gathered = pool.batch_rows(key, rows, cache_bytes)
 
     def _t(values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
-    key = (rank, tuple((s, slots[s].generation) for s in block_slots))
     return LoraStep(
-        num_blocks=num_blocks, block_len=block_len, rank=rank,
-        gathered=pool.batch_rows(key, rows, cache_bytes) if cache_bytes else None,
+        num_blocks=num_blocks, block_len=block_len, rank=rank, gathered=gathered,
         token_index=None if identity else _t(token_index),
         block_pos=None if identity else _t(block_pos),
         token_ids=None if all_tokens else _t(token_ids),
         rows=rows)
+
+
+def _rows(pool: LoraPool, block_slots: list, rank: int, device: torch.device) -> dict[str, Tensor]:
+    """Row ids of every block in each pool: fused groups index their stacked A, modules their B."""
+    n = pool.max_rows + 1
+    per_module = {m: [_pad(slot.rows.get(m, ()), rank) for slot in block_slots]
+                  for modules in GROUPS.values() for m in modules}
+    rows: dict[str, Tensor] = {}
+    for group, modules in GROUPS.items():
+        fused = [sum(([r + i * n for r in per_module[m][b]] for i, m in enumerate(modules)), [])
+                 for b in range(len(block_slots))]
+        rows[group] = torch.tensor(fused, dtype=torch.long).to(device, non_blocking=True)
+        for m in modules:
+            rows[m] = torch.tensor(per_module[m], dtype=torch.long).to(device, non_blocking=True)
+    return rows
 
 
 def _pad(rows, rank: int) -> list[int]:

@@ -54,7 +54,7 @@ class LoraPool:
         self._next_slot = 0
         self._generation = 0
         self._batch_key: tuple | None = None  # the blocks whose rows ``_batch`` holds
-        self._batch: dict[str, Tensor] | None = None
+        self._batch: dict[str, list[Tensor]] | None = None
         self._elem = torch.empty((), dtype=dtype).element_size()
 
     # --- capacity -------------------------------------------------------------------
@@ -76,34 +76,54 @@ class LoraPool:
     def used_bytes(self) -> int:
         return sum(s.nbytes for s in self._slots.values())
 
-    def needs(self, adapter: HostAdapter) -> dict[str, int]:
-        return {m: t.shape[1] for m, t in adapter.a.items()}
-
     def fits_empty(self, adapter: HostAdapter) -> bool:
         """Whether the adapter could ever be placed (with every other slot evicted)."""
-        return all(r <= self.max_rows for r in self.needs(adapter).values())
+        return all(r <= self.max_rows for r in adapter.ranks.values())
 
     def fits_now(self, adapter: HostAdapter) -> bool:
-        return all(r <= len(self._free[m]) for m, r in self.needs(adapter).items())
+        return all(r <= len(self._free[m]) for m, r in adapter.ranks.items())
 
     # --- slots ----------------------------------------------------------------------
     def activate(self, adapter: HostAdapter) -> int:
-        """Copy an adapter into free rows and return its slot (caller checked ``fits_now``)."""
-        rows = {m: [self._free[m].pop() for _ in range(r)] for m, r in self.needs(adapter).items()}
+        """Copy an adapter into free rows and return its slot (caller checked ``fits_now``).
+
+        A and scale-folded B are written layer by layer straight from the host buffer; rows a
+        layer does not use (untargeted layers, lower ranks by pattern) are zeroed, since freed
+        rows keep whatever their last owner wrote.
+        """
+        rows = {m: [self._free[m].pop() for _ in range(r)] for m, r in adapter.ranks.items()}
+        n = self.max_rows + 1
         for group, modules in GROUPS.items():
             for i, m in enumerate(modules):
-                if m not in rows:
-                    continue
-                idx = torch.tensor(rows[m], device=self.a_stacked[group].device) + i * (self.max_rows + 1)
-                self.a_stacked[group].index_copy_(1, idx, adapter.a[m].to(self.a_stacked[group].device, non_blocking=True))
-                self.b_stacked[m].index_copy_(1, idx - i * (self.max_rows + 1),
-                                              adapter.b[m].to(self.b_stacked[m].device, non_blocking=True))
+                if m in rows:
+                    self._write(adapter, m, rows[m], self.a_stacked[group][:, i * n:(i + 1) * n], self.b_stacked[m])
         slot = self._free_slots.pop() if self._free_slots else self._new_slot()
         self._generation += 1
         self._slots[slot] = Slot(rows=rows, rank=adapter.rank,
                                  nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items()),
                                  generation=self._generation)
         return slot
+
+    def _write(self, adapter: HostAdapter, module: str, rows: list[int], a_pool: Tensor, b_pool: Tensor) -> None:
+        first, count = rows[0], len(rows)
+        run = rows == list(range(first, first + count))  # the usual case: plain slices, no temporaries
+        index = None if run else torch.tensor(rows, device=a_pool.device)
+        for layer in range(self.num_layers):
+            pair = (layer, module)
+            a = adapter.a.get(pair)
+            r = 0 if a is None else a.shape[0]
+            if r and run and a_pool.device.type == "cpu":
+                a_pool[layer, first:first + r].copy_(a)
+                torch.mul(adapter.b[pair].T, adapter.spec.scales[pair], out=b_pool[layer, first:first + r])
+            elif r:
+                b = adapter.b[pair].T.float() * adapter.spec.scales[pair]  # [r, out], float32 math
+                dest = torch.arange(first, first + r, device=a_pool.device) if run else index[:r]
+                a_pool[layer].index_copy_(0, dest, a.to(a_pool.device, a_pool.dtype, non_blocking=True))
+                b_pool[layer].index_copy_(0, dest, b.to(b_pool.device, b_pool.dtype, non_blocking=True))
+            if r < count:  # freed rows keep their last owner's values: clear what this layer leaves unused
+                unused = torch.arange(first + r, first + count, device=a_pool.device) if run else index[r:]
+                a_pool[layer].index_fill_(0, unused, 0)
+                b_pool[layer].index_fill_(0, unused, 0)
 
     def _new_slot(self) -> int:
         self._next_slot += 1
@@ -123,10 +143,14 @@ class LoraPool:
     def num_slots(self) -> int:
         return len(self._slots)
 
-    def batch_rows(self, key: tuple, rows: dict[str, Tensor], budget_bytes: int) -> dict[str, Tensor] | None:
+    def cached_batch(self, key: tuple) -> dict[str, list[Tensor]] | None:
+        return self._batch if key == self._batch_key else None
+
+    def batch_rows(self, key: tuple, rows: dict[str, Tensor], budget_bytes: int) -> dict[str, list[Tensor]] | None:
         """Every layer's rows of a step's blocks, gathered in one copy per pool and kept while the
         same blocks come back (steady decoding), so those steps only read them. ``key`` names the
-        blocks' slots and generations. None when the copy would exceed ``budget_bytes``."""
+        blocks' slots and generations. Per layer ``[NB, k, d]`` tensors (split once here, not per
+        step). None when the copy would exceed ``budget_bytes``."""
         if key == self._batch_key:
             return self._batch
         self._batch_key = self._batch = None  # free the old copy before making the new one
@@ -134,8 +158,8 @@ class LoraPool:
         nbytes = self.num_layers * num_blocks * rank * sum(i + o for i, o in self.dims.values()) * self._elem
         if nbytes > budget_bytes:
             return None
-        batch = {g: gather_rows(self.a_stacked[g], rows[g]) for g in GROUPS}
-        batch.update({m: gather_rows(self.b_stacked[m], rows[m]) for m in MODULES})
+        batch = {g: list(gather_rows(self.a_stacked[g], rows[g]).unbind(0)) for g in GROUPS}
+        batch.update({m: list(gather_rows(self.b_stacked[m], rows[m]).unbind(0)) for m in MODULES})
         self._batch_key, self._batch = key, batch
         return batch
 

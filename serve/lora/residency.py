@@ -209,7 +209,7 @@ class Residency:
                     pins=e.pins + int(e.manual), manual=e.manual,
                     device_bytes=slot.nbytes if slot else 0, host_bytes=host.nbytes if host else 0,
                     rank=slot.rank if slot else host.rank if host else None,
-                    modules=tuple(slot.rows) if slot else tuple(host.a) if host else (),
+                    modules=tuple(slot.rows) if slot else tuple(host.ranks) if host else (),
                     last_used=e.last_used))
             return out
 

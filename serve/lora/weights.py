@@ -1,44 +1,108 @@
-"""Load an adapter's files into host tensors laid out for the pools: per module ``A[L, r, in]``, ``B[L, r, out]``.
+"""An adapter's file in host memory: one read into one buffer, tensors as views of it.
 
-PEFT's scaling (alpha/r, or alpha/sqrt(r) for rsLoRA, per module with patterns) is folded into B
-here, once, so the serving path never multiplies by it. Layers the adapter does not target get
-zero rows, which is exact.
+The host tier keeps exactly the file's bytes (no per-tensor allocations, no re-layout), so a cold
+load is one sequential read after the registry's digest check. PEFT's scaling (alpha/r, or
+alpha/sqrt(r) for rsLoRA, per module with patterns) is folded into B when the rows are copied into
+the device pool (``LoraPool.activate``), so the serving path never multiplies by it.
 """
 
 from __future__ import annotations
 
+import json
+import mmap
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from .spec import AdapterRefused, LoraSpec, build_spec, read_config
 
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
 
 @dataclass(slots=True)
 class HostAdapter:
-    """One adapter version's weights on the host, ready to copy into device rows."""
+    """One adapter version on the host, ready to copy into device rows."""
 
     digest: str
     ref: str
     spec: LoraSpec
-    a: dict[str, Tensor]  # module -> [num_layers, rank_m, in_m]
-    b: dict[str, Tensor]  # module -> [num_layers, rank_m, out_m], scale folded in
+    buffer: Tensor  # uint8: the whole safetensors file
+    a: dict[tuple[int, str], Tensor]  # (layer, module) -> lora_A [r, in], a view of ``buffer``
+    b: dict[tuple[int, str], Tensor]  # (layer, module) -> lora_B [out, r], a view of ``buffer``
+    ranks: dict[str, int]  # module -> rows it needs in that module's pool (highest rank over layers)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        return self.buffer.numel()
 
     @property
     def rank(self) -> int:
-        return max(t.shape[1] for t in self.a.values())
+        return max(self.ranks.values())
+
+
+def read_safetensors(path: Path, pin_memory: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """The file in one buffer and its tensors as views (CPU); only float tensors are accepted."""
+    size = path.stat().st_size
+    if size < 8:
+        raise AdapterRefused(f"{path.name} is not a safetensors file")
+    with open(path, "rb") as handle:
+        if pin_memory:  # a GPU copies from page-locked memory fastest
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            if handle.readinto(memoryview(buffer.numpy())) != size:
+                raise AdapterRefused(f"{path.name} changed while it was read")
+        else:  # map the (page-cached) file read-only: no copy, every page mapped in one call
+            mapped = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0),
+                               prot=mmap.PROT_READ)
+            with warnings.catch_warnings():  # torch warns that the memory is not writable; nothing writes it
+                warnings.simplefilter("ignore", UserWarning)
+                buffer = torch.frombuffer(mapped, dtype=torch.uint8)
+    if size < 8:
+        raise AdapterRefused(f"{path.name} is not a safetensors file")
+    (length,) = struct.unpack("<Q", bytes(buffer[:8].tolist()))
+    try:
+        header = json.loads(bytes(buffer[8:8 + length].numpy()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterRefused(f"{path.name} has an unreadable header: {exc}") from None
+    start = 8 + length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise AdapterRefused(f"{name}: dtype {info.get('dtype')} is not a float type the engine loads")
+        begin, end = (start + o for o in info["data_offsets"])
+        raw = buffer[begin:end]
+        if begin % dtype.itemsize:  # an unaligned tensor: copy it out instead of viewing it
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(info["shape"])
+    return buffer, tensors
+
+
+def _check_finite(tensors: dict[str, Tensor]) -> None:
+    """Refuse NaN/inf weights. One sum over all float32 data when they are back to back (a sum is
+    finite only if every value is, overflow aside, which is refused too); else tensor by tensor."""
+    values = list(tensors.values())
+    if values and all(t.dtype == torch.float32 for t in values):
+        ordered = sorted(values, key=lambda t: t.data_ptr())
+        start, end = ordered[0].data_ptr(), ordered[-1].data_ptr() + ordered[-1].nbytes
+        if sum(t.nbytes for t in values) == end - start:
+            whole = ordered[0].view(-1)  # a view of the buffer, widened to the whole data region
+            whole = torch.as_strided(whole, ((end - start) // 4,), (1,))
+            if torch.isfinite(whole.sum()):
+                return
+    for name, t in tensors.items():
+        if not torch.isfinite(t.float().sum()):
+            raise AdapterRefused(f"{name} holds NaN or infinite values")
 
 
 def load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dict[str, tuple[int, int]],
-                 max_rank: int, dtype: torch.dtype, pin_memory: bool = False) -> HostAdapter:
-    """Read ``adapter_config.json`` + ``adapter_model.safetensors`` and build the host layout.
+                 max_rank: int, pin_memory: bool = False) -> HostAdapter:
+    """Read ``adapter_config.json`` + ``adapter_model.safetensors`` and check them against the base.
 
     Raises ``AdapterRefused`` with the reason when the adapter cannot be applied exactly.
     """
@@ -47,26 +111,10 @@ def load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dic
     if not weights.is_file():
         found = sorted(p.name for p in folder.iterdir())
         raise AdapterRefused(f"no adapter_model.safetensors (files: {', '.join(found)})")
-    with safe_open(str(weights), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        spec = build_spec(config, shapes, num_layers, dims, max_rank)
-        a: dict[str, Tensor] = {}
-        b: dict[str, Tensor] = {}
-        for module in spec.modules:
-            rank = spec.module_rank(module)
-            d_in, d_out = dims[module]
-            a_m = torch.zeros(num_layers, rank, d_in, dtype=dtype, pin_memory=pin_memory)
-            b_m = torch.zeros(num_layers, rank, d_out, dtype=dtype, pin_memory=pin_memory)
-            for layer in range(num_layers):
-                keys = spec.keys.get((layer, module))
-                if keys is None:
-                    continue
-                a_t, b_t = f.get_tensor(keys[0]), f.get_tensor(keys[1])
-                r = a_t.shape[0]
-                a_m[layer, :r] = a_t
-                # scale in float32 before the cast, as PEFT's fp32 forward would multiply
-                b_m[layer, :r] = (b_t.float().T * spec.scales[(layer, module)]).to(dtype)
-            a[module], b[module] = a_m, b_m
-    if not torch.isfinite(torch.stack([t.float().abs().max() for t in (*a.values(), *b.values())])).all():
-        raise AdapterRefused("the adapter's weights hold NaN or infinite values")
-    return HostAdapter(digest=digest, ref=ref, spec=spec, a=a, b=b)
+    buffer, tensors = read_safetensors(weights, pin_memory)
+    spec = build_spec(config, {k: tuple(t.shape) for k, t in tensors.items()}, num_layers, dims, max_rank)
+    _check_finite(tensors)
+    a = {pair: tensors[keys[0]] for pair, keys in spec.keys.items()}
+    b = {pair: tensors[keys[1]] for pair, keys in spec.keys.items()}
+    return HostAdapter(digest=digest, ref=ref, spec=spec, buffer=buffer, a=a, b=b,
+                       ranks={m: spec.module_rank(m) for m in spec.modules})

@@ -14,12 +14,15 @@ DIMS = {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16,
         "gate_proj": (16, 24), "up_proj": (16, 24), "down_proj": (24, 16)}
 
 
-def random_adapter(ranks: dict[str, int], layers: int = 2, seed: int = 0) -> HostAdapter:
+def random_adapter(ranks: dict[str, int], layers: int = 2, seed: int = 0, scale: float = 0.5) -> HostAdapter:
+    """Host weights as the loader hands them out: per (layer, module) A [r, in] and B [out, r]."""
     g = torch.Generator().manual_seed(seed)
-    a = {m: torch.randn(layers, r, DIMS[m][0], generator=g) for m, r in ranks.items()}
-    b = {m: torch.randn(layers, r, DIMS[m][1], generator=g) for m, r in ranks.items()}
-    spec = LoraSpec(ranks={(l, m): r for m, r in ranks.items() for l in range(layers)}, scales={}, keys={})
-    return HostAdapter(digest=f"d{seed}", ref=f"a{seed}", spec=spec, a=a, b=b)
+    pairs = [(layer, m) for m in ranks for layer in range(layers)]
+    a = {(layer, m): torch.randn(ranks[m], DIMS[m][0], generator=g) for layer, m in pairs}
+    b = {(layer, m): torch.randn(DIMS[m][1], ranks[m], generator=g) for layer, m in pairs}
+    spec = LoraSpec(ranks={p: ranks[p[1]] for p in pairs}, scales={p: scale for p in pairs}, keys={})
+    return HostAdapter(digest=f"d{seed}", ref=f"a{seed}", spec=spec, buffer=torch.empty(0, dtype=torch.uint8),
+                       a=a, b=b, ranks=dict(ranks))
 
 
 def test_shrink_expand_follow_their_semantics_loops():
@@ -69,8 +72,8 @@ def test_pool_and_step_rows_reproduce_per_token_lora():
             k = step.rank
             ops.scatter_add(y, ops.expand(h[..., i * k:(i + 1) * k], ops.gather_rows(pool.b_stacked[m][layer], step.rows[m])),
                             step.block_pos, step.token_ids)
-            a_t = [adapters[o].a[m][layer] if o is not None and m in adapters[o].a else None for o in owner]
-            b_t = [adapters[o].b[m][layer] if o is not None and m in adapters[o].a else None for o in owner]
+            a_t = [adapters[o].a.get((layer, m)) if o is not None else None for o in owner]
+            b_t = [adapters[o].b[(layer, m)].T * 0.5 if a_t[t] is not None else None for t, o in enumerate(owner)]
             a_t = [a if a is not None else torch.zeros(1, DIMS[m][0]) for a in a_t]
             b_t = [b if b is not None else torch.zeros(1, DIMS[m][1]) for b in b_t]
             assert torch.allclose(y, ops.lora_reference(x, a_t, b_t), atol=1e-5), m
@@ -104,7 +107,7 @@ def test_pool_rows_are_reused_and_counted_in_bytes():
     third = random_adapter({"q_proj": 4}, seed=4)
     s3 = pool.activate(third)
     a_view, _ = pool.module_view("q_proj", 1)
-    assert torch.equal(a_view[pool.slot(s3).rows["q_proj"]], third.a["q_proj"][1])
-    assert torch.equal(a_view[pool.slot(s2).rows["q_proj"]], small.a["q_proj"][1])
+    assert torch.equal(a_view[pool.slot(s3).rows["q_proj"]], third.a[(1, "q_proj")])
+    assert torch.equal(a_view[pool.slot(s2).rows["q_proj"]], small.a[(1, "q_proj")])
     assert not a_view[0].any()  # the zero row stays zero
     assert LoraPool.rows_for_bytes(pool.capacity_bytes, 2, DIMS, torch.float32) == 6
