@@ -111,3 +111,19 @@ def test_pool_rows_are_reused_and_counted_in_bytes():
     assert torch.equal(a_view[pool.slot(s2).rows["q_proj"]], small.a[(1, "q_proj")])
     assert not a_view[0].any()  # the zero row stays zero
     assert LoraPool.rows_for_bytes(pool.capacity_bytes, 2, DIMS, torch.float32) == 6
+
+
+def test_scattered_rows_and_partial_layers_overwrite_stale_rows():
+    pool = LoraPool(2, DIMS, max_rows=8, dtype=torch.float32, device=torch.device("cpu"))
+    first, middle, last = (pool.activate(random_adapter({"q_proj": 2}, seed=s)) for s in (1, 2, 3))
+    pool.release(middle)  # rows 3, 4 keep the old values
+    layer0_only = random_adapter({"q_proj": 3}, layers=2, seed=4)
+    del layer0_only.a[(1, "q_proj")], layer0_only.b[(1, "q_proj")]
+    slot = pool.activate(layer0_only)
+    rows = pool.slot(slot).rows["q_proj"]
+    assert rows != list(range(rows[0], rows[0] + 3))  # not a run: the scattered-row path
+    a0, b0 = pool.module_view("q_proj", 0)
+    a1, b1 = pool.module_view("q_proj", 1)
+    assert torch.equal(a0[rows], layer0_only.a[(0, "q_proj")])
+    assert torch.allclose(b0[rows], layer0_only.b[(0, "q_proj")].T * 0.5)
+    assert not a1[rows].any() and not b1[rows].any()  # the untargeted layer reads zeros, not the old adapter
