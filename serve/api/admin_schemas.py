@@ -69,7 +69,7 @@ class PublishResponse(BaseModel):
 class AliasMove(BaseModel):
     """PUT /v1/hub/{name}/aliases/{alias}: point the alias at a version (a number, or a ref like `3`/`prod`)."""
 
-    version: int = Field(ge=1, description="The version the alias will name.")
+    version: int = Field(ge=1, le=2**31 - 1, description="The version the alias will name.")
 
 
 class AliasInfo(BaseModel):

@@ -22,6 +22,9 @@ Name = Annotated[str, Parameter(description="An entry name.", min_length=1, max_
                                 schema_extra={"pattern": NAME_PATTERN})]
 Alias = Annotated[str, Parameter(description="An alias (not a number).", min_length=1, max_length=64,
                                  schema_extra={"pattern": NAME_PATTERN})]
+RemovableAlias = Annotated[str, Parameter(description="An alias other than `latest` (publish maintains it).",
+                                          min_length=1, max_length=64,
+                                          schema_extra={"pattern": "^(?!latest$)" + NAME_PATTERN[1:]})]
 
 
 class AdaptersController(Controller):
@@ -72,7 +75,8 @@ class AdaptersController(Controller):
           responses=error_responses(400, 401, 403, 404, 503))
     async def unpin(self, ref: Ref, services: Services) -> AdapterInfo:
         target = await _entry(services, ref)
-        services.engine.unpin(target.ref)
+        if (await services.catalog.adapter(target.ref)).residency.pinned:  # nothing to do otherwise
+            services.engine.unpin(target.ref)
         return await services.catalog.adapter(target.ref)
 
 
@@ -105,5 +109,5 @@ class HubController(Controller):
 
     @delete("/{name:str}/aliases/{alias:str}", status_code=200, summary="Remove an alias (not `latest`)",
             responses=error_responses(400, 401, 403, 404))
-    async def delete_alias(self, name: Name, alias: Alias, services: Services) -> AliasInfo:
+    async def delete_alias(self, name: Name, alias: RemovableAlias, services: Services) -> AliasInfo:
         return await services.hub.run(lambda reg: remove_alias(reg, name, alias))

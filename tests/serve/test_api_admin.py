@@ -159,3 +159,15 @@ def test_alias_moves_reach_the_next_request(client, store, tmp_path):
     assert client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 9}).status_code == 404
     assert client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 0}).status_code == 400
     assert client.put("/v1/hub/acme-moving/aliases/Bad!", headers=ADMIN, json={"version": 1}).status_code == 400
+
+
+def test_unpin_of_what_is_not_pinned_changes_nothing(client):
+    for ref in ("tiny-ft", "acme-chat", "globex-sql@1"):
+        assert act(client, ref, "unpin")["residency"]["pinned"] is False
+    assert complete(client, BASE)["choices"]  # the engine still serves
+
+
+def test_alias_versions_out_of_range_are_400(client):
+    for version in (0, 2**31, 10**30):
+        response = client.put("/v1/hub/acme-sql/aliases/prod", headers=ADMIN, json={"version": version})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "version"
