@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from hotswap.hub import InvalidName, Registry, Version, parse_ref
+from hotswap.hub import InvalidName, NotFoundError, Registry, Version, parse_ref
 
 from ..engine import AdapterNotFound, AdapterResidency, Engine, EngineNotReady, Target
 from .admin_schemas import AdapterInfo, Residency
@@ -80,15 +80,19 @@ class Catalog:
         return [i for i in infos if (kind is None or i.kind == kind) and (tier is None or i.residency.tier == tier)]
 
     async def adapter(self, ref: str) -> AdapterInfo:
-        target = await self.resolve(ref, _ADMIN, param="ref")
-        infos = await self.adapters()
-        for info in infos:
-            if info.ref == target.ref:
+        """One adapter or full-model version, servable here or not (read from the registry)."""
+        self._require_ready()
+        try:
+            parse_ref(ref)
+            version = await self.hub.run(lambda reg: reg.resolve(ref))
+        except InvalidName as exc:
+            raise ApiProblem(f"ref: {exc}", "ref") from None
+        except NotFoundError as exc:
+            raise UnknownModel(str(exc), param="ref") from None  # admins see every name: hints included
+        for info in await self.adapters():
+            if info.ref == version.ref:
                 return info
-        raise UnknownModel(f"{ref!r} is the base, not an adapter or a full model", param="ref")
-
-
-_ADMIN = Principal("admin", "admin")
+        raise ApiProblem(f"{version.ref} is a {version.kind}, not an adapter or a full model", "ref")
 
 
 def _entry_names(reg: Registry) -> list[str]:

@@ -171,3 +171,12 @@ def test_alias_versions_out_of_range_are_400(client):
     for version in (0, 2**31, 10**30):
         response = client.put("/v1/hub/acme-sql/aliases/prod", headers=ADMIN, json={"version": version})
         assert response.status_code == 400 and response.json()["error"]["param"] == "version"
+
+
+def test_one_adapter_is_described_even_when_this_base_cannot_serve_it(client):
+    info = client.get("/v1/adapters/other-fit", headers=ADMIN)
+    assert info.status_code == 200 and info.json()["servable"] is False and info.json()["base"] == "other@1"
+    assert client.get("/v1/adapters/acme-sql@prod", headers=ADMIN).json()["ref"] == "acme-sql@1"
+    assert client.get("/v1/adapters/tiny", headers=ADMIN).status_code == 400
+    missing = client.get("/v1/adapters/acme-sqll", headers=ADMIN)
+    assert missing.status_code == 404 and "acme-sql" in missing.json()["error"]["message"]
