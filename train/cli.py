@@ -184,11 +184,11 @@ def compare_cmd(
         out_dir = out or Path("runs") / f"{loaded.recipe.name}-compare"
         command = "hotswap train compare " + " ".join(
             [str(recipe)] + [f"--set {o}" for o in overrides])
-        runs = compare(recipe, tuple(overrides), str(home) if home else None, work or out_dir / "runs",
-                       show_progress=not quiet)
-        report = write_report(runs, loaded.recipe.name, out_dir, command, describe_machine(runs[0].device))
-        _emit({"report": str(report), "runs": [{k: v for k, v in asdict(r).items() if k not in ("history", "evals")}
-                                               for r in runs]},
+        runs, base_score = compare(recipe, tuple(overrides), str(home) if home else None,
+                                   work or out_dir / "runs", show_progress=not quiet)
+        report = write_report(runs, base_score, loaded.recipe.name, out_dir, command, describe_machine(runs[0].device))
+        _emit({"report": str(report), "base_score": base_score,
+               "runs": [{k: v for k, v in asdict(r).items() if k not in ("history", "evals")} for r in runs]},
               as_json, [report.read_text(), f"report: {report}"])
 
 

@@ -24,7 +24,7 @@ import torch
 from hotswap.hub import HubError, PublishResult, Registry, Version
 
 from .errors import MergeError
-from .model import load_base
+from .model import canonical_adapter_config, load_base
 from .run import library_versions
 
 MERGE_METHODS = ("linear", "ties", "dare_linear", "cat")
@@ -95,8 +95,7 @@ def merge_adapters(registry: Registry, refs: list[str], weights: list[float], me
                                    save_embedding_layers=False)
         folder = Path(tmp) / "merged"
         (folder / "README.md").unlink(missing_ok=True)
-        for stray in Path(tmp).glob("README.md"):
-            stray.unlink()
+        canonical_adapter_config(folder / "adapter_config.json")
         return registry.publish(
             folder, name=name, kind="adapter", base=base.version.ref,
             task=tasks.pop() if len(tasks) == 1 else "merged",

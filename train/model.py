@@ -4,6 +4,7 @@ the shape the registry stores (an adapter folder, or a full checkpoint folder)."
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,17 @@ def save_result(model: nn.Module, tokenizer, method: str, folder: Path, base_sou
         # never adapt the embeddings, so there is nothing to learn from it.
         model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
         (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; the registry keeps the facts
+        canonical_adapter_config(folder / "adapter_config.json")
     return folder
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """PEFT writes target_modules from a set, in hash order: sort it so that the same training
+    gives the same bytes (and so the same registry digest) in every process."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def folder_size(folder: Path) -> int:

@@ -14,8 +14,8 @@ PLOT_FILE = "loss_curves.png"
 DATA_FILE = "compare.json"
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 def _params(n: int, total: int) -> str:
@@ -35,27 +35,29 @@ def plot_losses(runs: list[MethodRun], path: Path) -> Path:
             ax.plot([e["step"] for e in run.evals], [e["eval_loss"] for e in run.evals], "o-", label="held-out loss")
         ax.set_title(f"{run.method}: {run.metric} {run.score:.3f}")
         ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[0][0].set_ylabel("loss per answer token")
+    axes[0][0].set_ylabel("loss per answer token (log scale)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_report(runs: list[MethodRun], recipe_name: str, out_dir: Path, command: str, machine: str) -> Path:
+def write_report(runs: list[MethodRun], base_score: float, recipe_name: str, out_dir: Path, command: str,
+                 machine: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_losses(runs, out_dir / PLOT_FILE)
-    (out_dir / DATA_FILE).write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
-    base = next((r.base_score for r in runs if r.base_score is not None), None)
+    (out_dir / DATA_FILE).write_text(json.dumps({"base_score": base_score, "runs": [asdict(r) for r in runs]},
+                                                indent=1) + "\n")
     header = "| | " + " | ".join(r.method for r in runs) + " |"
     rows = [
         ("trainable parameters", [_params(r.trainable_params, r.total_params) for r in runs]),
         ("optimizer steps", [str(r.steps) for r in runs]),
-        ("wall time (training)", [f"{r.wall_s:,.0f} s" for r in runs]),
-        ("peak memory", [_mib(r.peak_memory_bytes) + (" (CUDA)" if r.device == "cuda" else " (RSS)") for r in runs]),
-        ("size on disk", [_mib(r.size_bytes) for r in runs]),
+        ("wall time (training)", [f"{r.wall_s:,.0f} s ({r.wall_s / max(1, r.steps):.1f} s/step)" for r in runs]),
+        ("peak memory", [_size(r.peak_memory_bytes) + (" (CUDA)" if r.device == "cuda" else " (RSS)") for r in runs]),
+        ("size on disk", [_size(r.size_bytes) for r in runs]),
         (f"held-out {runs[0].metric}", [f"{r.score:.3f}" for r in runs]),
         ("final held-out loss", [f"{r.eval_loss:.4f}" for r in runs]),
     ]
@@ -65,8 +67,7 @@ def write_report(runs: list[MethodRun], recipe_name: str, out_dir: Path, command
         header, "|---" * (len(runs) + 1) + "|",
         *(f"| {label} | " + " | ".join(values) + " |" for label, values in rows), "",
     ]
-    if base is not None:
-        lines += [f"The base model without training scores {base:.3f} on the same held-out set.", ""]
+    lines += [f"The base model without training scores {base_score:.3f} on the same held-out set.", ""]
     lines += [f"![loss curves]({PLOT_FILE})", ""]
     path = out_dir / REPORT_FILE
     path.write_text("\n".join(lines))

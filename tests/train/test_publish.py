@@ -100,3 +100,12 @@ def test_malformed_data_refused_before_training(write_recipe, registry):
 
     with pytest.raises(DataError, match=r"train\.jsonl:9: malformed JSON"):
         prepare(load_recipe(folder), registry)
+
+
+def test_dora_and_rslora_train_and_publish(write_recipe, registry, tmp_path):
+    folder = write_recipe(method="dora", steps=2, extra="")
+    result = _run(folder, registry, tmp_path / "run", overrides=["lora.rslora=true"])
+    config = json.loads((result.artifact / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    version = publish_result(registry, result).version
+    assert version.kind == "adapter" and version.metadata.tags["method"] == "dora"
