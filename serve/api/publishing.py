@@ -41,15 +41,16 @@ class PublishForm:
     metrics: str | None = field(default=None, metadata={"description": 'JSON object of numbers, e.g. {"acc": 0.9}.'})
 
 
-def _json_object(text: str | None, field_name: str, value_type: type) -> dict | None:
+def _json_object(text: str | None, field_name: str, value_types: tuple[type, ...], what: str) -> dict | None:
     if not text:
         return None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadUpload(f"{field_name} is not valid JSON: {exc}", field_name) from None
-    if not isinstance(value, dict) or not all(isinstance(v, value_type) and not isinstance(v, bool) for v in value.values()):
-        raise BadUpload(f"{field_name} must be a JSON object of {value_type.__name__} values", field_name)
+    if not isinstance(value, dict) or not all(isinstance(v, value_types) and not isinstance(v, bool)
+                                              for v in value.values()):
+        raise BadUpload(f"{field_name} must be a JSON object of {what}", field_name)
     return value
 
 
@@ -66,8 +67,8 @@ def _checked_names(files: list[UploadFile]) -> list[str]:
 
 async def publish_upload(form: PublishForm, services: Services) -> PublishResponse:
     names = _checked_names(form.files)
-    tags = _json_object(form.tags, "tags", str)
-    metrics = _json_object(form.metrics, "metrics", (int, float))  # type: ignore[arg-type]
+    tags = _json_object(form.tags, "tags", (str,), "strings")
+    metrics = _json_object(form.metrics, "metrics", (int, float), "numbers")
     aliases = tuple(a.strip() for a in (form.aliases or "").split(",") if a.strip())
     base = form.base or services.engine.base.ref
 

@@ -106,6 +106,7 @@ def test_publish_upload_then_serve(client, store, tmp_path):
     ("missing-weights", 400, "unsafe_content", None),
     ("other-base", 400, "incompatible_adapter", None),
     ("bad-tags", 400, "bad_upload", "tags"),
+    ("bad-metrics", 400, "bad_upload", "metrics"),
     ("bad-name", 400, "invalid_name", None),
 ])
 def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, code, param):
@@ -121,6 +122,8 @@ def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, c
             folder = store.adapters["other-fit@1"]
         if case == "bad-tags":
             form = {"tags": "{not json"}
+        if case == "bad-metrics":
+            form = {"metrics": json.dumps({"exact_match": "high"})}
         if case == "bad-name":
             name = "Bad Name"
         response = upload(client, folder, name, **form)
