@@ -11,34 +11,45 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from litestar.datastructures import UploadFile
+from litestar.params import KwargDefinition
 
 from hotswap.hub import Registry
 
 from .admin_schemas import AliasInfo, EntryInfo, PublishResponse
 from .exceptions import BadUpload
+from .openai_schemas import NAME_PATTERN, REF_PATTERN
 from .services import Services
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _doc(description: str, **schema) -> KwargDefinition:
+    """Schema-only description of a form field; the registry validates the values with clear messages."""
+    return KwargDefinition(description=description, **schema)
+
+
+_ALIASES = r"^\s*(?!latest\b)[a-z0-9][a-z0-9._-]{0,63}(\s*,\s*(?!latest\b)[a-z0-9][a-z0-9._-]{0,63})*\s*$"
 
 
 @dataclass
 class PublishForm:
     """multipart/form-data of POST /v1/hub/publish."""
 
-    name: str = field(metadata={"description": "Entry name (lower-case identifier); the next version is created."})
-    files: list[UploadFile] = field(metadata={
-        "description": "The adapter's files, each under its own name: adapter_config.json, adapter_model.safetensors"
-                       " (a README.md too if you like)."})
-    base: str | None = field(default=None, metadata={"description": "Base ref; default: the base this server runs."})
-    task: str | None = None
-    language: str | None = field(default=None, metadata={"description": "BCP-47 tag, e.g. en, pt-BR."})
-    aliases: str | None = field(default=None, metadata={"description": "Comma-separated aliases to point here."})
-    tags: str | None = field(default=None, metadata={"description": 'JSON object of strings, e.g. {"team": "a"}.'})
-    metrics: str | None = field(default=None, metadata={"description": 'JSON object of numbers, e.g. {"acc": 0.9}.'})
+    name: Annotated[str, _doc("Entry name; the next version is created.", max_length=64, pattern=NAME_PATTERN)]
+    files: Annotated[list[UploadFile], _doc(
+        "The adapter's files, each under its own name: adapter_config.json and adapter_model.safetensors "
+        "(a README.md too if you like).", min_items=1)]
+    base: Annotated[str | None, _doc("Base ref; default: the base this server runs.", pattern=REF_PATTERN)] = None
+    task: Annotated[str | None, _doc("What it was trained for, e.g. text-to-sql.", max_length=200)] = None
+    language: Annotated[str | None, _doc("BCP-47 tag, e.g. en, pt-BR.", pattern=r"^[a-zA-Z]{2,3}(-[a-zA-Z0-9]{2,8})*$")] = None
+    aliases: Annotated[str | None, _doc("Comma-separated aliases to point at the new version.", pattern=_ALIASES)] = None
+    tags: Annotated[str | None, _doc('JSON object of strings, e.g. {"team": "a"}.')] = None
+    metrics: Annotated[str | None, _doc('JSON object of numbers, e.g. {"exact_match": 0.9}.')] = None
 
 
 def _json_object(text: str | None, field_name: str, value_types: tuple[type, ...], what: str) -> dict | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated, Literal
 
 from litestar import Controller, delete, get, post, put
@@ -75,9 +77,21 @@ class AdaptersController(Controller):
           responses=error_responses(400, 401, 403, 404, 503))
     async def unpin(self, ref: Ref, services: Services) -> AdapterInfo:
         target = await _entry(services, ref)
-        if (await services.catalog.adapter(target.ref)).residency.pinned:  # nothing to do otherwise
-            services.engine.unpin(target.ref)
-        return await services.catalog.adapter(target.ref)
+        info = await services.catalog.adapter(target.ref)
+        if not info.residency.pinned:  # nothing to do
+            return info
+        services.engine.unpin(target.ref)
+        return await _unpinned(services, target.ref)
+
+
+async def _unpinned(services: Services, ref: str, timeout_s: float = 5.0) -> AdapterInfo:
+    """`Engine.unpin` only queues the change for the engine thread: wait until it shows."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = await services.catalog.adapter(ref)
+        if not info.residency.pinned or time.monotonic() > deadline:
+            return info
+        await asyncio.sleep(0.005)
 
 
 async def _entry(services: Services, ref: str) -> Target:
