@@ -45,7 +45,6 @@ class BenchSettings:
     rank: int = 16
     repeat: int = 2  # timed runs per configuration; the best is reported
     device: str = "auto"
-    compile: bool = False
     skip_hf: bool = False
 
 
@@ -131,8 +130,7 @@ def run(s: BenchSettings) -> BenchResult:
     from hotswap.serve.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
     cfg = EngineConfig(device=s.device, max_batch_tokens=max(512, s.batch * s.prompt), max_running=max(32, s.batch),
-                       lora_capacity_bytes=1 << 30, host_cache_bytes=2 << 30, max_rank=max(64, s.rank),
-                       compile=s.compile)
+                       lora_capacity_bytes=1 << 30, host_cache_bytes=2 << 30, max_rank=max(64, s.rank))
     device, dtype = cfg.torch_device(), cfg.torch_dtype()
     result = BenchResult(settings=asdict(s), machine=dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
@@ -152,7 +150,7 @@ def run(s: BenchSettings) -> BenchResult:
         engine.start_sync()
         try:
             def engine_run(models) -> float:
-                sp = SamplingParams(max_tokens=s.new_tokens, ignore_eos=True)
+                sp = SamplingParams(max_tokens=s.new_tokens, min_tokens=s.new_tokens)
                 reqs = [GenerationRequest(prompt_token_ids=p, model=m, sampling=sp) for p, m in zip(prompts, models)]
                 start = time.perf_counter()
                 outs = engine.generate_sync(reqs)
@@ -229,9 +227,7 @@ def _hf_baselines(s, base_dir, adapter_dirs, prompts, names, device, dtype, resu
 
 
 def _agree(a: list[int], b: list[int]) -> bool:
-    """Same greedy tokens. HF forbids EOS (min_new_tokens) where the engine ignores it, so compare
-    up to the first place either produced an EOS-forced divergence: identical lists, or identical
-    prefixes until HF's output differs because EOS was suppressed."""
+    """Same greedy tokens (both sides forbid EOS until the last token: min_tokens / min_new_tokens)."""
     return a == b
 
 
@@ -260,3 +256,9 @@ def format_table(r: BenchResult) -> str:
 
 def to_json(r: BenchResult) -> str:
     return json.dumps(asdict(r), indent=2)
+
+
+if __name__ == "__main__":  # `python -m hotswap.serve.bench ...`, the same as `hotswap bench ...`
+    from .cli import bench_app
+
+    bench_app()

@@ -28,7 +28,6 @@ def bench(
     rank: int = typer.Option(16, help="LoRA rank of the benchmark adapters"),
     repeat: int = typer.Option(2, help="timed runs per configuration (best reported)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the engine's decode step"),
     skip_hf: bool = typer.Option(False, "--skip-hf", help="engine only (no HF / PEFT baselines)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
@@ -40,7 +39,7 @@ def bench(
     if min(batch, prompt, new_tokens, adapters, rank, repeat) < 1:
         raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
     settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
-                             adapters=adapters, rank=rank, repeat=repeat, device=device, compile=compile,
+                             adapters=adapters, rank=rank, repeat=repeat, device=device,
                              skip_hf=skip_hf)
     result = run(settings)
     typer.echo(to_json(result) if json_out else format_table(result))

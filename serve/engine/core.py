@@ -12,7 +12,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
-from .errors import EngineError
+from .errors import EngineError, EngineNotReady
 from .requests import TokenEvent, Usage
 from .sequence import Sequence, Status
 from .stats import StatsRecorder
@@ -31,7 +31,7 @@ class Core:
         self.wake = threading.Event()
         self.seqs: dict[str, Sequence] = {}
         self.model_waiting: dict[str, list[Sequence]] = {}
-        self.pending: list[Callable[[], bool]] = []  # retried each iteration until they return True
+        self.pending: list[tuple[Callable[[], bool], Future]] = []  # retried each iteration until True
 
     def post(self, command: Callable[[], None]) -> None:
         with self.lock:
@@ -48,7 +48,7 @@ class Core:
                 command()
             if stopping():
                 break
-            self.pending = [task for task in self.pending if not task()]
+            self.pending = [(task, future) for task, future in self.pending if not task()]
             self._route_model_waiting()
             worked = False
             for worker in [self.base, *self.models.workers()]:
@@ -59,6 +59,9 @@ class Core:
                 self.wake.wait(IDLE_WAIT_S)
         for seq in list(self.seqs.values()):
             self.finish(seq, "cancelled")
+        for _, future in self.pending:
+            if not future.done():
+                future.set_exception(EngineNotReady("the engine stopped before this finished"))
 
     def _step(self, worker: Worker) -> bool:
         failed: list[tuple[Sequence, Exception]] = []
@@ -197,7 +200,7 @@ class Core:
             future.set_result(value)
             return True
         if not attempt():
-            self.pending.append(attempt)
+            self.pending.append((attempt, future))
 
     def _gauges(self) -> None:
         workers = [self.base, *self.models.workers()]

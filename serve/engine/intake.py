@@ -26,6 +26,8 @@ def check_sampling(p: SamplingParams, max_tokens_limit: int) -> None:
         raise bad(f"repetition_penalty must be > 0, got {p.repetition_penalty!r}")
     if len(p.stop) > 16 or any(not isinstance(s, str) or not s for s in p.stop):
         raise bad("stop must be at most 16 non-empty strings")
+    if not isinstance(p.min_tokens, int) or not 0 <= p.min_tokens <= p.max_tokens:
+        raise bad(f"min_tokens must be an integer in [0, max_tokens], got {p.min_tokens!r}")
     if p.seed is not None and not isinstance(p.seed, int):
         raise bad(f"seed must be an integer, got {p.seed!r}")
 

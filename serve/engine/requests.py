@@ -24,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0: off; CTRL-style, as in HF transformers
     stop: tuple[str, ...] = ()  # stop strings; the matched string is not returned
     seed: int | None = None  # per-request generator seed; same seed -> same sample
+    min_tokens: int = 0  # EOS is not sampled before this many tokens (as HF's min_new_tokens)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
 
 

@@ -34,8 +34,12 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """``logits[N, V]`` (float32) -> one token id per row."""
+           generators: list[torch.Generator | None], banned: list[frozenset[int]] | None = None) -> list[int]:
+    """``logits[N, V]`` (float32) -> one token id per row; ``banned[i]``: ids row i may not take now."""
+    if banned is not None and any(banned):
+        for i, ids in enumerate(banned):
+            if ids:
+                logits[i, list(ids)] = float("-inf")
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if p.temperature == 0.0 and p.repetition_penalty == 1.0:

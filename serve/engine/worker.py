@@ -76,7 +76,8 @@ class Worker:
         for seq, n in plan:
             seq.num_computed += n
         sampled = [seq for (seq, _), span in zip(plan, spans) if span.sample]
+        banned = [s.eos_ids if s.num_generated < s.sampling.min_tokens else frozenset() for s in sampled]
         tokens = sample(logits, [s.sampling for s in sampled], [s.token_ids for s in sampled],
-                        [s.generator for s in sampled])
+                        [s.generator for s in sampled], banned)
         return plan, list(zip(sampled, tokens))
 

@@ -123,7 +123,8 @@ def test_bad_requests_get_typed_errors_and_serving_goes_on(engine, world, tmp_pa
     with pytest.raises(InvalidRequest, match="max_tokens 5000 is above"):
         engine.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=5000)))
     for bad, word in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
-                      (dict(max_tokens=0), "max_tokens"), (dict(repetition_penalty=0), "repetition_penalty")]:
+                      (dict(max_tokens=0), "max_tokens"), (dict(repetition_penalty=0), "repetition_penalty"),
+                      (dict(max_tokens=4, min_tokens=5), "min_tokens")]:
         with pytest.raises(InvalidRequest, match=word):
             engine.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(**bad)))
     with pytest.raises(InvalidRequest, match="exactly one"):
