@@ -59,7 +59,7 @@ def write_report(runs: list[MethodRun], base_score: float, recipe_name: str, out
         ("peak memory", [_size(r.peak_memory_bytes) + (" (CUDA)" if r.device == "cuda" else " (RSS)") for r in runs]),
         ("size on disk", [_size(r.size_bytes) for r in runs]),
         (f"held-out {runs[0].metric}", [f"{r.score:.3f}" for r in runs]),
-        ("final held-out loss", [f"{r.eval_loss:.4f}" for r in runs]),
+        ("held-out loss (weights kept)", [f"{r.eval_loss:.4f}" for r in runs]),
     ]
     lines = [
         f"# LoRA vs full fine-tuning: `{recipe_name}`", "",

@@ -124,9 +124,8 @@ def run(prep: Prepared, run_dir: Path, resume: bool = False, eval_base: bool = F
     save_result(model, prep.tokenizer, recipe.method, artifact, source)
     report = evaluate(model, prep.tokenizer, prep.eval_examples, recipe, prep.place)
     report.write_answers(run_dir / "answers.jsonl", prep.eval_examples)
-    metrics = {**report.scores, "eval_loss": loop.evals[-1]["eval_loss"] if loop.evals else float("nan")}
-    if loop.best_eval_loss is not None:
-        metrics["best_eval_loss"] = loop.best_eval_loss
+    # the loop hands back the best weights it evaluated, so their held-out loss is the best one
+    metrics = {**report.scores, "eval_loss": loop.best_eval_loss}
     if base_report is not None:
         metrics |= {f"base_{k}": v for k, v in base_report.scores.items()}
     result = RunResult(loaded, recipe.method, run_dir, artifact, prep.base, loop, report, base_report,

@@ -85,7 +85,8 @@ def test_early_stopping_keeps_best_weights(write_recipe, registry, tmp_path):
     result = _train(folder, registry, tmp_path / "run")
     assert result.loop.stopped_early and result.loop.step < 40
     assert result.loop.best_step < result.loop.step
-    assert result.metrics["best_eval_loss"] == min(e["eval_loss"] for e in result.loop.evals)
+    assert result.metrics["eval_loss"] == min(e["eval_loss"] for e in result.loop.evals)
+    assert result.loop.evals[-1]["eval_loss"] > result.metrics["eval_loss"]
 
 
 def test_epochs_cover_every_example_once_per_epoch(write_recipe):
