@@ -6,6 +6,7 @@ commands (closures) that it runs between steps, so no step ever sees a half-made
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from .stats import StatsRecorder
 from .worker import Worker
 
 IDLE_WAIT_S = 0.05
+log = logging.getLogger(__name__)
 
 
 class Core:
@@ -45,7 +47,10 @@ class Core:
             with self.lock:
                 commands, self.commands = self.commands, deque()
             for command in commands:
-                command()
+                try:
+                    command()
+                except Exception:  # a bad command must not take the serving loop down
+                    log.exception("engine command failed")
             if stopping():
                 break
             self.pending = [(task, future) for task, future in self.pending if not task()]
@@ -80,7 +85,13 @@ class Core:
             return True
 
         start = time.perf_counter()
-        plan, sampled = worker.step(try_start, self._unpin)
+        try:
+            plan, sampled = worker.step(try_start, self._unpin)
+        except Exception as exc:  # the step's KV writes are in doubt: end its sequences, keep serving
+            log.exception("engine step failed")
+            for seq in list(worker.scheduler.running):
+                self.fail(seq, EngineError(f"the engine step failed: {type(exc).__name__}: {exc}"))
+            return True
         for seq, exc in failed:
             self.fail(seq, exc)
         if not plan:

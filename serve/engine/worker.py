@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from ..lora.batch import build_lora_step
 from .config import EngineConfig
 from .kv_cache import BlockManager, KVCache
@@ -54,6 +56,7 @@ class Worker:
     def fits_kv(self, num_tokens: int) -> bool:
         return self.blocks.blocks_for(num_tokens) <= self.blocks.num_blocks
 
+    @torch.inference_mode()
     def step(self, try_start: Callable[[Sequence], bool],
              on_preempt: Callable[[Sequence], None]) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
         """Schedule, run one forward, sample. Returns the plan (sequence, tokens computed) and

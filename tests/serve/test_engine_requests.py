@@ -176,3 +176,36 @@ def test_engine_not_ready_before_start(world):
         eng.submit(GenerationRequest(prompt="hi"))
     with pytest.raises(AdapterNotFound):
         Engine(Registry(world.home), "nobase", small_config()).start_sync()
+
+
+def test_min_tokens_bans_eos_until_reached(engine):
+    import torch
+
+    from hotswap.serve.engine.sampler import sample
+
+    eos = engine.tokenizer.eos_token_id
+    logits = torch.zeros(2, 10)
+    logits[:, eos if eos < 10 else 3] = 5.0
+    logits[:, 7] = 4.0
+    banned = [frozenset({eos if eos < 10 else 3}), frozenset()]
+    assert sample(logits, [SamplingParams()] * 2, [[1], [1]], [None, None], banned) == [7, eos if eos < 10 else 3]
+    # in the engine: the ban is applied in every step (greedy, sampled, with an adapter)
+    reqs = [GenerationRequest(prompt=PROMPTS[5], model=m, sampling=SamplingParams(max_tokens=6, min_tokens=6, **kw))
+            for m, kw in ((None, {}), ("sql", {"temperature": 0.8, "seed": 1}))]
+    outs = engine.generate_sync(reqs)
+    assert [o.finish_reason for o in outs] == ["length", "length"]
+    assert all(eos not in o.token_ids for o in outs)
+
+
+def test_a_failing_step_ends_its_requests_and_serving_goes_on(engine, monkeypatch):
+    from hotswap.serve.engine import EngineError
+
+    runner = engine._base.runner
+    real = runner.forward
+    monkeypatch.setattr(runner, "forward", lambda meta, kv: (_ for _ in ()).throw(RuntimeError("boom")))
+    stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=4)))
+    with pytest.raises(EngineError, match="step failed: RuntimeError: boom"):
+        stream.result()
+    monkeypatch.setattr(runner, "forward", real)
+    ok = engine.generate_sync([GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=4))])[0]
+    assert ok.finish_reason == "length" and engine._base.blocks.num_free == engine._base.blocks.num_blocks
