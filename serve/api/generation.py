@@ -30,6 +30,7 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, s
         repetition_penalty=body.repetition_penalty or 1.0,
         stop=body.stop_strings(),
         seed=None if body.seed is None else body.seed + sample,  # n samples of one seed differ, reproducibly
+        min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos)
 
 

@@ -81,6 +81,8 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="1 is off (HF semantics).",
                                              **_bound(exclusive_minimum=0))
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+    min_tokens: int = Field(0, ge=0, description="Do not end before this many tokens (EOS is held back).",
+                            **_bound(minimum=0))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -118,3 +118,26 @@ def test_serve_reports_a_bad_key_file(store, tmp_path):
 def test_serve_reports_an_unknown_base(store):
     result = CliRunner().invoke(serve_app, ["--base", "tiyn", "--home", str(store.home)])
     assert result.exit_code == 2 and "tiny" in result.output
+
+
+def test_serve_builds_the_engine_and_app_from_its_flags(store, tmp_path, monkeypatch):
+    """The command's whole path up to uvicorn.run, which is replaced by a recorder (no server starts)."""
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nname = "ops"\nkey = "sk-ops-0123456789abcdef"\nrole = "admin"\n')
+    result = CliRunner().invoke(serve_app, [
+        "--base", BASE, "--home", str(store.home), "--host", "0.0.0.0", "--port", "8123", "--api-keys", str(keys),
+        "--max-running", "3", "--max-queue", "7", "--kv-cache-mib", "16", "--lora-capacity-mib", "8",
+        "--host-cache-mib", "32", "--max-model-len", "128", "--device", "cpu", "--public-metrics"])
+    assert result.exit_code == 0, result.output
+    assert "auth: 1 API keys (admin: ops; user: none)" in result.output
+    [(app, kwargs)] = calls
+    assert kwargs["host"] == "0.0.0.0" and kwargs["port"] == 8123
+    services = app.state.services
+    config = services.engine.config
+    assert (config.max_running, config.max_queue, config.max_model_len, config.device) == (3, 7, 128, "cpu")
+    assert (config.kv_cache_bytes, config.lora_capacity_bytes, config.host_cache_bytes) == (16 << 20, 8 << 20, 32 << 20)
+    assert services.settings.public_metrics and [k.name for k in services.settings.keys] == ["ops"]
