@@ -35,8 +35,8 @@ from ..engine import (
     PromptTooLong,
     QueueFull,
 )
-from .metrics import MODEL_SCOPE_KEY
 from .exceptions import ApiProblem, BadUpload, Busy, ClientGone, Forbidden, Unauthenticated, UnknownModel
+from .metrics import MODEL_SCOPE_KEY
 from .openai_schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("hotswap.serve.api")

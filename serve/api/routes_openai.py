@@ -12,15 +12,15 @@ from litestar.response import Stream
 
 from .auth import Principal, provide_principal, require_key
 from .errors import describe
-from .metrics import MODEL_SCOPE_KEY
 from .generation import Run, chat_jobs, completion_jobs, unless_gone
+from .metrics import MODEL_SCOPE_KEY
 from .openai_schemas import (
+    REF_PATTERN,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
-    REF_PATTERN,
     ModelList,
 )
 from .responses import ChunkWriter, chat_body, chunk_stream, completion_body
