@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from hotswap.hub import InvalidName, NotFoundError, Registry, Version, parse_ref
+from hotswap.hub import InvalidName, NotFoundError, Ref, Registry, Version, parse_ref
 
 from ..engine import AdapterNotFound, AdapterResidency, Engine, EngineNotReady, Target
 from .admin_schemas import AdapterInfo, Residency
@@ -38,10 +38,7 @@ class Catalog:
     async def resolve(self, model: str, principal: Principal, param: str = "model") -> Target:
         """The exact version `model` names now, if this caller may use it."""
         self._require_ready()
-        try:
-            ref = parse_ref(model)
-        except InvalidName as exc:
-            raise ApiProblem(f"{param}: {exc}", param) from None
+        ref = checked_ref(model, param)
         if ref.name != self.base_name() and not principal.may_use(ref.name):
             raise Forbidden(f"key {principal.name!r} may not use {ref.name!r}", param)
         try:
@@ -82,17 +79,29 @@ class Catalog:
     async def adapter(self, ref: str) -> AdapterInfo:
         """One adapter or full-model version, servable here or not (read from the registry)."""
         self._require_ready()
+        checked_ref(ref, "ref")
         try:
-            parse_ref(ref)
             version = await self.hub.run(lambda reg: reg.resolve(ref))
-        except InvalidName as exc:
-            raise ApiProblem(f"ref: {exc}", "ref") from None
         except NotFoundError as exc:
             raise UnknownModel(str(exc), param="ref") from None  # admins see every name: hints included
         for info in await self.adapters():
             if info.ref == version.ref:
                 return info
         raise ApiProblem(f"{version.ref} is a {version.kind}, not an adapter or a full model", "ref")
+
+
+MAX_VERSION = 2**63 - 1  # the index stores versions as SQLite integers
+
+
+def checked_ref(text: str, param: str) -> Ref:
+    """Parse a reference; a malformed one is a 400 naming `param`, an impossible version number a 404."""
+    try:
+        ref = parse_ref(text)
+    except InvalidName as exc:
+        raise ApiProblem(f"{param}: {exc}", param) from None
+    if ref.version is not None and ref.version > MAX_VERSION:
+        raise UnknownModel(f"{ref.name} has no version {ref.version}", param=param)
+    return ref
 
 
 def _entry_names(reg: Registry) -> list[str]:
