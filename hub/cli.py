@@ -18,9 +18,11 @@ ENTRY_POINT_GROUP = "hotswap.commands"
 def _as_click(obj: object, name: str) -> click.Command:
     if isinstance(obj, typer.Typer):
         obj = typer.main.get_command(obj)
-    if not isinstance(obj, click.Command):
+    # typer ships its own copy of click, so its commands are not `click.Command` instances:
+    # accept anything with a command's interface.
+    if not (hasattr(obj, "main") and hasattr(obj, "make_context")):
         raise click.ClickException(f"plugin command {name!r} is not a click command or typer app")
-    return obj
+    return obj  # type: ignore[return-value]
 
 
 class RootGroup(click.Group):
@@ -72,15 +74,18 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="hotswap", standalone_mode=False)
     except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
     except HubError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except Exception as exc:
+        # Usage errors of click or of typer's own copy of it: both carry `show()` and `exit_code`.
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
 
 
 if __name__ == "__main__":

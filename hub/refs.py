@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .errors import InvalidName
 
 MAX_NAME_LENGTH = 64
+MAX_VERSION = 2**31 - 1  # far beyond any real count; keeps numbers inside SQLite's integers
 _IDENTIFIER = re.compile(r"[a-z0-9][a-z0-9._-]*")
 LATEST = "latest"
 
@@ -54,7 +55,7 @@ def parse_ref(text: str) -> Ref:
         raise InvalidName(f"reference {text!r} has an empty version after '@'")
     if selector.isdigit():
         version = int(selector)
-        if version < 1:
-            raise InvalidName(f"reference {text!r}: versions start at 1")
+        if not 1 <= version <= MAX_VERSION:
+            raise InvalidName(f"reference {text!r}: versions run from 1 to {MAX_VERSION}")
         return Ref(name, version=version)
     return Ref(name, alias=check_identifier(selector, "alias"))

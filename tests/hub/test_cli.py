@@ -97,5 +97,13 @@ def main_json(args):
 
 
 def test_help_everywhere(capsys):
-    for args in (["--help"], ["hub", "--help"], ["hub", "publish", "--help"], ["hub", "pull", "--help"]):
-        assert run(capsys, *args)[0] == 0
+    for args in (["--help"], ["hub", "--help"], ["hub", "publish", "--help"], ["hub", "pull", "--help"],
+                 ["serve", "--help"], ["train", "--help"], ["bench", "--help"]):
+        assert run(capsys, *args)[0] == 0, args
+
+
+def test_usage_errors_exit_2_with_the_reason(capsys, tmp_path):
+    code, out, err = run(capsys, "hub", "publish", str(tmp_path), "--home", str(tmp_path))
+    assert code == 2 and "--name" in err
+    code, out, err = run(capsys, "nosuchcommand")
+    assert code == 2 and "nosuchcommand" in err

@@ -16,7 +16,7 @@ def test_parse_valid(text, expected):
 
 @pytest.mark.parametrize("text,fragment", [
     ("../x", "not an identifier"), ("/etc/passwd", "not an identifier"), ("a/b", "not an identifier"),
-    ("Sql", "not an identifier"), ("", "non-empty"), ("sql@", "empty version"), ("sql@0", "start at 1"),
+    ("Sql", "not an identifier"), ("", "non-empty"), ("sql@", "empty version"), ("sql@0", "versions run from 1"), ("sql@99999999999999999999", "versions run from 1"),
     ("x" * 65, "longer than 64"), ("a..b", "not an identifier"), ("sql@Prod", "not an identifier"),
 ])
 def test_parse_refuses(text, fragment):
