@@ -26,10 +26,22 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not integration and not slow"
 
+# The main job on the embedded default: import SmolLM2-135M-Instruct, publish the shipped adapters
+# from their committed artifacts (each reproduced by `hotswap train adapters/NAME`), then serve them
+# on 127.0.0.1:8000 after showing the base and each adapter answering the same prompt.
+# DEMO_ARGS=--no-serve stops after the showcase.
 demo: install
-	$(HOTSWAP) hub import-base smollm2
-	$(PY) -m hotswap.hub.demo_adapter smollm2 .hotswap-demo/adapter
-	$(HOTSWAP) hub publish .hotswap-demo/adapter --name demo-lora --base smollm2 --task demo
+	$(HOTSWAP) hub show smollm2 >/dev/null 2>&1 || $(HOTSWAP) hub import-base smollm2
+	for recipe in adapters/*/; do \
+	  if [ -d "$$recipe/artifact" ]; then $(HOTSWAP) train publish "$$recipe" --alias prod || exit 1; \
+	  else $(HOTSWAP) train "$$recipe" --publish || exit 1; fi; \
+	done
+	$(PY) -m hotswap.serve.api.demo --base smollm2 --adapters-dir adapters $(DEMO_ARGS)
+
+# Engine throughput and adapter cold-load time against HF transformers and PEFT, on the embedded base.
+bench: install
+	$(HOTSWAP) hub show smollm2 >/dev/null 2>&1 || $(HOTSWAP) hub import-base smollm2
+	$(HOTSWAP) bench --base smollm2
 
 clean:
-	rm -rf $(VENV) .hotswap .hotswap-demo
+	rm -rf $(VENV) .hotswap
