@@ -75,9 +75,9 @@ def test_unknown_model_is_404_with_nearest_names(client):
     assert "version 9" in error["message"] and "1, 2" in error["message"]
     error = error_of(post(client, "/v1/completions", {"model": "acme-sql@staging", "prompt": "hi"}), 404)
     assert "staging" in error["message"] and "prod" in error["message"]
-    huge = "acme-sql@" + "9" * 30  # beyond what the index can store: not found, not a server error
-    assert error_of(post(client, "/v1/completions", {"model": huge, "prompt": "hi"}), 404)["param"] == "model"
-    assert error_of(client.get(f"/v1/adapters/{huge}", headers=ADMIN), 404)["param"] == "ref"
+    huge = "acme-sql@" + "9" * 30  # beyond any version the registry hands out: a bad reference, not a 500
+    assert error_of(post(client, "/v1/completions", {"model": huge, "prompt": "hi"}), 400)["param"] == "model"
+    assert "versions run from 1" in error_of(client.get(f"/v1/adapters/{huge}", headers=ADMIN), 400)["message"]
     error = error_of(post(client, "/v1/adapters/acme-chta/load", {}), 404)
     assert error["param"] == "ref" and "acme-chat" in error["message"]
 
