@@ -4,7 +4,7 @@
            target modules (every refusal happens here, before any step is taken)
   train:   seed, make the trainable part, loop (trainer.py), save the result
   score:   the held-out metric of the result (and, on request, of the untouched base)
-  record:  metrics.json, lineage.json, history.json and answers.jsonl in the run folder
+  record:  metrics.json, lineage.json, history.json and answers.jsonl (base_answers.jsonl) in the run folder
 
 Publishing is a separate step (publish.py) so a run can be inspected before it is stored."""
 
@@ -128,6 +128,7 @@ def run(prep: Prepared, run_dir: Path, resume: bool = False, eval_base: bool = F
     metrics = {**report.scores, "eval_loss": loop.best_eval_loss}
     if base_report is not None:
         metrics |= {f"base_{k}": v for k, v in base_report.scores.items()}
+        base_report.write_answers(run_dir / "base_answers.jsonl", prep.eval_examples)
     result = RunResult(loaded, recipe.method, run_dir, artifact, prep.base, loop, report, base_report,
                        trainable, total, wall_s, peak, folder_size(artifact), metrics, {})
     result.lineage = lineage(prep, result)
