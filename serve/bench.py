@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field

@@ -20,7 +20,7 @@ from .core import Core
 from .errors import EngineError, EngineNotReady, PromptTooLong, QueueFull
 from .intake import check_sampling, prompt_ids
 from .models import ModelPool
-from .requests import Completion, GenerationRequest, RequestStream, Target, TokenEvent, Usage
+from .requests import Completion, GenerationRequest, RequestStream, Target
 from .resolve import Resolver
 from .sequence import Sequence
 from .stats import EngineStats, StatsRecorder

@@ -15,7 +15,7 @@ from typing import Callable
 from hotswap.hub import HubError, NotFoundError
 
 from .config import EngineConfig
-from .errors import AdapterNotFound, CapacityExceeded, EngineError, IncompatibleAdapter, InvalidRequest
+from .errors import AdapterNotFound, EngineError, IncompatibleAdapter, InvalidRequest
 from .kv_cache import KVCache
 from .requests import Target
 from .worker import MAX_CONTEXT
@@ -114,6 +114,3 @@ class Resolver:
             self._models[target.digest] = info
         return info
 
-
-def too_big(ref: str, need: int, capacity: int, what: str) -> CapacityExceeded:
-    return CapacityExceeded(f"{ref} needs {need >> 20} MiB of {what} but the capacity is {capacity >> 20} MiB")

@@ -10,7 +10,7 @@ from hotswap.hub import Registry
 from hotswap.serve.engine import GenerationRequest, SamplingParams
 
 from .engine_support import (ADAPTERS, BASE, PROMPTS, AdapterSpec, peft_greedy, preload, save_adapter,  # noqa: F401
-                             start_engine, tiny_tokenizer, wait_until, world)
+                             start_engine, tiny_tokenizer, world)
 
 NEW = 8
 ROW_BYTES = 3 * 928 * 4  # one rank row in all 7 module pools of the tiny base (3 layers, fp32)
