@@ -167,7 +167,8 @@ def compare_cmd(
     overrides: list[str] = SetOption,
     home: Optional[Path] = HomeOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: runs/<name>-compare)."),
-    work: Optional[Path] = typer.Option(None, "--work", help="Run folders (default: <out>/runs)."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Run folders, checkpoints included "
+                                        "(default: runs/<name>-compare/runs)."),
     as_json: bool = JsonOption,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -185,7 +186,8 @@ def compare_cmd(
         command = "hotswap train compare " + " ".join(
             [str(recipe)] + [f"--set {o}" for o in overrides])
         runs, base_score = compare(recipe, tuple(overrides), str(home) if home else None,
-                                   work or out_dir / "runs", show_progress=not quiet)
+                                   work or Path("runs") / f"{loaded.recipe.name}-compare" / "runs",
+                                   show_progress=not quiet)
         report = write_report(runs, base_score, loaded.recipe.name, out_dir, command, describe_machine(runs[0].device))
         _emit({"report": str(report), "base_score": base_score,
                "runs": [{k: v for k, v in asdict(r).items() if k not in ("history", "evals")} for r in runs]},

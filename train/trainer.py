@@ -62,20 +62,24 @@ def _schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def evaluate_loss(model: nn.Module, data: list[Encoded], batch_size: int, pad_id: int, place: Placement) -> float:
-    """Mean loss per answer token over the held-out set."""
+    """Mean loss per answer token over the held-out set.
+
+    Logits are computed only where the next token is part of an answer: over a 49k vocabulary the
+    full [B, T, V] logits of a held-out batch would dominate the run's peak memory."""
     was_training = model.training
     model.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = {k: v.to(place.device) for k, v in collate(data[start:start + batch_size], pad_id).items()}
+            targets = batch["labels"][:, 1:]  # [B, T-1]: the token each position predicts
+            keep = torch.nn.functional.pad(targets != -100, (0, 1))  # [B, T] positions whose next token is labelled
             with place.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            shifted = batch["labels"][:, 1:]
-            losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
-                                                 ignore_index=-100, reduction="sum")
-            loss_sum += losses.item()
-            tokens += int((shifted != -100).sum())
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               logits_to_keep=keep).logits  # [N, V], one row per answer token
+            picked = targets[keep[:, :-1]]  # [N]
+            loss_sum += nn.functional.cross_entropy(logits.float(), picked, reduction="sum").item()
+            tokens += picked.numel()
     model.train(was_training)
     return loss_sum / max(1, tokens)
 

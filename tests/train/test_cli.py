@@ -83,6 +83,7 @@ def test_merge_command(write_recipe, home, tmp_path):
 @pytest.mark.slow
 def test_compare_writes_report_and_plot(write_recipe, home, tmp_path):
     result = _invoke("compare", write_recipe(steps=4, eval_every=2), "--home", home, "--out", tmp_path / "cmp",
+                     "--work", tmp_path / "work",
                      "--quiet", "--json")
     assert result.exit_code == 0, result.output
     report = (tmp_path / "cmp" / "report.md").read_text()
