@@ -27,7 +27,7 @@ from hotswap.hub import HubError, Registry, Version
 
 from .checkpoint import LoopState
 from .data import Example, dataset_digest, read_jsonl
-from .encode import EncodeStats, encode_all, pad_id_of
+from .encode import Encoded, EncodeStats, encode_all, pad_id_of
 from .errors import RecipeError
 from .evaluate import EvalReport, evaluate
 from .model import Placement, check_targets, count_parameters, folder_size, load_base, make_trainable, save_result
@@ -51,8 +51,8 @@ class Prepared:
     eval_examples: list[Example]
     train_stats: EncodeStats
     eval_stats: EncodeStats
-    train_encoded: list
-    eval_encoded: list
+    train_encoded: list[Encoded]
+    eval_encoded: list[Encoded]
 
 
 @dataclass(slots=True)

@@ -41,10 +41,17 @@ def test_recipe_without_subcommand_trains_and_publishes(write_recipe, home, tmp_
 
 
 def test_explicit_run_and_method_flag(write_recipe, home, tmp_path):
-    result = _invoke("run", write_recipe(steps=1), "--method", "full", "--home", home, "--out", tmp_path / "r",
-                     "--quiet", "--json")
+    folder = write_recipe(steps=1)
+    result = _invoke("run", folder, "--method", "full", "--home", home, "--out", tmp_path / "r",
+                     "--quiet", "--json", "--publish")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["method"] == "full"
+    payload = json.loads(result.stdout)
+    assert payload["method"] == "full" and payload["published"] == "colours-full@1"
+    scored = _invoke("eval", folder, "--ref", "colours-full", "--home", home, "--json",
+                     "--answers", tmp_path / "answers.jsonl")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["target"] == "colours-full@1"
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.mark.parametrize("args, message", [
