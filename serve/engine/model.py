@@ -114,7 +114,9 @@ class LlamaRunner:
         """Run one step; returns float32 logits ``[N, vocab]`` for ``meta.logits_index``."""
         x = F.embedding(meta.input_ids, self.embed)
         cos, sin = self.rotary(x, meta.positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, hd]
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * sin with its first half negated
+        cos, sin = cos[0, :, None, :], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)[:, None, :]
         lora = meta.lora if self.lora is not None else None
         for index, lw in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), lw.attn_norm, self.eps)
@@ -135,10 +137,16 @@ class LlamaRunner:
         pool, k, cached = self.lora, lora.rank, lora.gathered
         a = cached[group][layer] if cached else ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group])
         h = ops.shrink(ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len), a)
-        outs = []
-        for i, m in enumerate(modules):
-            b = cached[m][layer] if cached else ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m])
-            outs.append(ops.expand(h[..., i * k:(i + 1) * k], b))
+        bs = [cached[m][layer] if cached else ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m]) for m in modules]
+        if lora.token_index is None and lora.block_len > 1:
+            # whole prefill blocks in token order: accumulate straight into y's columns, no
+            # concatenated copy of the (long) outputs; decode steps keep the fewer-op path below
+            y_blocks, start = y.view(lora.num_blocks, lora.block_len, -1), 0
+            for i, b in enumerate(bs):
+                ops.expand_add(y_blocks[..., start:start + b.shape[-1]], h[..., i * k:(i + 1) * k], b)
+                start += b.shape[-1]
+            return y
+        outs = [ops.expand(h[..., i * k:(i + 1) * k], b) for i, b in enumerate(bs)]
         ops.scatter_add(y, outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1), lora.block_pos, lora.token_ids)
         return y
 
@@ -148,9 +156,7 @@ class LlamaRunner:
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self._linear(h, lw.qkv, lora, layer, "qkv", ("q_proj", "k_proj", "v_proj"))
         qk = qkv[:, :(nh + nkv) * hd].view(t, nh + nkv, hd)
-        half = hd // 2
-        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-        qk = qk * cos + rotated * sin
+        qk = qk * cos + torch.roll(qk, hd // 2, dims=-1) * sin
         q, k = qk[:, :nh], qk[:, nh:]
         v = qkv[:, (nh + nkv) * hd:].view(t, nkv, hd)
         k_cache, v_cache = kv.k[layer], kv.v[layer]

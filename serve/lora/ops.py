@@ -68,6 +68,18 @@ def expand(h: Tensor, b_blocks: Tensor) -> Tensor:
     return torch.bmm(h, b_blocks)
 
 
+def expand_add(y_blocks: Tensor, h: Tensor, b_blocks: Tensor) -> None:
+    """``expand`` accumulated in place into a view of the output: ``y_blocks[NB, L, out] += h @ b_blocks``.
+
+    Semantics::
+
+        for b in range(NB):
+            for j in range(k):
+                y_blocks[b] += h[b, :, j:j+1] * b_blocks[b, j]
+    """
+    y_blocks.baddbmm_(h, b_blocks)
+
+
 def scatter_add(y: Tensor, y_blocks: Tensor, block_pos: Tensor | None, token_ids: Tensor | None) -> None:
     """Add block outputs back to their tokens, in place: ``y[T, out] += y_blocks[NB, L, out]``.
 

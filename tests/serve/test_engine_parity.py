@@ -62,6 +62,19 @@ def test_chunked_prefill_and_joins_match_peft(world, oracle):
         eng.stop_sync()
 
 
+def test_whole_block_prefill_matches_peft(engine, world):
+    """Prompts of 8 tokens each, all with adapters: blocks are exactly the prompts (the in-place path)."""
+    from .engine_support import tiny_tokenizer
+
+    preload(engine, ["chat", "attn"])
+    ids = [tiny_tokenizer()(PROMPTS[i])["input_ids"][:8] for i in (1, 4)]
+    ids = [(p * 8)[:8] for p in ids]
+    reqs = [GenerationRequest(prompt_token_ids=p, model=m, sampling=SamplingParams(max_tokens=NEW))
+            for p, m in zip(ids, ["chat", "attn"])]
+    for p, m, out in zip(ids, ["chat", "attn"], engine.generate_sync(reqs)):
+        assert list(out.token_ids) == peft_greedy(world.base_dir, world.adapter_dirs[m], p, NEW)
+
+
 def test_rows_leave_early_without_disturbing_others(engine, oracle):
     preload(engine, ["mlp", "attn"])
     short = engine.submit(request(engine, "mlp", 4, new=2))

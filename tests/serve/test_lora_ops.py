@@ -127,3 +127,15 @@ def test_scattered_rows_and_partial_layers_overwrite_stale_rows():
     assert torch.equal(a0[rows], layer0_only.a[(0, "q_proj")])
     assert torch.allclose(b0[rows], layer0_only.b[(0, "q_proj")].T * 0.5)
     assert not a1[rows].any() and not b1[rows].any()  # the untargeted layer reads zeros, not the old adapter
+
+
+def test_expand_add_accumulates_into_column_views():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2 * 4, 10, generator=g)
+    h, b = torch.randn(2, 4, 3, generator=g), torch.randn(2, 3, 6, generator=g)
+    expected = y.clone()
+    for blk in range(2):
+        for j in range(3):
+            expected.view(2, 4, 10)[blk, :, 2:8] += h[blk, :, j:j + 1] * b[blk, j]
+    ops.expand_add(y.view(2, 4, 10)[..., 2:8], h, b)
+    assert torch.allclose(y, expected, atol=1e-5)
