@@ -33,6 +33,8 @@ class Catalog:
 
     def _require_ready(self) -> None:
         if not self.engine.ready:
+            if self.engine.failure:
+                raise EngineNotReady(f"the engine is down: {self.engine.failure}; restart the server")
             raise EngineNotReady("the base model is still loading; retry shortly")
 
     async def resolve(self, model: str, principal: Principal, param: str = "model") -> Target:

@@ -23,7 +23,9 @@ async def ready(services: Services) -> Response[Readiness]:
     engine = services.engine
     if engine.ready:
         return Response(Readiness(ready=True, base=engine.base.ref))
-    detail = f"failed to start: {services.start_error}" if services.start_error else "loading the base model"
+    failure = engine.failure  # set when the engine loop died after start
+    detail = (f"failed to start: {services.start_error}" if services.start_error
+              else failure or "loading the base model")
     return Response(Readiness(ready=False, base=None, detail=detail), status_code=503,
                     headers={"Retry-After": str(services.settings.retry_after_s)})
 

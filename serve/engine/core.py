@@ -34,11 +34,31 @@ class Core:
         self.seqs: dict[str, Sequence] = {}
         self.model_waiting: dict[str, list[Sequence]] = {}
         self.pending: list[tuple[Callable[[], bool], Future]] = []  # retried each iteration until True
+        self.dead: EngineError | None = None  # set when the loop died: nothing runs commands any more
 
     def post(self, command: Callable[[], None]) -> None:
         with self.lock:
+            if self.dead is not None:
+                raise EngineNotReady(f"the engine is failed ({self.dead})")
             self.commands.append(command)
         self.wake.set()
+
+    def abort(self, error: EngineError) -> None:
+        """The loop died (on this thread): end every stream and pending operation with ``error``."""
+        with self.lock:
+            self.dead = error
+            commands, self.commands = self.commands, deque()
+        for command in commands:  # requests posted but not admitted yet
+            for seq in getattr(command, "seqs", ()):
+                seq.stream._push(error)
+        for seq in list(self.seqs.values()):
+            try:
+                self.fail(seq, error)
+            except Exception:  # the state may be what broke; the stream must still end
+                seq.stream._push(error)
+        for _, future in self.pending:
+            if not future.done():
+                future.set_exception(error)
 
     # --- loop -----------------------------------------------------------------------
     def run(self, stopping: Callable[[], bool]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from concurrent.futures import Future
@@ -26,6 +27,7 @@ from .sequence import Sequence
 from .stats import EngineStats, StatsRecorder
 from .worker import Worker
 
+log = logging.getLogger(__name__)
 
 @dataclass(slots=True, frozen=True)
 class AdapterResidency:
@@ -62,7 +64,8 @@ class Engine:
         self._recorder = StatsRecorder()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._state = "new"  # new -> ready -> stopping -> stopped
+        self._state = "new"  # new -> ready -> stopping -> stopped; ready -> failed -> stopped
+        self.failure: str | None = None  # why the engine loop died, when it did
         self._num_queued = 0  # submitted, not yet running (for QueueFull)
         self._base: Worker | None = None
         self._core: Core | None = None
@@ -101,11 +104,25 @@ class Engine:
             s.lora_bytes_capacity, s.host_cache_bytes_capacity = pool.capacity_bytes, cfg.host_cache_bytes
         self._recorder.update(capacities)
         self._state = "ready"
-        self._thread = threading.Thread(target=core.run, args=(lambda: self._state != "ready",),
-                                        name="hotswap-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run_core, name="hotswap-engine", daemon=True)
         self._thread.start()
 
+    def _run_core(self) -> None:
+        try:
+            self._core.run(lambda: self._state != "ready")
+        except BaseException as exc:  # a bug outside the guarded step: fail loudly, never hang streams
+            log.exception("the engine loop died")
+            self.failure = f"the engine loop died: {type(exc).__name__}: {exc}"
+            self._state = "failed"
+            self._core.abort(EngineError(self.failure))
+
     def stop_sync(self) -> None:
+        if self._state == "failed":
+            self._thread.join()
+            self._core.residency.close()
+            self._core.models.close()
+            self._state = "stopped"
+            return
         if self._state != "ready":
             return
         self._state = "stopping"
@@ -144,7 +161,8 @@ class Engine:
 
     def _require_ready(self) -> None:
         if self._state != "ready":
-            raise EngineNotReady(f"the engine is {self._state}" + (" (call start())" if self._state == "new" else ""))
+            hint = " (call start())" if self._state == "new" else f" ({self.failure})" if self.failure else ""
+            raise EngineNotReady(f"the engine is {self._state}{hint}")
 
     # --- requests -------------------------------------------------------------------
     def resolve(self, model: str | None) -> Target:
@@ -182,7 +200,13 @@ class Engine:
         def admit() -> None:
             for seq in prepared:
                 self._core.admit(seq)
-        self._core.post(admit)
+        admit.seqs = prepared  # type: ignore[attr-defined]  # failed by Core.abort if never run
+        try:
+            self._core.post(admit)
+        except EngineError:
+            for seq in prepared:
+                self._unqueue()
+            raise
         return [seq.stream for seq in prepared]
 
     def _prepare(self, request: GenerationRequest) -> Sequence:
@@ -230,7 +254,7 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its KV blocks and adapter pin are freed before the next step."""
-        if self._core is not None:
+        if self._core is not None and self._core.dead is None:  # a dead loop already ended every stream
             self._core.post(lambda: self._core.cancel(request_id))
 
     # --- residency ------------------------------------------------------------------

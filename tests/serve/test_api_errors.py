@@ -148,3 +148,20 @@ def test_a_failed_start_is_reported_by_ready(store, tmp_path):
             time.sleep(0.05)
         assert body["ready"] is False and "no-such-base" in body["detail"]
         assert client.get("/health").status_code == 200
+
+
+def test_a_dead_engine_loop_turns_ready_to_503_with_the_reason(store):
+    app, engine = make_app(store.home)
+    with running_client(app) as client:
+        def broken() -> None:
+            raise RuntimeError("gauges broke")
+        engine._core._gauges = broken  # outside the guarded step: kills the engine loop
+        for _ in range(200):
+            if not engine.ready:
+                break
+            time.sleep(0.05)
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and "engine loop died: RuntimeError: gauges broke" in ready.json()["detail"]
+        response = post(client, "/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 2})
+        assert error_of(response, 503)["code"] == "not_ready" and "gauges broke" in response.json()["error"]["message"]
+        assert client.get("/health").status_code == 200

@@ -208,3 +208,21 @@ def test_a_failing_step_ends_its_requests_and_serving_goes_on(engine, monkeypatc
     monkeypatch.setattr(runner, "forward", real)
     ok = engine.generate_sync([GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=4))])[0]
     assert ok.finish_reason == "length" and engine._base.blocks.num_free == engine._base.blocks.num_blocks
+
+
+def test_a_dead_engine_loop_ends_streams_and_reports_not_ready(engine, monkeypatch):
+    from hotswap.serve.engine import EngineError
+
+    running = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=200)))
+
+    def broken() -> None:
+        raise RuntimeError("gauges broke")
+    monkeypatch.setattr(engine._core, "_gauges", broken)  # outside the guarded step: kills the loop
+    with pytest.raises(EngineError, match="engine loop died: RuntimeError: gauges broke"):
+        running.result()
+    assert not engine.ready
+    with pytest.raises(EngineNotReady, match="failed .*gauges broke"):
+        engine.submit(GenerationRequest(prompt="hi"))
+    engine.cancel(running.request_id)  # a no-op now, not an error
+    engine.stop_sync()
+    assert not engine.ready
