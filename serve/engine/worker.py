@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from ..lora import native
 from ..lora.batch import build_lora_step
 from .config import EngineConfig
 from .kv_cache import BlockManager, KVCache
@@ -38,6 +39,8 @@ class Worker:
         self.target = target
         self.tokenizer = tokenizer
         self.runner = LlamaRunner(hf_model, device, dtype)
+        if config.native_kernels and device.type == "cpu" and dtype == torch.float32:
+            self.runner.bgmv = native.load()
         self.eos_ids = eos_ids(hf_model, tokenizer)
         r = self.runner
         block_bytes = KVCache.block_bytes(r.num_layers, config.kv_block_size, r.num_kv_heads, r.head_dim, dtype)
@@ -73,7 +76,8 @@ class Worker:
             first += n
         lora = None
         if self.runner.lora is not None:
-            lora = build_lora_step(segments, first, self.runner.lora, self.device, self.lora_batch_cache_bytes)
+            lora = build_lora_step(segments, first, self.runner.lora, self.device, self.lora_batch_cache_bytes,
+                                   kernel=self.runner.bgmv is not None)
         meta = build_metadata(spans, self.blocks.block_size, self.device, lora)
         logits = self.runner.forward(meta, self.kv)
         for seq, n in plan:

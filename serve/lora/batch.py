@@ -30,6 +30,13 @@ class LoraStep:
     token_ids: Tensor | None  # [T_lora] which tokens those are; None: all T tokens
     rows: dict[str, Tensor] | None  # group "qkv"/... -> [NB, n*k] into a_stacked; module -> [NB, k]; None when gathered
     gathered: dict[str, list[Tensor]] | None  # those rows' weights, per layer [NB, n*k, d]; None: gather per layer
+    # decode steps with the native kernel (see native.py): group -> (rows_a [NB, n*k], rows_b [n, NB, k]),
+    # read straight from the pools; kernel_tok [NB] the token of each block (None: identity)
+    kernel_rows: dict[str, tuple[Tensor, Tensor]] | None = None
+    kernel_tok: Tensor | None = None
+    # prefill steps with the kernel: group -> [n, T_lora, k] B rows of each adapter token (its block's)
+    expand_rows: dict[str, Tensor] | None = None
+    scratch: Tensor | None = None  # [NB * max n*k] the kernel's rank activations
 
 
 def choose_block_len(lengths: list[int]) -> int:
@@ -46,9 +53,12 @@ def choose_block_len(lengths: list[int]) -> int:
 
 
 def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool: LoraPool,
-                    device: torch.device, cache_bytes: int = 0) -> LoraStep | None:
+                    device: torch.device, cache_bytes: int = 0, kernel: bool = False) -> LoraStep | None:
     """``segments``: (first token, number of tokens, slot) per sequence, slot -1 = bare base.
     ``cache_bytes``: how large the gathered rows of all layers may be (see ``LoraPool.batch_rows``).
+    ``kernel``: the native kernel serves the step, reading the pools directly, so no gathered copy
+    is kept: decode steps (one token per block) run entirely in it; prefill steps keep the batched
+    shrink and add the expand in place with it.
 
     Returns None when no token of the step uses an adapter: the layers then skip LoRA entirely.
     """
@@ -75,16 +85,35 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
     all_tokens = len(token_ids) == num_tokens and token_ids == list(range(num_tokens))
     identity = all_tokens and len(token_index) == num_tokens
     key = (rank, tuple((s, slots[s].generation) for s in block_slots))
+
+    def _t(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+    if kernel and block_len == 1:
+        kernel_rows = pool.cached_rows(key)
+        if kernel_rows is None:
+            rows = _rows(pool, [slots[s] for s in block_slots], rank, device)
+            kernel_rows = pool.keep_rows(key, {g: (rows[g], torch.stack([rows[m] for m in ms])) for g, ms in GROUPS.items()})
+        widest = max(len(ms) for ms in GROUPS.values()) * rank
+        return LoraStep(num_blocks=num_blocks, block_len=1, rank=rank, token_index=None, block_pos=None,
+                        token_ids=None, rows=None, gathered=None, kernel_rows=kernel_rows,
+                        kernel_tok=None if all_tokens else _t(token_ids),
+                        scratch=torch.empty(num_blocks * widest, dtype=pool.dtype, device=device))
+    if kernel:  # prefill: A rows gathered per layer for the batched shrink; the kernel expands from the pools
+        rows = _rows(pool, [slots[s] for s in block_slots], rank, device)
+        block_of_token = _t([p // block_len for p in block_pos])
+        expand_rows = {g: torch.stack([rows[m] for m in ms]).index_select(1, block_of_token) for g, ms in GROUPS.items()}
+        return LoraStep(num_blocks=num_blocks, block_len=block_len, rank=rank, gathered=None, rows=rows,
+                        token_index=None if identity else _t(token_index),
+                        block_pos=None if identity else _t(block_pos),
+                        token_ids=None if all_tokens else _t(token_ids),
+                        expand_rows=expand_rows, kernel_tok=None if all_tokens else _t(token_ids))
     gathered = pool.cached_batch(key) if cache_bytes else None
     rows = None
     if gathered is None:
         rows = _rows(pool, [slots[s] for s in block_slots], rank, device)
         if cache_bytes:
             gathered = pool.batch_rows(key, rows, cache_bytes)
-
-    def _t(values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
     return LoraStep(
         num_blocks=num_blocks, block_len=block_len, rank=rank, gathered=gathered,
         token_index=None if identity else _t(token_index),

@@ -55,6 +55,10 @@ class LoraPool:
         self._generation = 0
         self._batch_key: tuple | None = None  # the blocks whose rows ``_batch`` holds
         self._batch: dict[str, list[Tensor]] | None = None
+        self._rows_key: tuple | None = None  # the blocks whose row ids ``_rows`` holds (kernel decode steps)
+        self._rows: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._b_pointers: dict[tuple[int, str], object] = {}
+        self.dtype = dtype
         self._elem = torch.empty((), dtype=dtype).element_size()
 
     # --- capacity -------------------------------------------------------------------
@@ -162,6 +166,24 @@ class LoraPool:
         batch.update({m: list(gather_rows(self.b_stacked[m], rows[m]).unbind(0)) for m in MODULES})
         self._batch_key, self._batch = key, batch
         return batch
+
+    def cached_rows(self, key: tuple) -> dict[str, tuple[Tensor, Tensor]] | None:
+        return self._rows if key == self._rows_key else None
+
+    def keep_rows(self, key: tuple, rows: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """The kernel's row ids of a decode batch (group -> A rows, stacked B rows), kept while the
+        same blocks come back: built once, not per step."""
+        self._rows_key, self._rows = key, rows
+        return rows
+
+    def b_pointers(self, layer: int, group: str):
+        """This layer's B pools of ``group`` as the native kernel takes them (made once per pool)."""
+        from .native import PoolPointers
+
+        found = self._b_pointers.get((layer, group))
+        if found is None:
+            found = self._b_pointers[(layer, group)] = PoolPointers([self.b_stacked[m][layer] for m in GROUPS[group]])
+        return found
 
     def module_view(self, module: str, layer: int) -> tuple[Tensor, Tensor]:
         """This layer's ``(A[rows, in], B[rows, out])`` of one module (tests and debugging)."""

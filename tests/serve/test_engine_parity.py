@@ -109,3 +109,24 @@ def test_lora_pool_rows_match_peft_weights(engine, world):
             assert torch.equal(a_pool[rows[:r]], a)
             assert torch.allclose(b_pool[rows[:r]], b.T * scale)
             assert not b_pool[rows[r:]].any() if len(rows) > r else True
+
+
+def test_the_pure_torch_path_matches_peft_too(world, oracle):
+    """With the native kernel off (no compiler, or HOTSWAP_NATIVE=0), batched torch ops do the LoRA math."""
+    eng = start_engine(world.home, native_kernels=False)
+    try:
+        assert eng._base.runner.bgmv is None
+        names = [a.name for a in ADAPTERS]
+        preload(eng, names)
+        models = names + [None, names[1]]
+        outs = eng.generate_sync([request(eng, m, i) for i, m in enumerate(models)])
+        for i, (m, out) in enumerate(zip(models, outs)):
+            assert list(out.token_ids) == oracle(m, i), f"row {i} ({m or 'base'}) differs from PEFT"
+    finally:
+        eng.stop_sync()
+
+
+def test_the_native_kernel_serves_cpu_decode_steps(engine):
+    from hotswap.serve.lora import native
+
+    assert engine._base.runner.bgmv is native.load() is not None

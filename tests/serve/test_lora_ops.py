@@ -139,3 +139,66 @@ def test_expand_add_accumulates_into_column_views():
             expected.view(2, 4, 10)[blk, :, 2:8] += h[blk, :, j:j + 1] * b[blk, j]
     ops.expand_add(y.view(2, 4, 10)[..., 2:8], h, b)
     assert torch.allclose(y, expected, atol=1e-5)
+
+
+def _kernel():
+    from hotswap.serve.lora import native
+
+    kernel = native.load()
+    assert kernel is not None, "the native kernel did not build (is a C compiler installed?)"
+    return kernel
+
+
+def test_native_kernel_follows_its_semantics():
+    """``bgmv.c``: per adapter token, shrink through its A rows and add each module's expand into
+    its columns of y; tokens outside ``tok`` untouched; padding rows (row 0) are zeros."""
+    from hotswap.serve.lora.native import PoolPointers
+
+    g = torch.Generator().manual_seed(3)
+    din, douts, k, rows_per = 40, [24, 130, 64], 5, 7  # widths off and on the 64-column tile
+    a_pool = torch.randn(len(douts) * rows_per, din, generator=g)
+    b_pools = [torch.randn(rows_per, d, generator=g) for d in douts]
+    for i in range(len(douts)):
+        a_pool[i * rows_per] = 0
+    for b in b_pools:
+        b[0] = 0
+    tok = torch.tensor([4, 0, 2])  # 3 adapter tokens out of 5, out of order
+    rows_b = torch.randint(1, rows_per, (len(douts), 3, k), generator=g)
+    rows_b[:, 1, 3:] = 0  # token 0 has rank 3: padded with the zero row
+    rows_a = torch.cat([rows_b[i] + i * rows_per for i in range(len(douts))], dim=1)
+    x = torch.randn(5, din, generator=g)
+    y0 = torch.randn(5, sum(douts), generator=g)
+    ref = y0.clone()
+    for i, t in enumerate(tok.tolist()):
+        h = torch.stack([x[t] @ a_pool[r] for r in rows_a[i].tolist()])
+        col = 0
+        for m, d in enumerate(douts):
+            ref[t, col:col + d] += sum(h[m * k + j] * b_pools[m][rows_b[m, i, j]] for j in range(k))
+            col += d
+    kernel, pointers = _kernel(), PoolPointers(b_pools)
+    y = y0.clone()
+    kernel(x, y, a_pool, rows_a, pointers, rows_b, tok, torch.empty(3 * len(douts) * k))
+    assert torch.allclose(y, ref, atol=1e-4) and torch.equal(y[[1, 3]], y0[[1, 3]])
+    # the expand alone, given h (prefill: h comes from the batched shrink)
+    h = torch.stack([torch.stack([x[t] @ a_pool[r] for r in rows_a[i].tolist()]) for i, t in enumerate(tok.tolist())])
+    y = y0.clone()
+    kernel.expand(h.contiguous(), y, pointers, rows_b, tok)
+    assert torch.allclose(y, ref, atol=1e-4)
+
+
+def test_kernel_steps_read_rows_from_the_pools_and_keep_them_across_decode_steps():
+    pool = LoraPool(2, DIMS, max_rows=12, dtype=torch.float32, device=torch.device("cpu"))
+    slots = [pool.activate(random_adapter({"q_proj": 4, "v_proj": 4}, seed=1)),
+             pool.activate(random_adapter({m: 2 for m in DIMS}, seed=2))]
+    decode = build_lora_step([(0, 1, slots[0]), (1, 1, -1), (2, 1, slots[1])], 3, pool, torch.device("cpu"),
+                             cache_bytes=1 << 20, kernel=True)
+    assert decode.gathered is None and decode.kernel_tok.tolist() == [0, 2]
+    rows_a, rows_b = decode.kernel_rows["qkv"]
+    assert rows_b.shape == (3, 2, decode.rank) and rows_a.shape == (2, 3 * decode.rank)
+    assert rows_b[0, 0, :4].tolist() == pool.slot(slots[0]).rows["q_proj"] and rows_b[1, 0].tolist() == [0] * 4
+    again = build_lora_step([(0, 1, slots[0]), (1, 1, -1), (2, 1, slots[1])], 3, pool, torch.device("cpu"),
+                            kernel=True)
+    assert again.kernel_rows is decode.kernel_rows  # same blocks: the row ids are not rebuilt
+    prefill = build_lora_step([(0, 3, slots[1]), (3, 2, -1)], 5, pool, torch.device("cpu"), kernel=True)
+    assert prefill.kernel_rows is None and prefill.expand_rows["gate_up"].shape == (2, 3, prefill.rank)
+    assert prefill.kernel_tok.tolist() == [0, 1, 2]
