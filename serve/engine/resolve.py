@@ -56,14 +56,19 @@ class Resolver:
         except HubError as exc:  # a malformed reference
             raise InvalidRequest(f"bad model reference {ref!r}: {exc}") from None
 
-    def open(self, ref):
+    def open(self, ref, verify: bool = True):
         try:
             with self._lock:
-                return self.registry.open(ref)
+                return self.registry.open(ref, verify=verify)
         except NotFoundError as exc:
             raise AdapterNotFound(str(exc)) from None
         except HubError as exc:
             raise EngineError(f"cannot open {getattr(ref, 'ref', ref)}: {exc}") from None
+
+    def files(self, ref) -> dict[str, str]:
+        """path -> sha256 of each file of a version."""
+        with self._lock:
+            return {path: sha for path, sha, _size in self.registry.files(ref)}
 
     def resolve(self, model: str | None) -> Target:
         base = self.base_version

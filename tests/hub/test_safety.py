@@ -66,6 +66,8 @@ def test_tampered_blob_caught_on_read_and_by_verify(registry, make_adapter):
     blob.write_bytes(bytes(data))
     with pytest.raises(CorruptionError, match=r"sql@1: file adapter_model\.safetensors: blob .* is corrupt"):
         registry.open("sql")
+    # a reader that hashes what it reads itself (the serving engine) may skip the re-hash
+    assert registry.open("sql", verify=False).version.ref == "sql@1"
     problems = registry.verify("sql")
     assert [(p.ref, p.path) for p in problems] == [("sql@1", "adapter_model.safetensors")]
     assert [p.ref for p in registry.verify()] == ["sql@1"]  # the base is still fine

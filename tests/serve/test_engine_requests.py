@@ -226,3 +226,30 @@ def test_a_dead_engine_loop_ends_streams_and_reports_not_ready(engine, monkeypat
     engine.cancel(running.request_id)  # a no-op now, not an error
     engine.stop_sync()
     assert not engine.ready
+
+
+def test_a_tampered_adapter_file_is_refused_on_load(world, tmp_path):
+    """The engine hashes the bytes it loads (beside parsing them) against the registry's digests."""
+    import os
+
+    from hotswap.serve.engine import EngineError
+
+    home = tmp_path / "home"
+    shutil.copytree(world.home, home)
+    registry = Registry(home)
+    sha = next(s for p, s, _ in registry.files("sql") if p == "adapter_model.safetensors")
+    blob = registry.blobs.path(sha)
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    registry.close()
+    eng = start_engine(home)
+    try:
+        stream = eng.submit(GenerationRequest(prompt=PROMPTS[0], model="sql", sampling=SamplingParams(max_tokens=2)))
+        with pytest.raises(EngineError, match=r"sql@1: file adapter_model\.safetensors is corrupt"):
+            stream.result()
+        ok = eng.generate_sync([GenerationRequest(prompt=PROMPTS[0], model="chat", sampling=SamplingParams(max_tokens=2))])
+        assert ok[0].finish_reason == "length"
+    finally:
+        eng.stop_sync()
