@@ -154,16 +154,22 @@ def run(s: BenchSettings) -> BenchResult:
 
             for name in set(names):  # steady state: adapters resident, as under traffic
                 engine.load_future(name).result()
-            # alternate the two so that a busy machine slows both alike; best run of each
-            engine_run([None] * s.batch)
-            engine_run(names)
-            base_times, mixed_times = [], []
-            for _ in range(s.repeat):
-                base_times.append(engine_run([None] * s.batch))
-                mixed_times.append(engine_run(names))
-            engine_outputs = engine_run.outputs
-            result.tok_s["engine_base"] = total / min(base_times)
-            result.tok_s["engine_mixed"] = total / min(mixed_times)
+            runs = {"engine_base": lambda: engine_run([None] * s.batch), "engine_mixed": lambda: engine_run(names)}
+            hf = None if s.skip_hf else _HF(s, base_dir, adapter_dirs, prompts, names, device, dtype)
+            if hf is not None:
+                runs.update(hf_base=hf.base_run, peft_mixed=hf.mixed_run)
+            # every configuration once per round, rounds repeated: a machine that slows down or
+            # speeds up during the run affects all of them alike; the best round of each counts
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            for round_ in range(s.repeat + 1):
+                for key, run_once in runs.items():
+                    elapsed = run_once()
+                    if key == "engine_mixed":
+                        engine_outputs = engine_run.outputs
+                    if round_:  # the first round warms up
+                        times[key].append(elapsed)
+            for key, values in times.items():
+                result.tok_s[key] = total / min(values)
             cold = f"bench-a{s.adapters}"
             start = time.perf_counter()
             engine.load_future(cold).result()
@@ -173,9 +179,10 @@ def run(s: BenchSettings) -> BenchResult:
         finally:
             engine.stop_sync()
         result.load_ms["adapter_file_mb"] = (adapter_dirs[-1] / "adapter_model.safetensors").stat().st_size / 1e6
-
-        if not s.skip_hf:
-            _hf_baselines(s, base_dir, adapter_dirs, prompts, names, device, dtype, result, engine_outputs)
+        if hf is not None:
+            same = sum(a == b for a, b in zip(engine_outputs, hf.mixed_outputs))
+            result.parity["engine_mixed_vs_peft_mixed_greedy"] = f"{same}/{len(names)} rows identical"
+            result.load_ms["peft_load_adapter"] = hf.load_ms(adapter_dirs[-1])
         t = result.tok_s
         if "engine_base" in t and "engine_mixed" in t:
             result.ratios["mixed_vs_engine_base"] = t["engine_mixed"] / t["engine_base"]
@@ -192,53 +199,52 @@ def run(s: BenchSettings) -> BenchResult:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _hf_baselines(s, base_dir, adapter_dirs, prompts, names, device, dtype, result, engine_outputs) -> None:
-    from peft import PeftModel
-    from transformers import LlamaForCausalLM
+class _HF:
+    """HF generate on the base, and PEFT's mixed batch (``generate(adapter_names=...)``), on the same requests.
 
-    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval()
-    model.generation_config.pad_token_id = 0
-    ids = torch.tensor(prompts, device=device)
-    mask = torch.ones_like(ids)
-    total = s.batch * s.new_tokens
+    Both sides forbid EOS until the last token (min_new_tokens here, min_tokens in the engine), so
+    their greedy outputs compare row for row."""
 
-    def hf_run(m, **kw) -> float:
-        _sync(device)
+    def __init__(self, s: BenchSettings, base_dir, adapter_dirs, prompts, names, device, dtype) -> None:
+        from peft import PeftModel
+        from transformers import LlamaForCausalLM
+
+        self.s, self.names, self.device = s, names, device
+        self.model = LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval()
+        self.model.generation_config.pad_token_id = 0
+        # PEFT wraps its model in place, so the base runs from a model of its own
+        self.peft = PeftModel.from_pretrained(
+            LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval(), adapter_dirs[0],
+            adapter_name="bench-a0")
+        for i in range(1, s.adapters):
+            self.peft.load_adapter(adapter_dirs[i], adapter_name=f"bench-a{i}")
+        self.peft.eval()
+        self.peft.generation_config.pad_token_id = 0
+        self.ids = torch.tensor(prompts, device=device)
+        self.mixed_outputs: list[list[int]] = []
+
+    def _run(self, m, **kw) -> tuple[float, list[list[int]]]:
+        _sync(self.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.new_tokens,
-                             min_new_tokens=s.new_tokens, do_sample=False, **kw)
-        _sync(device)
-        hf_run.outputs = out[:, s.prompt:].tolist()
-        return time.perf_counter() - start
+            out = m.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
+                             max_new_tokens=self.s.new_tokens, min_new_tokens=self.s.new_tokens, do_sample=False, **kw)
+        _sync(self.device)
+        return time.perf_counter() - start, out[:, self.s.prompt:].tolist()
 
-    # PEFT wraps its model in place, so the base runs from a model of its own; the two alternate
-    peft_model = PeftModel.from_pretrained(
-        LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval(), adapter_dirs[0], adapter_name="bench-a0")
-    for i in range(1, s.adapters):
-        peft_model.load_adapter(adapter_dirs[i], adapter_name=f"bench-a{i}")
-    peft_model.eval()
-    peft_model.generation_config.pad_token_id = 0
-    hf_run(model)
-    hf_run(peft_model, adapter_names=names)
-    base_times, mixed_times = [], []
-    for _ in range(s.repeat):
-        base_times.append(hf_run(model))
-        mixed_times.append(hf_run(peft_model, adapter_names=names))
-    result.tok_s["hf_base"] = total / min(base_times)
-    result.tok_s["peft_mixed"] = total / min(mixed_times)
-    same = sum(_agree(a, b) for a, b in zip(engine_outputs, hf_run.outputs))
-    result.parity["engine_mixed_vs_peft_mixed_greedy"] = f"{same}/{len(names)} rows identical"
-    _sync(device)
-    start = time.perf_counter()
-    peft_model.load_adapter(adapter_dirs[-1], adapter_name="cold")
-    _sync(device)
-    result.load_ms["peft_load_adapter"] = (time.perf_counter() - start) * 1000
+    def base_run(self) -> float:
+        return self._run(self.model)[0]
 
+    def mixed_run(self) -> float:
+        elapsed, self.mixed_outputs = self._run(self.peft, adapter_names=self.names)
+        return elapsed
 
-def _agree(a: list[int], b: list[int]) -> bool:
-    """Same greedy tokens (both sides forbid EOS until the last token: min_tokens / min_new_tokens)."""
-    return a == b
+    def load_ms(self, adapter_dir) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        self.peft.load_adapter(adapter_dir, adapter_name="cold")
+        _sync(self.device)
+        return (time.perf_counter() - start) * 1000
 
 
 def format_table(r: BenchResult) -> str:
