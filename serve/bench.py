@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,7 @@ class BenchSettings:
     new_tokens: int = 32
     adapters: int = 8
     rank: int = 16
-    repeat: int = 3  # timed runs per configuration; the best is reported
+    repeat: int = 5  # timed rounds (each runs every configuration once); medians are reported
     device: str = "auto"
     skip_hf: bool = False
 
@@ -159,7 +160,8 @@ def run(s: BenchSettings) -> BenchResult:
             if hf is not None:
                 runs.update(hf_base=hf.base_run, peft_mixed=hf.mixed_run)
             # every configuration once per round, rounds repeated: a machine that slows down or
-            # speeds up during the run affects all of them alike; the best round of each counts
+            # speeds up during the run affects all of them alike. Ratios are taken within each
+            # round, then the median over rounds; tokens/s are medians too
             times: dict[str, list[float]] = {k: [] for k in runs}
             for round_ in range(s.repeat + 1):
                 for key, run_once in runs.items():
@@ -169,7 +171,7 @@ def run(s: BenchSettings) -> BenchResult:
                     if round_:  # the first round warms up
                         times[key].append(elapsed)
             for key, values in times.items():
-                result.tok_s[key] = total / min(values)
+                result.tok_s[key] = total / statistics.median(values)
             cold = f"bench-a{s.adapters}"
             start = time.perf_counter()
             engine.load_future(cold).result()
@@ -183,13 +185,11 @@ def run(s: BenchSettings) -> BenchResult:
             same = sum(a == b for a, b in zip(engine_outputs, hf.mixed_outputs))
             result.parity["engine_mixed_vs_peft_mixed_greedy"] = f"{same}/{len(names)} rows identical"
             result.load_ms["peft_load_adapter"] = hf.load_ms(adapter_dirs[-1])
-        t = result.tok_s
-        if "engine_base" in t and "engine_mixed" in t:
-            result.ratios["mixed_vs_engine_base"] = t["engine_mixed"] / t["engine_base"]
-        if "peft_mixed" in t:
-            result.ratios["mixed_vs_peft_mixed"] = t["engine_mixed"] / t["peft_mixed"]
-        if "hf_base" in t:
-            result.ratios["engine_base_vs_hf_base"] = t["engine_base"] / t["hf_base"]
+        for name, (faster, slower) in {"mixed_vs_engine_base": ("engine_mixed", "engine_base"),
+                                       "mixed_vs_peft_mixed": ("engine_mixed", "peft_mixed"),
+                                       "engine_base_vs_hf_base": ("engine_base", "hf_base")}.items():
+            if faster in times and slower in times:  # time ratio = throughput ratio, per round
+                result.ratios[name] = statistics.median(b / a for a, b in zip(times[faster], times[slower]))
         if "peft_load_adapter" in result.load_ms:
             result.ratios["peft_load_vs_engine_load"] = (result.load_ms["peft_load_adapter"]
                                                          / result.load_ms["engine_registry_to_slot"])

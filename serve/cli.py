@@ -26,7 +26,7 @@ def bench(
     new_tokens: int = typer.Option(32, help="generated tokens per request"),
     adapters: int = typer.Option(8, help="distinct adapters in the mixed batch"),
     rank: int = typer.Option(16, help="LoRA rank of the benchmark adapters"),
-    repeat: int = typer.Option(3, help="timed runs per configuration (best reported)"),
+    repeat: int = typer.Option(5, help="timed rounds, each running every configuration once (medians reported)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     skip_hf: bool = typer.Option(False, "--skip-hf", help="engine only (no HF / PEFT baselines)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
