@@ -49,10 +49,15 @@ def test_publish_killed_mid_way_leaves_no_partial_version(registry, tmp_path):
     folder = _big_checkpoint(tmp_path / "big")
     base_blobs = registry.blobs.all_digests()
     killed_mid_way = 0
-    for delay in (0.3, 0.6, 0.9, 1.2, 1.6, 2.0):
+    # kill once the publisher has stored 1, 20 and 45 of the 61 blobs: mid-way on any machine speed
+    for stored in (1, 20, 45):
         proc = subprocess.Popen([*PUBLISH, str(folder), "--name", "big", "--kind", "base", "--home",
                                  str(registry.home)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(registry.blobs.all_digests() - base_blobs) >= stored:
+                break
+            time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         with sqlite3.connect(registry.home / "index.sqlite") as db:
