@@ -2,7 +2,8 @@
 
 Measures tokens/s for the engine with the bare base, the engine with N distinct adapters mixed
 in one batch, HF PEFT's mixed batch (``generate(adapter_names=...)``) and HF ``generate`` on the
-base; and the cold-load time of one adapter, registry -> device slot, against PEFT ``load_adapter``.
+base; and the cold-load time of an adapter, registry -> device slot, against PEFT ``load_adapter``
+(median of three adapters never loaded before).
 Adapters are random rank-R LoRA on all seven linear modules, published into a throwaway registry.
 """
 
@@ -30,6 +31,7 @@ SHAPES = {  # random-init Llama shapes (the anchors' table)
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
+COLD = 3  # adapters kept cold for the load timing
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -107,7 +109,7 @@ def _make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry) -> li
     cfg = LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=MODULES, init_lora_weights=False)
     peft_model = get_peft_model(model, cfg, adapter_name="a0")
     dirs = []
-    for i in range(s.adapters + 1):  # the last one is kept cold for the load timing
+    for i in range(s.adapters + COLD):  # the last ones are kept cold for the load timing
         torch.manual_seed(100 + i)
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
@@ -172,10 +174,12 @@ def run(s: BenchSettings) -> BenchResult:
                         times[key].append(elapsed)
             for key, values in times.items():
                 result.tok_s[key] = total / statistics.median(values)
-            cold = f"bench-a{s.adapters}"
-            start = time.perf_counter()
-            engine.load_future(cold).result()
-            result.load_ms["engine_registry_to_slot"] = (time.perf_counter() - start) * 1000
+            loads = []
+            for i in range(s.adapters, s.adapters + COLD):
+                start = time.perf_counter()
+                engine.load_future(f"bench-a{i}").result()
+                loads.append((time.perf_counter() - start) * 1000)
+            result.load_ms["engine_registry_to_slot"] = statistics.median(loads)
             result.load_ms["engine_adapter_load_hist_mean"] = (engine.stats().adapter_load.total * 1000
                                                                / max(1, engine.stats().adapter_load.count))
         finally:
@@ -184,7 +188,8 @@ def run(s: BenchSettings) -> BenchResult:
         if hf is not None:
             same = sum(a == b for a, b in zip(engine_outputs, hf.mixed_outputs))
             result.parity["engine_mixed_vs_peft_mixed_greedy"] = f"{same}/{len(names)} rows identical"
-            result.load_ms["peft_load_adapter"] = hf.load_ms(adapter_dirs[-1])
+            result.load_ms["peft_load_adapter"] = statistics.median(hf.load_ms(d, f"cold{i}")
+                                                                    for i, d in enumerate(adapter_dirs[-COLD:]))
         for name, (faster, slower) in {"mixed_vs_engine_base": ("engine_mixed", "engine_base"),
                                        "mixed_vs_peft_mixed": ("engine_mixed", "peft_mixed"),
                                        "engine_base_vs_hf_base": ("engine_base", "hf_base")}.items():
@@ -239,10 +244,10 @@ class _HF:
         elapsed, self.mixed_outputs = self._run(self.peft, adapter_names=self.names)
         return elapsed
 
-    def load_ms(self, adapter_dir) -> float:
+    def load_ms(self, adapter_dir, name: str) -> float:
         _sync(self.device)
         start = time.perf_counter()
-        self.peft.load_adapter(adapter_dir, adapter_name="cold")
+        self.peft.load_adapter(adapter_dir, adapter_name=name)
         _sync(self.device)
         return (time.perf_counter() - start) * 1000
 
