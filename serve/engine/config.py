@@ -25,7 +25,8 @@ class EngineConfig:
     max_rank: int = 64  # highest LoRA rank accepted
     lora_capacity_bytes: int = 256 * MiB  # device rows for adapters (rank x modules x dims)
     host_cache_bytes: int = 1024 * MiB  # host (CPU) LRU cache of loaded adapters
-    lora_batch_cache_bytes: int = 256 * MiB  # torch path: a batch's adapter rows kept gathered across decode steps (the CPU kernel reads the pools)
+    # torch path: a batch's adapter rows kept gathered across decode steps (the CPU kernel reads the pools)
+    lora_batch_cache_bytes: int = 256 * MiB
     model_memory_bytes: int = 2048 * MiB  # budget for full fine-tuned models served beside the base
     load_workers: int = 1  # background threads loading cold adapters
     native_kernels: bool = True  # CPU fp32 decode: the compiled LoRA kernel when it builds (serve/lora/native.py)
