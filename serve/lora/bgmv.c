@@ -25,10 +25,45 @@ static float dot(const float *restrict a, const float *restrict b, int64_t n)
     return s;
 }
 
+/* out[r] = dot(x, a[rows[r]]) for r < 4, the four rows read side by side */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static float hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static void dot4(const float *restrict x, const float *restrict a, const int64_t *rows, int64_t n, float *out)
+{
+    const float *r0 = a + rows[0] * n, *r1 = a + rows[1] * n, *r2 = a + rows[2] * n, *r3 = a + rows[3] * n;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + d);
+        s0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r0 + d), s0);
+        s1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r1 + d), s1);
+        s2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r2 + d), s2);
+        s3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(r3 + d), s3);
+    }
+    float t0 = hsum(s0), t1 = hsum(s1), t2 = hsum(s2), t3 = hsum(s3);
+    for (; d < n; d++) {
+        t0 += x[d] * r0[d]; t1 += x[d] * r1[d]; t2 += x[d] * r2[d]; t3 += x[d] * r3[d];
+    }
+    out[0] = t0; out[1] = t1; out[2] = t2; out[3] = t3;
+}
+#else
+static void dot4(const float *restrict x, const float *restrict a, const int64_t *rows, int64_t n, float *out)
+{
+    for (int r = 0; r < 4; r++) out[r] = dot(x, a + rows[r] * n, n);
+}
+#endif
+
 /* yr[0:TILE] += sum_j h[j] * rows[j][off:off+TILE], the tile held in registers across the k rows
    (written with intrinsics: left to itself, gcc vectorizes across the rows with gathers) */
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 static void tile_full(float *restrict yr, const float *const *restrict rows, int64_t off, const float *restrict h,
                       int64_t k)
 {
@@ -94,9 +129,12 @@ void hotswap_bgmv(int64_t n, int64_t din, const float *x, int64_t ldx,
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int64_t ij = 0; ij < n * nk; ij++) {
-            const int64_t i = ij / nk;
-            h[ij] = dot(x + (tok ? tok[i] : i) * ldx, a + rows_a[ij] * din, din);
+        for (int64_t i = 0; i < n; i++) {
+            const float *xr = x + (tok ? tok[i] : i) * ldx;
+            int64_t j = 0;
+            for (; j + 4 <= nk; j += 4) /* four rows at once: four memory streams in flight */
+                dot4(xr, a, rows_a + i * nk + j, din, h + i * nk + j);
+            for (; j < nk; j++) h[i * nk + j] = dot(xr, a + rows_a[i * nk + j] * din, din);
         }
         expand(n, nk, h, nmod, k, b, rows_b, dout, y, ldy, tok);
     }
