@@ -29,6 +29,7 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(slots=True, frozen=True)
 class AdapterResidency:
     """Where one adapter (or full model) version is held right now. Entries only on disk are not listed."""
@@ -117,16 +118,11 @@ class Engine:
             self._core.abort(EngineError(self.failure))
 
     def stop_sync(self) -> None:
-        if self._state == "failed":
-            self._thread.join()
-            self._core.residency.close()
-            self._core.models.close()
-            self._state = "stopped"
+        if self._state not in ("ready", "failed"):
             return
-        if self._state != "ready":
-            return
-        self._state = "stopping"
-        self._core.wake.set()
+        if self._state == "ready":  # a failed loop has ended already
+            self._state = "stopping"
+            self._core.wake.set()
         self._thread.join()
         self._core.residency.close()
         self._core.models.close()
