@@ -93,7 +93,8 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
         kernel_rows = pool.cached_rows(key)
         if kernel_rows is None:
             rows = _rows(pool, [slots[s] for s in block_slots], rank, device)
-            kernel_rows = pool.keep_rows(key, {g: (rows[g], torch.stack([rows[m] for m in ms])) for g, ms in GROUPS.items()})
+            kernel_rows = pool.keep_rows(key, {g: (rows[g], torch.stack([rows[m] for m in ms]))
+                                               for g, ms in GROUPS.items()})
         widest = max(len(ms) for ms in GROUPS.values()) * rank
         return LoraStep(num_blocks=num_blocks, block_len=1, rank=rank, token_index=None, block_pos=None,
                         token_ids=None, rows=None, gathered=None, kernel_rows=kernel_rows,
@@ -102,12 +103,13 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
     if kernel:  # prefill: A rows gathered per layer for the batched shrink; the kernel expands from the pools
         rows = _rows(pool, [slots[s] for s in block_slots], rank, device)
         block_of_token = _t([p // block_len for p in block_pos])
-        expand_rows = {g: torch.stack([rows[m] for m in ms]).index_select(1, block_of_token) for g, ms in GROUPS.items()}
+        expand_rows = {g: torch.stack([rows[m] for m in ms]).index_select(1, block_of_token)
+                       for g, ms in GROUPS.items()}
+        tokens = None if all_tokens else _t(token_ids)  # the kernel's tok: the adapter tokens themselves
         return LoraStep(num_blocks=num_blocks, block_len=block_len, rank=rank, gathered=None, rows=rows,
                         token_index=None if identity else _t(token_index),
                         block_pos=None if identity else _t(block_pos),
-                        token_ids=None if all_tokens else _t(token_ids),
-                        expand_rows=expand_rows, kernel_tok=None if all_tokens else _t(token_ids))
+                        token_ids=tokens, expand_rows=expand_rows, kernel_tok=tokens)
     gathered = pool.cached_batch(key) if cache_bytes else None
     rows = None
     if gathered is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .native import PoolPointers
 from .ops import gather_rows
 from .spec import MODULES
 from .weights import HostAdapter
@@ -57,7 +58,7 @@ class LoraPool:
         self._batch: dict[str, list[Tensor]] | None = None
         self._rows_key: tuple | None = None  # the blocks whose row ids ``_rows`` holds (kernel decode steps)
         self._rows: dict[str, tuple[Tensor, Tensor]] | None = None
-        self._b_pointers: dict[tuple[int, str], object] = {}
+        self._b_pointers: dict[tuple[int, str], PoolPointers] = {}
         self.dtype = dtype
         self._elem = torch.empty((), dtype=dtype).element_size()
 
@@ -176,13 +177,12 @@ class LoraPool:
         self._rows_key, self._rows = key, rows
         return rows
 
-    def b_pointers(self, layer: int, group: str):
+    def b_pointers(self, layer: int, group: str) -> PoolPointers:
         """This layer's B pools of ``group`` as the native kernel takes them (made once per pool)."""
-        from .native import PoolPointers
-
         found = self._b_pointers.get((layer, group))
         if found is None:
-            found = self._b_pointers[(layer, group)] = PoolPointers([self.b_stacked[m][layer] for m in GROUPS[group]])
+            found = PoolPointers([self.b_stacked[m][layer] for m in GROUPS[group]])
+            self._b_pointers[(layer, group)] = found
         return found
 
     def module_view(self, module: str, layer: int) -> tuple[Tensor, Tensor]:
