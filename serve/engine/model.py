@@ -95,7 +95,7 @@ class LlamaRunner:
         self.rotary = inner.rotary_emb.to(device)
         self.scale = self.head_dim ** -0.5
         self.lora: LoraPool | None = None
-        self.bgmv: Bgmv | None = None  # the native CPU decode kernel, when enabled and built
+        self.bgmv: Bgmv | None = None  # the native CPU LoRA kernel, when enabled and built
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each adaptable linear module."""
@@ -137,19 +137,13 @@ class LlamaRunner:
         if lora is None:
             return y
         pool, k, cached = self.lora, lora.rank, lora.gathered
-        if lora.kernel_rows is not None:  # a decode step: every adapter's rows read once, in one call
+        if lora.kernel_rows is not None:  # the CPU kernel: every adapter token's rows, in one call
             rows_a, rows_b = lora.kernel_rows[group]
             self.bgmv(x.contiguous(), y, pool.a_stacked[group][layer], rows_a, pool.b_pointers(layer, group),
                       rows_b, lora.kernel_tok, lora.scratch)
             return y
         a = cached[group][layer] if cached else ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group])
         h = ops.shrink(ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len), a)
-        if lora.expand_rows is not None:  # a prefill step with the kernel: expand in place, from the pools
-            h = h.view(-1, h.shape[-1])
-            if lora.block_pos is not None:
-                h = h.index_select(0, lora.block_pos)
-            self.bgmv.expand(h.contiguous(), y, pool.b_pointers(layer, group), lora.expand_rows[group], lora.kernel_tok)
-            return y
         bs = [cached[m][layer] if cached else ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m]) for m in modules]
         if lora.token_index is None and lora.block_len > 1:
             # whole prefill blocks in token order: accumulate straight into y's columns, no

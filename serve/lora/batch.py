@@ -30,13 +30,12 @@ class LoraStep:
     token_ids: Tensor | None  # [T_lora] which tokens those are; None: all T tokens
     rows: dict[str, Tensor] | None  # group "qkv"/... -> [NB, n*k] into a_stacked; module -> [NB, k]; None when gathered
     gathered: dict[str, list[Tensor]] | None  # those rows' weights, per layer [NB, n*k, d]; None: gather per layer
-    # decode steps with the native kernel (see native.py): group -> (rows_a [NB, n*k], rows_b [n, NB, k]),
-    # read straight from the pools; kernel_tok [NB] the token of each block (None: identity)
+    # steps served by the native kernel (see native.py): group -> (rows_a [T_lora, n*k], rows_b
+    # [n, T_lora, k]) of each adapter token, read straight from the pools; kernel_tok [T_lora] those
+    # tokens (None: all T in order)
     kernel_rows: dict[str, tuple[Tensor, Tensor]] | None = None
     kernel_tok: Tensor | None = None
-    # prefill steps with the kernel: group -> [n, T_lora, k] B rows of each adapter token (its block's)
-    expand_rows: dict[str, Tensor] | None = None
-    scratch: Tensor | None = None  # [NB * max n*k] the kernel's rank activations
+    scratch: Tensor | None = None  # [T_lora * max n*k] the kernel's rank activations
 
 
 def choose_block_len(lengths: list[int]) -> int:
@@ -56,9 +55,7 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
                     device: torch.device, cache_bytes: int = 0, kernel: bool = False) -> LoraStep | None:
     """``segments``: (first token, number of tokens, slot) per sequence, slot -1 = bare base.
     ``cache_bytes``: how large the gathered rows of all layers may be (see ``LoraPool.batch_rows``).
-    ``kernel``: the native kernel serves the step, reading the pools directly, so no gathered copy
-    is kept: decode steps (one token per block) run entirely in it; prefill steps keep the batched
-    shrink and add the expand in place with it.
+    ``kernel``: the native kernel serves the step, reading the pools directly (no gathered copy).
 
     Returns None when no token of the step uses an adapter: the layers then skip LoRA entirely.
     """
@@ -67,6 +64,8 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
         return None
     slots = {s: pool.slot(s) for _, _, s in active}
     rank = max(info.rank for info in slots.values())
+    if kernel:
+        return _kernel_step(active, num_tokens, pool, slots, rank, device)
     block_len = choose_block_len([n for _, n, _ in active])
     token_index: list[int] = []
     block_pos: list[int] = []
@@ -89,27 +88,6 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
     def _t(values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
-    if kernel and block_len == 1:
-        kernel_rows = pool.cached_rows(key)
-        if kernel_rows is None:
-            rows = _rows(pool, [slots[s] for s in block_slots], rank, device)
-            kernel_rows = pool.keep_rows(key, {g: (rows[g], torch.stack([rows[m] for m in ms]))
-                                               for g, ms in GROUPS.items()})
-        widest = max(len(ms) for ms in GROUPS.values()) * rank
-        return LoraStep(num_blocks=num_blocks, block_len=1, rank=rank, token_index=None, block_pos=None,
-                        token_ids=None, rows=None, gathered=None, kernel_rows=kernel_rows,
-                        kernel_tok=None if all_tokens else _t(token_ids),
-                        scratch=torch.empty(num_blocks * widest, dtype=pool.dtype, device=device))
-    if kernel:  # prefill: A rows gathered per layer for the batched shrink; the kernel expands from the pools
-        rows = _rows(pool, [slots[s] for s in block_slots], rank, device)
-        block_of_token = _t([p // block_len for p in block_pos])
-        expand_rows = {g: torch.stack([rows[m] for m in ms]).index_select(1, block_of_token)
-                       for g, ms in GROUPS.items()}
-        tokens = None if all_tokens else _t(token_ids)  # the kernel's tok: the adapter tokens themselves
-        return LoraStep(num_blocks=num_blocks, block_len=block_len, rank=rank, gathered=None, rows=rows,
-                        token_index=None if identity else _t(token_index),
-                        block_pos=None if identity else _t(block_pos),
-                        token_ids=tokens, expand_rows=expand_rows, kernel_tok=tokens)
     gathered = pool.cached_batch(key) if cache_bytes else None
     rows = None
     if gathered is None:
@@ -122,6 +100,30 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
         block_pos=None if identity else _t(block_pos),
         token_ids=None if all_tokens else _t(token_ids),
         rows=rows)
+
+
+def _kernel_step(active: list[tuple[int, int, int]], num_tokens: int, pool: LoraPool, slots: dict, rank: int,
+                 device: torch.device) -> LoraStep:
+    """Row ids of every adapter token for the kernel: one row set per sequence, repeated over its
+    tokens. A decode batch's sets come back step after step, so they are kept in the pool."""
+    token_ids = [t for start, n, _ in active for t in range(start, start + n)]
+    key = (rank, tuple((s, slots[s].generation) for _, _, s in active))
+    kernel_rows = pool.cached_rows(key)
+    if kernel_rows is None:
+        rows = _rows(pool, [slots[s] for _, _, s in active], rank, device)
+        kernel_rows = {g: (rows[g], torch.stack([rows[m] for m in ms])) for g, ms in GROUPS.items()}
+        if len(token_ids) == len(active):  # decode: one token per sequence
+            pool.keep_rows(key, kernel_rows)
+    if len(token_ids) > len(active):  # prefill: each token takes its sequence's rows
+        seq_of_token = torch.tensor([i for i, (_, n, _) in enumerate(active) for _ in range(n)]).to(device)
+        kernel_rows = {g: (a.index_select(0, seq_of_token), b.index_select(1, seq_of_token))
+                       for g, (a, b) in kernel_rows.items()}
+    widest = max(len(ms) for ms in GROUPS.values()) * rank
+    all_tokens = token_ids == list(range(num_tokens))
+    return LoraStep(num_blocks=len(active), block_len=1, rank=rank, token_index=None, block_pos=None,
+                    token_ids=None, rows=None, gathered=None, kernel_rows=kernel_rows,
+                    kernel_tok=None if all_tokens else torch.tensor(token_ids).to(device),
+                    scratch=torch.empty(len(token_ids) * widest, dtype=pool.dtype, device=device))
 
 
 def _rows(pool: LoraPool, block_slots: list, rank: int, device: torch.device) -> dict[str, Tensor]:

@@ -1,9 +1,10 @@
-"""The optional CPU decode kernel (``bgmv.c``): built with the system C compiler on first use, then
+"""The optional CPU LoRA kernel (``bgmv.c``): built with the system C compiler on first use, then
 loaded with ctypes from a per-machine cache.
 
 Decode steps on CPU read every adapter's rows once per step; done as a dozen small ``bmm`` calls
-per layer, that read runs at a fraction of the memory bandwidth. The kernel does the same math in
-one call per module group straight from the stacked pools (see ``bgmv.c`` for its semantics).
+per layer, that read runs at a fraction of the memory bandwidth, and prefill first gathers each
+block's rows. The kernel does the same math in one call per module group straight from the stacked
+pools, reusing each row across a run of tokens of one adapter (see ``bgmv.c`` for its semantics).
 No compiler, a failed build, or ``HOTSWAP_NATIVE=0``: ``load()`` returns None and the engine keeps
 the pure-torch path, which computes the same values.
 """
@@ -75,12 +76,11 @@ def load() -> "Bgmv | None":
             _build(target)
         lib = ctypes.CDLL(str(target))
     except Exception as exc:  # any failure leaves the exact pure-torch path in place
-        log.warning("hotswap: CPU decode kernel unavailable, using torch ops (%s)", exc)
+        log.warning("hotswap: CPU LoRA kernel unavailable, using torch ops (%s)", exc)
         return None
-    lib.hotswap_bgmv.restype = lib.hotswap_bgmv_expand.restype = None
-    lib.hotswap_bgmv.argtypes = [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
+    lib.hotswap_lora.restype = ctypes.c_int
+    lib.hotswap_lora.argtypes = [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
                                  _I64, _PTR, _PTR]
-    lib.hotswap_bgmv_expand.argtypes = [_I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR]
     return Bgmv(lib)
 
 
@@ -88,29 +88,22 @@ class Bgmv:
     """``y[tok] += LoRA(x[tok])`` for one module group of one layer, adapters per token."""
 
     def __init__(self, lib) -> None:
-        self._fn, self._expand = lib.hotswap_bgmv, lib.hotswap_bgmv_expand
+        self._fn = lib.hotswap_lora
 
     def __call__(self, x: Tensor, y: Tensor, a_pool: Tensor, rows_a: Tensor, b_pools: "PoolPointers",
                  rows_b: Tensor, tok: Tensor | None, scratch: Tensor) -> None:
         """``x [T, in]``, ``y [T, out]`` (row-contiguous float32 on CPU); ``a_pool [rows, in]``;
-        ``rows_a [n, nk]``; ``rows_b [nmod, n, k]``; ``tok [n]`` (None: tokens 0..n-1);
+        ``rows_a [n, nk]``; ``rows_b [nmod, n, k]`` (tokens with equal ``rows_a`` rows have equal
+        ``rows_b`` rows: both come from the token's adapter); ``tok [n]`` (None: tokens 0..n-1);
         ``scratch``: at least ``n * nk`` floats."""
         n, nk = rows_a.shape
         nmod, _, k = rows_b.shape
         assert x.stride(1) == 1 and y.stride(1) == 1 and x.dtype == y.dtype == torch.float32
-        assert scratch.numel() >= n * nk and nmod == b_pools.count
-        self._fn(n, x.shape[1], x.data_ptr(), x.stride(0), a_pool.data_ptr(), rows_a.data_ptr(), nk,
-                 nmod, k, b_pools.pointers, rows_b.data_ptr(), b_pools.dout.data_ptr(),
-                 y.data_ptr(), y.stride(0), None if tok is None else tok.data_ptr(), scratch.data_ptr())
-
-    def expand(self, h: Tensor, y: Tensor, b_pools: "PoolPointers", rows_b: Tensor, tok: Tensor | None) -> None:
-        """The second half alone: ``y[tok[i]] += h[i] @ B rows of token i`` (``h [n, nk]`` contiguous)."""
-        n, nk = h.shape
-        nmod, _, k = rows_b.shape
-        assert h.is_contiguous() and y.stride(1) == 1 and h.dtype == y.dtype == torch.float32
-        assert rows_b.shape[1] == n and nmod == b_pools.count and nk >= nmod * k
-        self._expand(n, nk, h.data_ptr(), nmod, k, b_pools.pointers, rows_b.data_ptr(), b_pools.dout.data_ptr(),
-                     y.data_ptr(), y.stride(0), None if tok is None else tok.data_ptr())
+        assert scratch.numel() >= n * nk and nmod == b_pools.count and rows_b.shape[1] == n
+        if self._fn(n, x.shape[1], x.data_ptr(), x.stride(0), a_pool.data_ptr(), rows_a.data_ptr(), nk,
+                    nmod, k, b_pools.pointers, rows_b.data_ptr(), b_pools.dout.data_ptr(),
+                    y.data_ptr(), y.stride(0), None if tok is None else tok.data_ptr(), scratch.data_ptr()):
+            raise MemoryError("the LoRA kernel could not allocate its block list")
 
 
 class PoolPointers:

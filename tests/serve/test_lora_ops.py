@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hotswap.serve.lora import ops
@@ -149,41 +150,50 @@ def _kernel():
     return kernel
 
 
-def test_native_kernel_follows_its_semantics():
-    """``bgmv.c``: per adapter token, shrink through its A rows and add each module's expand into
-    its columns of y; tokens outside ``tok`` untouched; padding rows (row 0) are zeros."""
-    from hotswap.serve.lora.native import PoolPointers
-
-    g = torch.Generator().manual_seed(3)
-    din, douts, k, rows_per = 40, [24, 130, 64], 5, 7  # widths off and on the 64-column tile
+def _kernel_case(adapter_of_token: list[int], tok: list[int] | None, num_tokens: int, seed: int):
+    """Pools for 3 modules of widths off and on the 16-column tile, adapters of rank 3 and 5 (padded
+    to k=5 with the zero row), and the reference output of ``bgmv.c``'s semantics, token by token."""
+    g = torch.Generator().manual_seed(seed)
+    din, douts, k, rows_per = 40, [24, 130, 64], 5, 12
     a_pool = torch.randn(len(douts) * rows_per, din, generator=g)
     b_pools = [torch.randn(rows_per, d, generator=g) for d in douts]
     for i in range(len(douts)):
         a_pool[i * rows_per] = 0
     for b in b_pools:
         b[0] = 0
-    tok = torch.tensor([4, 0, 2])  # 3 adapter tokens out of 5, out of order
-    rows_b = torch.randint(1, rows_per, (len(douts), 3, k), generator=g)
-    rows_b[:, 1, 3:] = 0  # token 0 has rank 3: padded with the zero row
-    rows_a = torch.cat([rows_b[i] + i * rows_per for i in range(len(douts))], dim=1)
-    x = torch.randn(5, din, generator=g)
-    y0 = torch.randn(5, sum(douts), generator=g)
+    adapter_rows = [[1, 2, 3, 0, 0], [6, 7, 8, 9, 10], [11, 4, 5, 0, 0]]  # rank 3, 5, 3
+    rows_b = torch.tensor([[adapter_rows[a] for a in adapter_of_token]] * len(douts))
+    rows_a = torch.cat([rows_b[i] + i * rows_per for i in range(len(douts))], dim=1)  # padding: zero rows too
+    x = torch.randn(num_tokens, din, generator=g)
+    y0 = torch.randn(num_tokens, sum(douts), generator=g)
     ref = y0.clone()
-    for i, t in enumerate(tok.tolist()):
+    for i, t in enumerate(tok if tok is not None else range(len(adapter_of_token))):
         h = torch.stack([x[t] @ a_pool[r] for r in rows_a[i].tolist()])
         col = 0
         for m, d in enumerate(douts):
             ref[t, col:col + d] += sum(h[m * k + j] * b_pools[m][rows_b[m, i, j]] for j in range(k))
             col += d
-    kernel, pointers = _kernel(), PoolPointers(b_pools)
+    return x, y0, ref, a_pool, b_pools, rows_a, rows_b
+
+
+@pytest.mark.parametrize("adapter_of_token, tok, num_tokens", [
+    ([0, 2, 1], [4, 0, 2], 5),  # a decode step: 3 adapter tokens of 5, out of order (few: columns split)
+    ([0, 1, 2, 0, 1, 2, 1, 0], None, 8),  # decode, every token, different neighbours
+    ([1] * 9 + [0] * 2 + [2] * 6 + [1], None, 18),  # prefill runs: blocks of 4, 3, 2 and 1 tokens
+    ([2] * 7 + [0] * 5, list(range(3, 15)), 16),  # prefill runs beside base tokens
+])
+def test_native_kernel_follows_its_semantics(adapter_of_token, tok, num_tokens):
+    """``bgmv.c``: per adapter token, shrink through its A rows and add each module's expand into
+    its columns of y; runs of one adapter share row reads; other tokens untouched; row 0 pads."""
+    from hotswap.serve.lora.native import PoolPointers
+
+    x, y0, ref, a_pool, b_pools, rows_a, rows_b = _kernel_case(adapter_of_token, tok, num_tokens, seed=3)
     y = y0.clone()
-    kernel(x, y, a_pool, rows_a, pointers, rows_b, tok, torch.empty(3 * len(douts) * k))
-    assert torch.allclose(y, ref, atol=1e-4) and torch.equal(y[[1, 3]], y0[[1, 3]])
-    # the expand alone, given h (prefill: h comes from the batched shrink)
-    h = torch.stack([torch.stack([x[t] @ a_pool[r] for r in rows_a[i].tolist()]) for i, t in enumerate(tok.tolist())])
-    y = y0.clone()
-    kernel.expand(h.contiguous(), y, pointers, rows_b, tok)
+    _kernel()(x, y, a_pool, rows_a, PoolPointers(b_pools), rows_b, None if tok is None else torch.tensor(tok),
+              torch.empty(rows_a.numel()))
     assert torch.allclose(y, ref, atol=1e-4)
+    untouched = sorted(set(range(num_tokens)) - set(tok if tok is not None else range(len(adapter_of_token))))
+    assert torch.equal(y[untouched], y0[untouched])
 
 
 def test_kernel_steps_read_rows_from_the_pools_and_keep_them_across_decode_steps():
@@ -199,6 +209,10 @@ def test_kernel_steps_read_rows_from_the_pools_and_keep_them_across_decode_steps
     again = build_lora_step([(0, 1, slots[0]), (1, 1, -1), (2, 1, slots[1])], 3, pool, torch.device("cpu"),
                             kernel=True)
     assert again.kernel_rows is decode.kernel_rows  # same blocks: the row ids are not rebuilt
-    prefill = build_lora_step([(0, 3, slots[1]), (3, 2, -1)], 5, pool, torch.device("cpu"), kernel=True)
-    assert prefill.kernel_rows is None and prefill.expand_rows["gate_up"].shape == (2, 3, prefill.rank)
-    assert prefill.kernel_tok.tolist() == [0, 1, 2]
+    prefill = build_lora_step([(0, 3, slots[1]), (3, 2, -1), (5, 2, slots[0])], 7, pool, torch.device("cpu"),
+                              kernel=True)
+    rows_a, rows_b = prefill.kernel_rows["gate_up"]  # every adapter token carries its sequence's rows
+    assert rows_b.shape == (2, 5, prefill.rank) and rows_a.shape == (5, 2 * prefill.rank)
+    assert rows_b[0, :3, :2].tolist() == [pool.slot(slots[1]).rows["gate_proj"]] * 3
+    assert rows_b[0, 3:].tolist() == [[0] * prefill.rank] * 2  # slot 0 has no gate_proj
+    assert prefill.kernel_tok.tolist() == [0, 1, 2, 5, 6] and prefill.scratch.numel() >= 5 * 3 * prefill.rank
