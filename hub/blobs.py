@@ -1,7 +1,13 @@
 """Content-addressed blob store: each file is kept once, named by the sha256 of its bytes.
 
 Writes go to a temporary file in the same filesystem and are renamed into place, so a process
-killed mid-write leaves at most a stray temporary file, never a blob with the wrong content."""
+killed mid-write leaves at most a stray temporary file, never a blob with the wrong content.
+
+Every time a blob's bytes are hashed in full (written, or verified), its file status (size,
+mtime, ctime, inode, device) is recorded beside it. ``check`` re-hashes only a blob whose status
+changed since: any write, truncation, chmod or replacement of the file changes its ctime, which
+user code cannot set back (git trusts its index the same way). Media corruption that leaves the
+status alone is what ``verify`` (every byte re-hashed) is for."""
 
 from __future__ import annotations
 
@@ -24,6 +30,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _status(path: Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino} {st.st_dev}"
+
+
 class BlobStore:
     """Files by hash under `root/sha256/ab/abcdef...`; blobs are read-only once written."""
 
@@ -31,6 +42,7 @@ class BlobStore:
         self.root = root
         self._tmp = root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self._verified = root / "verified"  # sha256 -> the file status when its bytes last hashed right
 
     def path(self, sha256: str) -> Path:
         return self.root / "sha256" / sha256[:2] / sha256
@@ -59,6 +71,7 @@ class BlobStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
+            self._record(sha)
             return sha, size, True
         finally:
             tmp.unlink(missing_ok=True)
@@ -68,9 +81,41 @@ class BlobStore:
         path = self.path(sha256)
         if not path.is_file():
             raise CorruptionError(f"blob {sha256[:12]} is missing from the store")
+        self._forget(sha256)
         actual = sha256_file(path)
         if actual != sha256:
             raise CorruptionError(f"blob {sha256[:12]} is corrupt: its bytes hash to {actual[:12]}")
+        self._record(sha256)
+
+    def check(self, sha256: str) -> None:
+        """``verify``, skipped when the file's status is what it was when its bytes last hashed right."""
+        try:
+            if self._record_path(sha256).read_text() == _status(self.path(sha256)):
+                return
+        except OSError:  # no record yet, or no blob: verify says which
+            pass
+        self.verify(sha256)
+
+    def _record_path(self, sha256: str) -> Path:
+        return self._verified / sha256
+
+    def _record(self, sha256: str) -> None:
+        """Remember the status of a blob whose bytes just hashed right (written aside, then renamed).
+        Records only save re-hashes: one that cannot be written (a read-only home) is skipped."""
+        try:
+            self._verified.mkdir(exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="verified-")
+            with os.fdopen(fd, "w") as out:
+                out.write(_status(self.path(sha256)))
+            os.replace(tmp_name, self._record_path(sha256))
+        except OSError:
+            pass
+
+    def _forget(self, sha256: str) -> None:
+        try:
+            self._record_path(sha256).unlink(missing_ok=True)
+        except OSError:  # a read-only home keeps no records it could not have written
+            pass
 
     def all_digests(self) -> set[str]:
         base = self.root / "sha256"
@@ -79,6 +124,7 @@ class BlobStore:
     def remove(self, sha256: str) -> int:
         path = self.path(sha256)
         size = path.stat().st_size if path.exists() else 0
+        self._forget(sha256)
         path.unlink(missing_ok=True)
         return size
 

@@ -71,17 +71,17 @@ class Registry:
         return _to_version(row)
 
     def open(self, ref: str | Ref | Version, verify: bool = True) -> Snapshot:
-        """Verify every file of a version against its digest and return it as a folder.
+        """Check every file of a version against its digest and return the version as a folder.
 
-        ``verify=False`` skips the re-hash for a caller that hashes the very bytes it reads against
-        ``files()`` itself (the serving engine does, overlapping the hash with parsing); anyone
-        else keeps the default.
+        A file is re-hashed unless its status is unchanged since its bytes last hashed right (see
+        ``BlobStore.check``); ``verify()`` re-hashes everything. ``verify=False`` skips the check,
+        for a caller that hashes the very bytes it reads against ``files()`` itself.
         """
         version = self.resolve(ref)
         files = self._index.files(version.name, version.version)
         for path, sha, _size in files if verify else ():
             try:
-                self.blobs.verify(sha)
+                self.blobs.check(sha)
             except CorruptionError as exc:
                 raise CorruptionError(f"{version.ref}: file {path}: {exc}") from None
         return Snapshot(version, self._snapshot_folder(version.digest, files))

@@ -93,6 +93,7 @@ class Engine:
         dims = runner.module_dims()
         rows = LoraPool.rows_for_bytes(cfg.lora_capacity_bytes, runner.num_layers, dims, cfg.torch_dtype())
         pool = runner.lora = LoraPool(runner.num_layers, dims, rows, cfg.torch_dtype(), cfg.torch_device())
+        pool.kernels = runner.kernels
         residency = Residency(
             lambda ref, digest: loaders.load_adapter(self.resolver, ref, digest, runner, pool, cfg),
             pool, cfg.host_cache_bytes, cfg.load_workers, self._adapter_event)

@@ -8,9 +8,9 @@ import torch
 
 from ..lora.pool import LoraPool
 from ..lora.spec import AdapterRefused
-from ..lora.weights import AdapterCorrupt, HostAdapter, load_adapter as read_adapter
+from ..lora.weights import HostAdapter, load_adapter as read_adapter
 from .config import EngineConfig
-from .errors import CapacityExceeded, EngineError, IncompatibleAdapter
+from .errors import CapacityExceeded, IncompatibleAdapter
 from .model import LlamaRunner, check_architecture
 from .requests import Target
 from .worker import Worker
@@ -28,17 +28,15 @@ def load_hf(path: Path, dtype: torch.dtype):
 
 def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: LoraPool,
                  cfg: EngineConfig) -> HostAdapter:
-    # the registry's re-hash is skipped: the reader hashes the bytes it uses while parsing them
-    snap = resolver.open(ref, verify=False)  # "name@version" is immutable; the digest check guards against reuse
+    # the registry checks the files first (re-hashing any whose status changed since their last hash)
+    snap = resolver.open(ref)  # "name@version" is immutable; the digest check guards against reuse
     if snap.version.digest != digest:
         raise IncompatibleAdapter(f"{ref} now has digest {snap.version.digest[:12]}, expected {digest[:12]}")
     try:
         host = read_adapter(snap.path, digest, ref, runner.num_layers, runner.module_dims(), cfg.max_rank,
-                            pin_memory=cfg.torch_device().type == "cuda", sha256=resolver.files(ref))
+                            pin_memory=cfg.torch_device().type == "cuda")
     except AdapterRefused as exc:
         raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
-    except AdapterCorrupt as exc:
-        raise EngineError(f"cannot open {ref}: {exc}") from None
     if not pool.fits_empty(host):
         need = max(host.ranks.values())
         raise CapacityExceeded(f"adapter {ref} needs {need} rows per module but the device pool has "

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..lora import ops
-from ..lora.native import Bgmv
+from ..lora.native import CpuKernels
 from ..lora.pool import LoraPool
 from .errors import IncompatibleAdapter
 from .kv_cache import KVCache
@@ -95,7 +95,7 @@ class LlamaRunner:
         self.rotary = inner.rotary_emb.to(device)
         self.scale = self.head_dim ** -0.5
         self.lora: LoraPool | None = None
-        self.bgmv: Bgmv | None = None  # the native CPU LoRA kernel, when enabled and built
+        self.kernels: CpuKernels | None = None  # the native CPU LoRA kernels, when enabled and built
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each adaptable linear module."""
@@ -139,7 +139,7 @@ class LlamaRunner:
         pool, k, cached = self.lora, lora.rank, lora.gathered
         if lora.kernel_rows is not None:  # the CPU kernel: every adapter token's rows, in one call
             rows_a, rows_b = lora.kernel_rows[group]
-            self.bgmv(x.contiguous(), y, pool.a_stacked[group][layer], rows_a, pool.b_pointers(layer, group),
+            self.kernels.lora(x.contiguous(), y, pool.a_stacked[group][layer], rows_a, pool.b_pointers(layer, group),
                       rows_b, lora.kernel_tok, lora.scratch)
             return y
         a = cached[group][layer] if cached else ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group])

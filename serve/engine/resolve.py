@@ -65,11 +65,6 @@ class Resolver:
         except HubError as exc:
             raise EngineError(f"cannot open {getattr(ref, 'ref', ref)}: {exc}") from None
 
-    def files(self, ref) -> dict[str, str]:
-        """path -> sha256 of each file of a version."""
-        with self._lock:
-            return {path: sha for path, sha, _size in self.registry.files(ref)}
-
     def resolve(self, model: str | None) -> Target:
         base = self.base_version
         if model is None or model == "":

@@ -40,7 +40,7 @@ class Worker:
         self.tokenizer = tokenizer
         self.runner = LlamaRunner(hf_model, device, dtype)
         if config.native_kernels and device.type == "cpu" and dtype == torch.float32:
-            self.runner.bgmv = native.load()
+            self.runner.kernels = native.load()
         self.eos_ids = eos_ids(hf_model, tokenizer)
         r = self.runner
         block_bytes = KVCache.block_bytes(r.num_layers, config.kv_block_size, r.num_kv_heads, r.head_dim, dtype)
@@ -77,7 +77,7 @@ class Worker:
         lora = None
         if self.runner.lora is not None:
             lora = build_lora_step(segments, first, self.runner.lora, self.device, self.lora_batch_cache_bytes,
-                                   kernel=self.runner.bgmv is not None)
+                                   kernel=self.runner.kernels is not None)
         meta = build_metadata(spans, self.blocks.block_size, self.device, lora)
         logits = self.runner.forward(meta, self.kv)
         for seq, n in plan:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .native import PoolPointers
+from .native import CpuKernels, PoolPointers
 from .ops import gather_rows
 from .spec import MODULES
 from .weights import HostAdapter
@@ -61,6 +61,7 @@ class LoraPool:
         self._b_pointers: dict[tuple[int, str], PoolPointers] = {}
         self.dtype = dtype
         self._elem = torch.empty((), dtype=dtype).element_size()
+        self.kernels: CpuKernels | None = None  # set by the engine: activation in one native call
 
     # --- capacity -------------------------------------------------------------------
     @staticmethod
@@ -98,10 +99,21 @@ class LoraPool:
         """
         rows = {m: [self._free[m].pop() for _ in range(r)] for m, r in adapter.ranks.items()}
         n = self.max_rows + 1
+        native = self.kernels is not None and all(t.dtype == torch.float32 for t in adapter.a.values()) and all(
+            t.dtype == torch.float32 for t in adapter.b.values())
+        items = []
         for group, modules in GROUPS.items():
             for i, m in enumerate(modules):
-                if m in rows:
-                    self._write(adapter, m, rows[m], self.a_stacked[group][:, i * n:(i + 1) * n], self.b_stacked[m])
+                if m not in rows:
+                    continue
+                a_pool, b_pool = self.a_stacked[group][:, i * n:(i + 1) * n], self.b_stacked[m]
+                if native:
+                    items += [(adapter.a.get((layer, m)), adapter.b.get((layer, m)), a_pool[layer], b_pool[layer],
+                               adapter.spec.scales.get((layer, m), 0.0), rows[m]) for layer in range(self.num_layers)]
+                else:
+                    self._write(adapter, m, rows[m], a_pool, b_pool)
+        if items:
+            self.kernels.activate(items)
         slot = self._free_slots.pop() if self._free_slots else self._new_slot()
         self._generation += 1
         self._slots[slot] = Slot(rows=rows, rank=adapter.rank,

@@ -8,11 +8,9 @@ the device pool (``LoraPool.activate``), so the serving path never multiplies by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import struct
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,32 +83,6 @@ def read_safetensors(path: Path, pin_memory: bool = False) -> tuple[Tensor, dict
     return buffer, tensors
 
 
-class AdapterCorrupt(Exception):
-    """A file's bytes do not hash to the digest the registry recorded for it."""
-
-
-def _check_digest(name: str, actual: str, expected: str) -> None:
-    if actual != expected:
-        raise AdapterCorrupt(f"file {name} is corrupt: its bytes hash to {actual[:12]}, the registry "
-                             f"recorded {expected[:12] or 'no such file'}")
-
-
-class _Hasher:
-    """sha256 of a buffer on a helper thread (hashlib releases the GIL), joined by ``result()``."""
-
-    def __init__(self, buffer: Tensor) -> None:
-        self._digest = ""
-        self._thread = threading.Thread(target=self._run, args=(memoryview(buffer.numpy()),), daemon=True)
-        self._thread.start()
-
-    def _run(self, data: memoryview) -> None:
-        self._digest = hashlib.sha256(data).hexdigest()
-
-    def result(self) -> str:
-        self._thread.join()
-        return self._digest
-
-
 def _check_finite(tensors: dict[str, Tensor]) -> None:
     """Refuse NaN/inf weights. One sum over all float32 data when they are back to back (a sum is
     finite only if every value is, overflow aside, which is refused too); else tensor by tensor."""
@@ -129,30 +101,19 @@ def _check_finite(tensors: dict[str, Tensor]) -> None:
 
 
 def load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dict[str, tuple[int, int]],
-                 max_rank: int, pin_memory: bool = False, sha256: dict[str, str] | None = None) -> HostAdapter:
+                 max_rank: int, pin_memory: bool = False) -> HostAdapter:
     """Read ``adapter_config.json`` + ``adapter_model.safetensors`` and check them against the base.
 
-    ``sha256`` (file name -> digest the registry recorded): hash the very bytes read, the weights'
-    on another thread while they are parsed and checked, and raise ``AdapterCorrupt`` on a mismatch.
     Raises ``AdapterRefused`` with the reason when the adapter cannot be applied exactly.
     """
-    if sha256 is not None and "adapter_config.json" in sha256:
-        _check_digest("adapter_config.json", hashlib.sha256((folder / "adapter_config.json").read_bytes()).hexdigest(),
-                      sha256["adapter_config.json"])
     config = read_config(folder)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         found = sorted(p.name for p in folder.iterdir())
         raise AdapterRefused(f"no adapter_model.safetensors (files: {', '.join(found)})")
     buffer, tensors = read_safetensors(weights, pin_memory)
-    hasher = _Hasher(buffer) if sha256 is not None else None
-    try:
-        spec = build_spec(config, {k: tuple(t.shape) for k, t in tensors.items()}, num_layers, dims, max_rank)
-        _check_finite(tensors)
-    finally:
-        actual = hasher.result() if hasher else None
-    if hasher:
-        _check_digest(weights.name, actual, sha256.get(weights.name, ""))
+    spec = build_spec(config, {k: tuple(t.shape) for k, t in tensors.items()}, num_layers, dims, max_rank)
+    _check_finite(tensors)
     a = {pair: tensors[keys[0]] for pair, keys in spec.keys.items()}
     b = {pair: tensors[keys[1]] for pair, keys in spec.keys.items()}
     return HostAdapter(digest=digest, ref=ref, spec=spec, buffer=buffer, a=a, b=b,

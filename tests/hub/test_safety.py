@@ -48,6 +48,43 @@ def test_symlink_inside_folder_is_stored_as_its_content(registry, make_adapter):
     assert (snap.path / "CARD.md").read_text() == "hello" and (snap.path / "docs" / "card.md").is_file()
 
 
+def test_open_rehashes_only_blobs_whose_file_changed_since_their_last_hash(registry, make_adapter, monkeypatch):
+    from hotswap.hub import blobs
+
+    version = registry.publish(make_adapter(), name="sql").version
+    hashed = []
+    real = blobs.sha256_file
+    monkeypatch.setattr(blobs, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    registry.open("sql")
+    assert hashed == []  # hashed when written, unchanged since
+    weights = next(sha for path, sha, _ in registry.files(version) if path == "adapter_model.safetensors")
+    os.chmod(registry.blobs.path(weights), 0o444)  # same mode, new ctime: the status changed
+    registry.open("sql")
+    assert hashed == [weights]
+    registry.open("sql")
+    assert hashed == [weights]  # hashed right, recorded again
+    shutil.rmtree(registry.blobs.root / "verified")  # records lost: every file is hashed once more
+    registry.open("sql")
+    assert sorted(hashed[1:]) == sorted(sha for _, sha, _ in registry.files(version))
+
+
+def test_a_tampered_blob_is_caught_on_open_even_with_its_mtime_put_back(registry, make_adapter):
+    version = registry.publish(make_adapter(), name="sql").version
+    weights = next(sha for path, sha, _ in registry.files(version) if path == "adapter_model.safetensors")
+    blob = registry.blobs.path(weights)
+    before = os.stat(blob)
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    os.chmod(blob, 0o444)
+    os.utime(blob, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, mode and mtime; ctime moved on
+    with pytest.raises(CorruptionError, match=r"sql@1: file adapter_model\.safetensors: blob .* is corrupt"):
+        registry.open("sql")
+    with pytest.raises(CorruptionError):  # a failed check leaves no record behind
+        registry.open("sql")
+
+
 def test_missing_weights_refused(registry, make_adapter):
     folder = make_adapter()
     (folder / "adapter_model.safetensors").unlink()

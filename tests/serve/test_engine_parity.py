@@ -115,7 +115,7 @@ def test_the_pure_torch_path_matches_peft_too(world, oracle):
     """With the native kernel off (no compiler, or HOTSWAP_NATIVE=0), batched torch ops do the LoRA math."""
     eng = start_engine(world.home, native_kernels=False)
     try:
-        assert eng._base.runner.bgmv is None
+        assert eng._base.runner.kernels is None
         names = [a.name for a in ADAPTERS]
         preload(eng, names)
         models = names + [None, names[1]]
@@ -129,4 +129,4 @@ def test_the_pure_torch_path_matches_peft_too(world, oracle):
 def test_the_native_kernel_serves_cpu_decode_steps(engine):
     from hotswap.serve.lora import native
 
-    assert engine._base.runner.bgmv is native.load() is not None
+    assert engine._base.runner.kernels is native.load() is not None

@@ -130,6 +130,27 @@ def test_scattered_rows_and_partial_layers_overwrite_stale_rows():
     assert not a1[rows].any() and not b1[rows].any()  # the untargeted layer reads zeros, not the old adapter
 
 
+def test_native_activation_writes_the_same_rows_as_the_torch_path():
+    """``activate.c``: A rows copied, B transposed and scaled, stale rows of unused ranks and
+    untargeted layers zeroed; the same sequence of activations on both paths gives equal pools."""
+    pools = []
+    for kernels in (None, _kernel()):
+        pool = LoraPool(2, DIMS, max_rows=8, dtype=torch.float32, device=torch.device("cpu"))
+        pool.kernels = kernels
+        slots = [pool.activate(random_adapter({m: 3 for m in DIMS}, seed=1)),
+                 pool.activate(random_adapter({"q_proj": 2, "down_proj": 4}, seed=2))]
+        pool.release(slots[0])  # its rows keep stale values for the next owners
+        partial = random_adapter({"q_proj": 4, "gate_proj": 2, "v_proj": 1}, seed=3, scale=0.25)
+        del partial.a[(1, "gate_proj")], partial.b[(1, "gate_proj")]  # layer 1 has no gate_proj
+        pools.append((pool, pool.activate(partial)))
+    (torch_pool, _), (native_pool, slot) = pools
+    for group in GROUPS:
+        assert torch.equal(torch_pool.a_stacked[group], native_pool.a_stacked[group]), group
+    for m in DIMS:
+        assert torch.allclose(torch_pool.b_stacked[m], native_pool.b_stacked[m], atol=1e-6), m
+    assert not native_pool.module_view("gate_proj", 1)[1][native_pool.slot(slot).rows["gate_proj"]].any()
+
+
 def test_expand_add_accumulates_into_column_views():
     g = torch.Generator().manual_seed(1)
     y = torch.randn(2 * 4, 10, generator=g)
@@ -189,7 +210,7 @@ def test_native_kernel_follows_its_semantics(adapter_of_token, tok, num_tokens):
 
     x, y0, ref, a_pool, b_pools, rows_a, rows_b = _kernel_case(adapter_of_token, tok, num_tokens, seed=3)
     y = y0.clone()
-    _kernel()(x, y, a_pool, rows_a, PoolPointers(b_pools), rows_b, None if tok is None else torch.tensor(tok),
+    _kernel().lora(x, y, a_pool, rows_a, PoolPointers(b_pools), rows_b, None if tok is None else torch.tensor(tok),
               torch.empty(rows_a.numel()))
     assert torch.allclose(y, ref, atol=1e-4)
     untouched = sorted(set(range(num_tokens)) - set(tok if tok is not None else range(len(adapter_of_token))))
