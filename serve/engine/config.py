@@ -29,7 +29,7 @@ class EngineConfig:
     lora_batch_cache_bytes: int = 256 * MiB
     model_memory_bytes: int = 2048 * MiB  # budget for full fine-tuned models served beside the base
     load_workers: int = 1  # background threads loading cold adapters
-    native_kernels: bool = True  # CPU fp32 decode: the compiled LoRA kernel when it builds (serve/lora/native.py)
+    native_kernels: bool = True  # CPU fp32: the compiled LoRA kernels when they build (serve/lora/native.py)
 
     def __post_init__(self) -> None:
         assert self.max_batch_tokens > 0 and self.max_running > 0 and self.max_queue > 0

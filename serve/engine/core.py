@@ -197,6 +197,7 @@ class Core:
         self.seqs.pop(seq.request_id, None)
         if seq.first_scheduled is None:
             self._unqueue()
+        self._gauges()  # before the last event: a client reading metrics after its response sees it gone
 
     def finish(self, seq: Sequence, reason: str, delta: str = "", tokens: tuple[int, ...] = ()) -> None:
         self._detach(seq)

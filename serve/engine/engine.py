@@ -8,12 +8,13 @@ import threading
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal, TypeVar
 
 import torch
 
 from ..lora.pool import LoraPool
 from ..lora.residency import Residency
+from ..threads import run_in_fresh_thread
 from . import loaders
 from .config import EngineConfig
 from .detok import Detokenizer
@@ -28,6 +29,7 @@ from .stats import EngineStats, StatsRecorder
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(slots=True, frozen=True)
@@ -83,6 +85,12 @@ class Engine:
     def start_sync(self) -> None:
         if self._state != "new":
             raise EngineNotReady(f"the engine is {self._state}; create a new one to start again")
+        run_in_fresh_thread(self._build)  # the caller's thread keeps no OpenMP workers (serve/threads.py)
+        self._state = "ready"
+        self._thread = threading.Thread(target=self._run_core, name="hotswap-engine", daemon=True)
+        self._thread.start()
+
+    def _build(self) -> None:
         cfg = self.config
         self.resolver = Resolver(self.registry, self._base_ref, cfg.max_rank)
         base_target, path = self.resolver.open_base()
@@ -105,9 +113,6 @@ class Engine:
         def capacities(s: EngineStats) -> None:
             s.lora_bytes_capacity, s.host_cache_bytes_capacity = pool.capacity_bytes, cfg.host_cache_bytes
         self._recorder.update(capacities)
-        self._state = "ready"
-        self._thread = threading.Thread(target=self._run_core, name="hotswap-engine", daemon=True)
-        self._thread.start()
 
     def _run_core(self) -> None:
         try:
@@ -128,6 +133,21 @@ class Engine:
         self._core.residency.close()
         self._core.models.close()
         self._state = "stopped"
+
+    def call_on_step_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the step thread between steps, its result returned: for torch work beside the
+        engine in one process (a benchmark's baselines) that must not leave OpenMP workers on
+        another thread (see serve/threads.py). Steps wait while it runs."""
+        self._require_ready()
+        future: Future = Future()
+
+        def command() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+        self._core.post(command)
+        return future.result()
 
     def __enter__(self) -> Engine:
         self.start_sync()

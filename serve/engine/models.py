@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..threads import FreshThreads
 from .errors import CapacityExceeded
 from .worker import Worker
 
@@ -35,7 +36,7 @@ class ModelPool:
                  on_event: Callable[[str], None] | None = None) -> None:
         self._load = load
         self.budget_bytes = budget_bytes
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotswap-model-load")
+        self._executor = FreshThreads(1, "hotswap-model-load")  # see serve/threads.py
         self._lock = threading.Lock()
         self._entries: dict[str, ModelEntry] = {}
         self._on_event = on_event or (lambda kind: None)  # "load" | "evict"

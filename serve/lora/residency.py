@@ -12,10 +12,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..threads import FreshThreads
 from .pool import LoraPool
 from .weights import HostAdapter
 
@@ -58,7 +59,7 @@ class Residency:
         self._load = load
         self.pool = pool
         self.host_capacity_bytes = host_capacity_bytes
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hotswap-adapter-load")
+        self._executor = FreshThreads(workers, "hotswap-adapter-load")  # see serve/threads.py
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._host_lru: OrderedDict[str, None] = OrderedDict()  # digests with host copies, oldest first
