@@ -71,7 +71,7 @@ class BlobStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
-            self._record(sha)
+            self._record(sha, _status(target))
             return sha, size, True
         finally:
             tmp.unlink(missing_ok=True)
@@ -82,10 +82,12 @@ class BlobStore:
         if not path.is_file():
             raise CorruptionError(f"blob {sha256[:12]} is missing from the store")
         self._forget(sha256)
+        before = _status(path)
         actual = sha256_file(path)
         if actual != sha256:
             raise CorruptionError(f"blob {sha256[:12]} is corrupt: its bytes hash to {actual[:12]}")
-        self._record(sha256)
+        if _status(path) == before:  # a file changed while it was hashed gets no record
+            self._record(sha256, before)
 
     def check(self, sha256: str) -> None:
         """``verify``, skipped when the file's status is what it was when its bytes last hashed right."""
@@ -99,14 +101,14 @@ class BlobStore:
     def _record_path(self, sha256: str) -> Path:
         return self._verified / sha256
 
-    def _record(self, sha256: str) -> None:
+    def _record(self, sha256: str, status: str) -> None:
         """Remember the status of a blob whose bytes just hashed right (written aside, then renamed).
         Records only save re-hashes: one that cannot be written (a read-only home) is skipped."""
         try:
             self._verified.mkdir(exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="verified-")
             with os.fdopen(fd, "w") as out:
-                out.write(_status(self.path(sha256)))
+                out.write(status)
             os.replace(tmp_name, self._record_path(sha256))
         except OSError:
             pass

@@ -140,7 +140,7 @@ class LlamaRunner:
         if lora.kernel_rows is not None:  # the CPU kernel: every adapter token's rows, in one call
             rows_a, rows_b = lora.kernel_rows[group]
             self.kernels.lora(x.contiguous(), y, pool.a_stacked[group][layer], rows_a, pool.b_pointers(layer, group),
-                      rows_b, lora.kernel_tok, lora.scratch)
+                              rows_b, lora.kernel_tok, lora.scratch)
             return y
         a = cached[group][layer] if cached else ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group])
         h = ops.shrink(ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len), a)
