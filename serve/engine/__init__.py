@@ -4,7 +4,7 @@ Everything here is plain Python and torch: no HTTP types. Errors are the typed c
 """
 
 from .config import EngineConfig
-from .engine import AdapterResidency, Engine
+from .engine import Engine
 from .errors import (
     AdapterNotFound,
     CapacityExceeded,
@@ -25,6 +25,7 @@ from .requests import (
     TokenEvent,
     Usage,
 )
+from .residency_commands import AdapterResidency
 from .stats import EngineStats, Histogram
 
 __all__ = [

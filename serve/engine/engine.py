@@ -7,8 +7,7 @@ import logging
 import threading
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Callable, Literal, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 
@@ -24,6 +23,7 @@ from .intake import check_sampling, prompt_ids
 from .models import ModelPool
 from .requests import Completion, GenerationRequest, RequestStream, Target
 from .resolve import Resolver
+from .residency_commands import ResidencyCommands
 from .sequence import Sequence
 from .stats import EngineStats, StatsRecorder
 from .worker import Worker
@@ -32,23 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(slots=True, frozen=True)
-class AdapterResidency:
-    """Where one adapter (or full model) version is held right now. Entries only on disk are not listed."""
-
-    ref: str  # "name@version"
-    digest: str
-    kind: Literal["adapter", "model"]
-    tier: Literal["device", "host", "loading"]
-    pins: int  # running requests + manual pins
-    manually_pinned: bool
-    size_bytes: int  # device bytes it occupies (rows for an adapter; weights + KV for a model)
-    rank: int | None
-    target_modules: tuple[str, ...]
-    last_used: float  # time.time() of the last request that used it
-
-
-class Engine:
+class Engine(ResidencyCommands):
     """One frozen base with per-request adapters in shared batches, plus full models on demand.
 
     Usage::
@@ -273,84 +257,6 @@ class Engine:
         """Stop a request; its KV blocks and adapter pin are freed before the next step."""
         if self._core is not None and self._core.dead is None:  # a dead loop already ended every stream
             self._core.post(lambda: self._core.cancel(request_id))
-
-    # --- residency ------------------------------------------------------------------
-    def residency(self) -> list[AdapterResidency]:
-        self._require_ready()
-        out = [AdapterResidency(ref=v.ref, digest=v.digest, kind="adapter", tier=v.tier, pins=v.pins,
-                                manually_pinned=v.manual, size_bytes=v.device_bytes or v.host_bytes, rank=v.rank,
-                                target_modules=v.modules, last_used=v.last_used)
-               for v in self._core.residency.views()]
-        for e in self._core.models.entries():
-            busy = e.worker is not None and e.worker.scheduler.has_work
-            out.append(AdapterResidency(ref=e.ref, digest=e.digest, kind="model",
-                                        tier="device" if e.worker else "loading", pins=int(busy) + int(e.manual),
-                                        manually_pinned=e.manual,
-                                        size_bytes=e.worker.nbytes if e.worker else e.estimate_bytes,
-                                        rank=None, target_modules=(), last_used=e.last_used))
-        return out
-
-    def _residency_of(self, digest: str) -> AdapterResidency:
-        return next(r for r in self.residency() if r.digest == digest)
-
-    def load_future(self, ref: str) -> Future:
-        """Bring an adapter to a device slot (or a full model into memory); the future gives its residency."""
-        self._require_ready()
-        target = self.resolver.resolve(ref)
-        core, future = self._core, Future()
-        if target.kind == "base":
-            raise EngineError(f"{ref} is the base; it is always loaded")
-        if target.kind == "adapter":
-            core.residency.request(target.ref, target.digest)
-
-            def task():
-                if core.residency.acquire(target.digest) is None:
-                    return None
-                core.residency.release(target.digest)
-                return self._residency_of(target.digest)
-        else:
-            info = self.resolver.model_info(target, self.config)
-            core.models.check_fits(target.ref, info.estimate_bytes)
-            core.models.request(target.ref, target.digest, info.estimate_bytes)
-
-            def task():
-                worker = core.models.get(target.digest, lambda w: w.scheduler.has_work)
-                return None if worker is None else self._residency_of(target.digest)
-        core.post(lambda: core.when(task, future))
-        return future
-
-    async def load(self, ref: str) -> AdapterResidency:
-        return await asyncio.wrap_future(self.load_future(ref))
-
-    async def pin(self, ref: str) -> AdapterResidency:
-        """Load and keep resident until ``unpin`` (never evicted meanwhile)."""
-        await self.load(ref)
-        target = self.resolver.resolve(ref)
-        done: Future = Future()
-        core = self._core
-        owner = core.residency if target.kind == "adapter" else core.models
-        core.post(lambda: (owner.set_manual(target.digest, True), done.set_result(None)))
-        await asyncio.wrap_future(done)
-        return self._residency_of(target.digest)
-
-    def unpin(self, ref: str) -> None:
-        self._require_ready()
-        target = self.resolver.resolve(ref)
-        owner = self._core.residency if target.kind == "adapter" else self._core.models
-        self._core.post(lambda: owner.set_manual(target.digest, False))
-
-    async def unload(self, ref: str) -> bool:
-        """Drop an adapter/model from device and host caches; False when it is pinned or in use."""
-        self._require_ready()
-        target = self.resolver.resolve(ref)
-        core, future = self._core, Future()
-        if target.kind == "adapter":
-            core.post(lambda: future.set_result(core.residency.evict(target.digest)))
-        elif target.kind == "model":
-            core.post(lambda: future.set_result(core.models.evict(target.digest, lambda w: w.scheduler.has_work)))
-        else:
-            return False
-        return await asyncio.wrap_future(future)
 
     # --- metrics --------------------------------------------------------------------
     def stats(self) -> EngineStats:
