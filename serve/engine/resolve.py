@@ -56,10 +56,10 @@ class Resolver:
         except HubError as exc:  # a malformed reference
             raise InvalidRequest(f"bad model reference {ref!r}: {exc}") from None
 
-    def open(self, ref, verify: bool = True):
+    def open(self, ref):
         try:
             with self._lock:
-                return self.registry.open(ref, verify=verify)
+                return self.registry.open(ref)
         except NotFoundError as exc:
             raise AdapterNotFound(str(exc)) from None
         except HubError as exc:
