@@ -136,12 +136,11 @@ class LlamaRunner:
         y = project(x, weight)
         if lora is None:
             return y
-        pool, k, cached = self.lora, lora.rank, lora.gathered
-        if lora.kernel_rows is not None:  # the CPU kernel: every adapter token's rows, in one call
-            rows_a, rows_b = lora.kernel_rows[group]
-            self.kernels.lora(x.contiguous(), y, pool.a_stacked[group][layer], rows_a, pool.b_pointers(layer, group),
-                              rows_b, lora.kernel_tok, lora.scratch)
+        calls = lora.kernel_calls
+        if calls is not None:  # the CPU kernel: every adapter token's rows, in one call
+            calls[group](layer, x, y)  # x is contiguous here (the call refuses it otherwise)
             return y
+        pool, k, cached = self.lora, lora.rank, lora.gathered
         a = cached[group][layer] if cached else ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group])
         h = ops.shrink(ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len), a)
         bs = [cached[m][layer] if cached else ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m]) for m in modules]

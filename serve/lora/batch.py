@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .native import GroupCall
 from .pool import GROUPS, LoraPool
 
 # Cost of gathering one block's adapter rows, in units of one padded token's LoRA compute; a
@@ -36,6 +37,7 @@ class LoraStep:
     kernel_rows: dict[str, tuple[Tensor, Tensor]] | None = None
     kernel_tok: Tensor | None = None
     scratch: Tensor | None = None  # [T_lora * max n*k] the kernel's rank activations
+    kernel_calls: dict[str, GroupCall] | None = None  # group -> its calls, ``(layer, x, y)``; None: no kernels loaded
 
 
 def choose_block_len(lengths: list[int]) -> int:
@@ -105,25 +107,29 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
 def _kernel_step(active: list[tuple[int, int, int]], num_tokens: int, pool: LoraPool, slots: dict, rank: int,
                  device: torch.device) -> LoraStep:
     """Row ids of every adapter token for the kernel: one row set per sequence, repeated over its
-    tokens. A decode batch's sets come back step after step, so they are kept in the pool."""
+    tokens. A decode batch comes back step after step, so its step (row ids, scratch, the kernel
+    calls) is kept in the pool and handed out again while the same slots sit at the same tokens."""
     token_ids = [t for start, n, _ in active for t in range(start, start + n)]
-    key = (rank, tuple((s, slots[s].generation) for _, _, s in active))
-    kernel_rows = pool.cached_rows(key)
-    if kernel_rows is None:
-        rows = _rows(pool, [slots[s] for _, _, s in active], rank, device)
-        kernel_rows = {g: (rows[g], torch.stack([rows[m] for m in ms])) for g, ms in GROUPS.items()}
-        if len(token_ids) == len(active):  # decode: one token per sequence
-            pool.keep_rows(key, kernel_rows)
-    if len(token_ids) > len(active):  # prefill: each token takes its sequence's rows
+    decode = len(token_ids) == len(active)  # one token per sequence
+    key = (rank, num_tokens, tuple(token_ids), tuple((s, slots[s].generation) for _, _, s in active))
+    if decode and (kept := pool.cached_step(key)) is not None:
+        return kept
+    rows = _rows(pool, [slots[s] for _, _, s in active], rank, device)
+    kernel_rows = {g: (rows[g], torch.stack([rows[m] for m in ms])) for g, ms in GROUPS.items()}
+    if not decode:  # prefill: each token takes its sequence's rows
         seq_of_token = torch.tensor([i for i, (_, n, _) in enumerate(active) for _ in range(n)]).to(device)
         kernel_rows = {g: (a.index_select(0, seq_of_token), b.index_select(1, seq_of_token))
                        for g, (a, b) in kernel_rows.items()}
     widest = max(len(ms) for ms in GROUPS.values()) * rank
-    all_tokens = token_ids == list(range(num_tokens))
-    return LoraStep(num_blocks=len(active), block_len=1, rank=rank, token_index=None, block_pos=None,
-                    token_ids=None, rows=None, gathered=None, kernel_rows=kernel_rows,
-                    kernel_tok=None if all_tokens else torch.tensor(token_ids).to(device),
-                    scratch=torch.empty(len(token_ids) * widest, dtype=pool.dtype, device=device))
+    tok = None if token_ids == list(range(num_tokens)) else torch.tensor(token_ids).to(device)
+    scratch = torch.empty(len(token_ids) * widest, dtype=pool.dtype, device=device)
+    calls = None if pool.kernels is None else {
+        g: pool.kernels.group_call(pool.kernel_pools(g), a, b, tok, scratch, num_tokens)
+        for g, (a, b) in kernel_rows.items()}
+    step = LoraStep(num_blocks=len(active), block_len=1, rank=rank, token_index=None, block_pos=None,
+                    token_ids=None, rows=None, gathered=None, kernel_rows=kernel_rows, kernel_tok=tok,
+                    scratch=scratch, kernel_calls=calls)
+    return pool.keep_step(key, step) if decode else step
 
 
 def _rows(pool: LoraPool, block_slots: list, rank: int, device: torch.device) -> dict[str, Tensor]:

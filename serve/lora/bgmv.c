@@ -197,3 +197,23 @@ int hotswap_lora(int64_t n, int64_t din, const float *x, int64_t ldx, const floa
     free(start);
     return 0;
 }
+
+/* The engine's entry: one step's row ids (the same in every layer) and one layer's pools, each
+ * set up once, so a call from Python passes four pointers. x [T, din] and y [T, ldy], rows contiguous. */
+struct hotswap_lora_step {
+    int64_t n, nk, nmod, k;
+    const int64_t *rows_a, *rows_b, *tok;
+    float *h;
+};
+struct hotswap_lora_pools {
+    int64_t din, ldy;
+    const float *a;
+    const float *const *b;
+    const int64_t *dout;
+};
+
+int hotswap_lora_layer(const struct hotswap_lora_step *s, const struct hotswap_lora_pools *p, const float *x, float *y)
+{
+    return hotswap_lora(s->n, p->din, x, p->din, p->a, s->rows_a, s->nk, s->nmod, s->k, p->b, s->rows_b, p->dout, y,
+                        p->ldy, s->tok, s->h);
+}

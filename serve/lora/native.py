@@ -31,6 +31,7 @@ SOURCES = [Path(__file__).with_name("bgmv.c"), Path(__file__).with_name("activat
 # -march=native: the library is built on, and cached for, the machine that runs it
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_F32 = torch.float32
 
 
 def cache_dir() -> Path:
@@ -79,9 +80,8 @@ def load() -> "CpuKernels | None":
     except Exception as exc:  # any failure leaves the exact pure-torch path in place
         log.warning("hotswap: CPU LoRA kernels unavailable, using torch ops (%s)", exc)
         return None
-    lib.hotswap_lora.restype = ctypes.c_int
-    lib.hotswap_lora.argtypes = [_I64, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR,
-                                 _I64, _PTR, _PTR]
+    lib.hotswap_lora_layer.restype = ctypes.c_int
+    lib.hotswap_lora_layer.argtypes = [_PTR, _PTR, _PTR, _PTR]
     lib.hotswap_activate.restype = None
     lib.hotswap_activate.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
     return CpuKernels(lib)
@@ -89,25 +89,21 @@ def load() -> "CpuKernels | None":
 
 class CpuKernels:
     def __init__(self, lib) -> None:
-        self._lora, self._activate = lib.hotswap_lora, lib.hotswap_activate
+        self._lora, self._activate = lib.hotswap_lora_layer, lib.hotswap_activate
 
-    def lora(self, x: Tensor, y: Tensor, a_pool: Tensor, rows_a: Tensor, b_pools: "PoolPointers",
-                 rows_b: Tensor, tok: Tensor | None, scratch: Tensor) -> None:
-        """``y[tok] += LoRA(x[tok])`` for one module group of one layer, adapters per token.
+    def group_call(self, pools: "PoolLayers", rows_a: Tensor, rows_b: Tensor, tok: Tensor | None,
+                   scratch: Tensor, num_tokens: int) -> "GroupCall":
+        """One step's LoRA for one module group: ``call(layer, x, y)`` does ``y[tok] += LoRA(x[tok])``
+        with that layer's pools, adapters per token.
 
-        ``x [T, in]``, ``y [T, out]`` (row-contiguous float32 on CPU); ``a_pool [rows, in]``;
-        ``rows_a [n, nk]``; ``rows_b [nmod, n, k]`` (tokens with equal ``rows_a`` rows have equal
-        ``rows_b`` rows: both come from the token's adapter); ``tok [n]`` (None: tokens 0..n-1);
-        ``scratch``: at least ``n * nk`` floats."""
-        n, nk = rows_a.shape
-        nmod, _, k = rows_b.shape
-        assert x.stride(1) == 1 and y.stride(1) == 1 and x.dtype == y.dtype == torch.float32
-        assert scratch.numel() >= n * nk and nmod == b_pools.count and rows_b.shape[1] == n
-        if self._lora(n, x.shape[1], x.data_ptr(), x.stride(0), a_pool.data_ptr(), rows_a.data_ptr(), nk,
-                    nmod, k, b_pools.pointers, rows_b.data_ptr(), b_pools.dout.data_ptr(),
-                    y.data_ptr(), y.stride(0), None if tok is None else tok.data_ptr(), scratch.data_ptr()):
-            raise MemoryError("the LoRA kernel could not allocate its block list")
-
+        ``x [T, in]``, ``y [T, out]`` (contiguous float32 on CPU, T = num_tokens); ``rows_a [n, nk]`` into the
+        A pool; ``rows_b [nmod, n, k]`` into each B pool (tokens with equal ``rows_a`` rows have
+        equal ``rows_b`` rows: both come from the token's adapter); ``tok [n]`` (None: tokens
+        0..n-1); ``scratch``: at least ``n * nk`` floats. Everything but x and y is checked and
+        converted here, once per step: a decode step makes 4 calls per layer, each right after a
+        base matmul has pushed the interpreter's state out of the caches, so each Python operation
+        left in a call costs far more than it does in a loop."""
+        return GroupCall(self._lora, pools, rows_a, rows_b, tok, scratch, num_tokens)
 
     def activate(self, items: list[tuple[Tensor | None, Tensor | None, Tensor, Tensor, float, list[int]]]) -> None:
         """Copy one adapter into its pool rows, every layer and module in one call.
@@ -137,12 +133,73 @@ class CpuKernels:
         self._activate(n, *ptrs, *shape[:3], scales, row_ptrs, shape[3])
 
 
-class PoolPointers:
-    """The B pools of one group in one layer, as the kernel takes them (made once; pools never move)."""
+class _Step(ctypes.Structure):  # struct hotswap_lora_step in bgmv.c
+    _fields_ = [("n", _I64), ("nk", _I64), ("nmod", _I64), ("k", _I64), ("rows_a", _PTR), ("rows_b", _PTR),
+                ("tok", _PTR), ("h", _PTR)]
 
-    def __init__(self, pools: list[Tensor]) -> None:
-        assert all(p.is_contiguous() and p.dtype == torch.float32 for p in pools)
-        self.keep = pools  # the tensors must outlive the pointers
-        self.count = len(pools)
-        self.pointers = ctypes.cast((_PTR * len(pools))(*[p.data_ptr() for p in pools]), _PTR)
-        self.dout = torch.tensor([p.shape[1] for p in pools], dtype=torch.long)
+
+class _Pools(ctypes.Structure):  # struct hotswap_lora_pools in bgmv.c
+    _fields_ = [("din", _I64), ("ldy", _I64), ("a", _PTR), ("b", _PTR), ("dout", _PTR)]
+
+
+class GroupCall:
+    """See ``CpuKernels.group_call``."""
+
+    __slots__ = ("_fn", "_pools", "_step", "_address", "_keep", "_x_shape", "_y_shape")
+
+    def __init__(self, fn, pools: "PoolLayers", rows_a: Tensor, rows_b: Tensor, tok: Tensor | None,
+                 scratch: Tensor, num_tokens: int) -> None:
+        n, nk = rows_a.shape
+        nmod, _, k = rows_b.shape
+        # the kernel follows raw pointers: anything that does not fit the pools is refused here
+        _require(rows_a.dtype == rows_b.dtype == torch.long and rows_a.is_contiguous() and rows_b.is_contiguous()
+                 and rows_b.shape[1] == n and nmod == pools.count and nk <= pools.a_rows, "row ids do not fit the pools")
+        _require(n == 0 or (int(rows_a.max()) < pools.a_rows and int(rows_b.max()) < pools.b_rows
+                            and int(min(rows_a.min(), rows_b.min())) >= 0), "a row id is outside the pools")
+        _require(scratch.dtype == torch.float32 and scratch.is_contiguous() and scratch.numel() >= n * nk,
+                 "scratch is too small")
+        _require(n <= num_tokens if tok is None else
+                 (tok.dtype == torch.long and tok.is_contiguous() and tok.numel() == n
+                  and (n == 0 or 0 <= int(tok.min()) <= int(tok.max()) < num_tokens)), "token ids do not match the rows")
+        self._fn, self._pools = fn, pools
+        self._step = _Step(n, nk, nmod, k, rows_a.data_ptr(), rows_b.data_ptr(),
+                           None if tok is None else tok.data_ptr(), scratch.data_ptr())
+        self._address = ctypes.addressof(self._step)
+        self._keep = (rows_a, rows_b, tok, scratch)  # alive as long as the pointers above
+        self._x_shape, self._y_shape = (num_tokens, pools.din), (num_tokens, pools.dout_total)
+
+    def __call__(self, layer: int, x: Tensor, y: Tensor) -> None:
+        if (x.shape != self._x_shape or y.shape != self._y_shape or x.dtype is not _F32 or y.dtype is not _F32
+                or not (x.is_contiguous() and y.is_contiguous()) or x.is_cuda):
+            raise ValueError(f"LoRA kernel inputs: x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype}; "
+                             f"want {self._x_shape} and {self._y_shape}, contiguous float32 on CPU")
+        if self._fn(self._address, self._pools.addresses[layer], x.data_ptr(), y.data_ptr()):
+            raise MemoryError("the LoRA kernel could not allocate its block list")
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(f"LoRA kernel call: {what}")
+
+
+class PoolLayers:
+    """One module group's pools in every layer, as the kernel takes them: checked and converted
+    once (the pools never move)."""
+
+    def __init__(self, a_pools: list[Tensor], b_pools: list[list[Tensor]]) -> None:
+        first_a, first_b = a_pools[0], b_pools[0]
+        for a, bs in zip(a_pools, b_pools, strict=True):
+            assert a.is_contiguous() and a.dtype == torch.float32 and a.device.type == "cpu"
+            assert a.shape == first_a.shape and [b.shape for b in bs] == [b.shape for b in first_b]
+            assert all(b.is_contiguous() and b.dtype == torch.float32 and b.device.type == "cpu" for b in bs)
+        self.keep = (a_pools, b_pools)  # the tensors must outlive the pointers
+        self.a_rows, self.din = first_a.shape
+        self.count = len(first_b)
+        self.b_rows = min(b.shape[0] for b in first_b)
+        self.dout = torch.tensor([b.shape[1] for b in first_b], dtype=torch.long)
+        self.dout_total = int(self.dout.sum())
+        self._b_arrays = [(_PTR * len(bs))(*[b.data_ptr() for b in bs]) for bs in b_pools]
+        self._structs = (_Pools * len(a_pools))(*[
+            _Pools(self.din, self.dout_total, a.data_ptr(), ctypes.addressof(b), self.dout.data_ptr())
+            for a, b in zip(a_pools, self._b_arrays)])
+        self.addresses = [ctypes.addressof(s) for s in self._structs]

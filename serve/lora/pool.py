@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .native import CpuKernels, PoolPointers
+from .native import CpuKernels, PoolLayers
 from .ops import gather_rows
 from .spec import MODULES
 from .weights import HostAdapter
@@ -56,9 +56,9 @@ class LoraPool:
         self._generation = 0
         self._batch_key: tuple | None = None  # the blocks whose rows ``_batch`` holds
         self._batch: dict[str, list[Tensor]] | None = None
-        self._rows_key: tuple | None = None  # the blocks whose row ids ``_rows`` holds (kernel decode steps)
-        self._rows: dict[str, tuple[Tensor, Tensor]] | None = None
-        self._b_pointers: dict[tuple[int, str], PoolPointers] = {}
+        self._step_key: tuple | None = None  # the decode batch ``_step`` serves (kernel steps)
+        self._step = None
+        self._kernel_pools: dict[str, PoolLayers] = {}
         self.dtype = dtype
         self._elem = torch.empty((), dtype=dtype).element_size()
         self.kernels: CpuKernels | None = None  # set by the engine: activation in one native call
@@ -180,21 +180,23 @@ class LoraPool:
         self._batch_key, self._batch = key, batch
         return batch
 
-    def cached_rows(self, key: tuple) -> dict[str, tuple[Tensor, Tensor]] | None:
-        return self._rows if key == self._rows_key else None
+    def cached_step(self, key: tuple):
+        return self._step if key == self._step_key else None
 
-    def keep_rows(self, key: tuple, rows: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
-        """The kernel's row ids of a decode batch (group -> A rows, stacked B rows), kept while the
-        same blocks come back: built once, not per step."""
-        self._rows_key, self._rows = key, rows
-        return rows
+    def keep_step(self, key: tuple, step):
+        """A kernel decode step (``batch.LoraStep``: row ids, scratch, calls), kept while the same
+        batch comes back: built once, not per step. ``key`` names its slots, their generations and
+        the tokens they sit at."""
+        self._step_key, self._step = key, step
+        return step
 
-    def b_pointers(self, layer: int, group: str) -> PoolPointers:
-        """This layer's B pools of ``group`` as the native kernel takes them (made once per pool)."""
-        found = self._b_pointers.get((layer, group))
+    def kernel_pools(self, group: str) -> PoolLayers:
+        """``group``'s A and B pools of every layer as the native kernel takes them (made once)."""
+        found = self._kernel_pools.get(group)
         if found is None:
-            found = PoolPointers([self.b_stacked[m][layer] for m in GROUPS[group]])
-            self._b_pointers[(layer, group)] = found
+            found = PoolLayers(list(self.a_stacked[group].unbind(0)),
+                               [[self.b_stacked[m][layer] for m in GROUPS[group]] for layer in range(self.num_layers)])
+            self._kernel_pools[group] = found
         return found
 
     def module_view(self, module: str, layer: int) -> tuple[Tensor, Tensor]:

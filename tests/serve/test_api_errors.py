@@ -107,7 +107,11 @@ def test_queue_full_is_429_with_retry_after(store):
     app, engine = make_app(store.home, config=config, retry_after_s=3)
     with running_client(app) as client:
         long = GenerationRequest(prompt="hello", sampling=SamplingParams(max_tokens=2000, ignore_eos=True))
-        streams = []
+        streams = [engine.submit(long)]
+        deadline = time.monotonic() + 30
+        while engine.stats().running < 1:  # the first one runs: the two behind it then wait for seconds
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         with pytest.raises(QueueFull):
             for _ in range(10):
                 streams.append(engine.submit(long))

@@ -206,12 +206,13 @@ def _kernel_case(adapter_of_token: list[int], tok: list[int] | None, num_tokens:
 def test_native_kernel_follows_its_semantics(adapter_of_token, tok, num_tokens):
     """``bgmv.c``: per adapter token, shrink through its A rows and add each module's expand into
     its columns of y; runs of one adapter share row reads; other tokens untouched; row 0 pads."""
-    from hotswap.serve.lora.native import PoolPointers
+    from hotswap.serve.lora.native import PoolLayers
 
     x, y0, ref, a_pool, b_pools, rows_a, rows_b = _kernel_case(adapter_of_token, tok, num_tokens, seed=3)
     y = y0.clone()
-    _kernel().lora(x, y, a_pool, rows_a, PoolPointers(b_pools), rows_b, None if tok is None else torch.tensor(tok),
-              torch.empty(rows_a.numel()))
+    call = _kernel().group_call(PoolLayers([a_pool], [b_pools]), rows_a, rows_b,
+                                None if tok is None else torch.tensor(tok), torch.empty(rows_a.numel()), num_tokens)
+    call(0, x, y)
     assert torch.allclose(y, ref, atol=1e-4)
     untouched = sorted(set(range(num_tokens)) - set(tok if tok is not None else range(len(adapter_of_token))))
     assert torch.equal(y[untouched], y0[untouched])
@@ -229,7 +230,10 @@ def test_kernel_steps_read_rows_from_the_pools_and_keep_them_across_decode_steps
     assert rows_b[0, 0, :4].tolist() == pool.slot(slots[0]).rows["q_proj"] and rows_b[1, 0].tolist() == [0] * 4
     again = build_lora_step([(0, 1, slots[0]), (1, 1, -1), (2, 1, slots[1])], 3, pool, torch.device("cpu"),
                             kernel=True)
-    assert again.kernel_rows is decode.kernel_rows  # same blocks: the row ids are not rebuilt
+    assert again is decode  # same blocks at the same tokens: the step is not rebuilt
+    moved = build_lora_step([(0, 1, -1), (1, 1, slots[0]), (2, 1, slots[1])], 3, pool, torch.device("cpu"),
+                            kernel=True)
+    assert moved is not decode and moved.kernel_tok.tolist() == [1, 2]  # same slots, other tokens
     prefill = build_lora_step([(0, 3, slots[1]), (3, 2, -1), (5, 2, slots[0])], 7, pool, torch.device("cpu"),
                               kernel=True)
     rows_a, rows_b = prefill.kernel_rows["gate_up"]  # every adapter token carries its sequence's rows
@@ -237,3 +241,18 @@ def test_kernel_steps_read_rows_from_the_pools_and_keep_them_across_decode_steps
     assert rows_b[0, :3, :2].tolist() == [pool.slot(slots[1]).rows["gate_proj"]] * 3
     assert rows_b[0, 3:].tolist() == [[0] * prefill.rank] * 2  # slot 0 has no gate_proj
     assert prefill.kernel_tok.tolist() == [0, 1, 2, 5, 6] and prefill.scratch.numel() >= 5 * 3 * prefill.rank
+
+
+def test_kernel_calls_refuse_inputs_that_do_not_match_their_pools():
+    """The kernel reads raw pointers: a wrong shape, dtype or layout is an error, never a stray read or write."""
+    from hotswap.serve.lora.native import PoolLayers
+
+    x, y0, _, a_pool, b_pools, rows_a, rows_b = _kernel_case([0, 1], None, 2, seed=4)
+    call = _kernel().group_call(PoolLayers([a_pool], [b_pools]), rows_a, rows_b, None, torch.empty(rows_a.numel()), 2)
+    for bad_x, bad_y in [(x[:, :-1], y0), (x, y0[:, 1:]), (x[:1], y0), (x.double(), y0), (x, y0.t().contiguous().t())]:
+        y = y0.clone()
+        with pytest.raises(ValueError, match="LoRA kernel inputs"):
+            call(0, bad_x, bad_y if bad_y is not y0 else y)
+    with pytest.raises(ValueError, match="outside the pools"):
+        _kernel().group_call(PoolLayers([a_pool], [b_pools]), rows_a + a_pool.shape[0], rows_b, None,
+                             torch.empty(rows_a.numel()), 2)
