@@ -170,11 +170,15 @@ def run(s: BenchSettings) -> BenchResult:
                 runs.update(hf_base=lambda: engine.call_on_step_thread(hf.base_run),
                             peft_mixed=lambda: engine.call_on_step_thread(hf.mixed_run))
             # every configuration once per round, rounds repeated: a machine that slows down or
-            # speeds up during the run affects all of them alike. Ratios are taken within each
-            # round, then the median over rounds; tokens/s are medians too
+            # speeds up during the run affects all of them alike. The engine's two runs swap order
+            # every round, so neither always runs first. Ratios are taken within each round, then
+            # the median over rounds; tokens/s are medians too
             times: dict[str, list[float]] = {k: [] for k in runs}
             for round_ in range(s.repeat + 1):
-                for key, run_once in runs.items():
+                order = list(runs.items())
+                if round_ % 2:
+                    order[0], order[1] = order[1], order[0]
+                for key, run_once in order:
                     elapsed = run_once()
                     if key == "engine_mixed":
                         engine_outputs = engine_run.outputs
