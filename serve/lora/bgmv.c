@@ -217,3 +217,88 @@ int hotswap_lora_layer(const struct hotswap_lora_step *s, const struct hotswap_l
     return hotswap_lora(s->n, p->din, x, p->din, p->a, s->rows_a, s->nk, s->nmod, s->k, p->b, s->rows_b, p->dout, y,
                         p->ldy, s->tok, s->h);
 }
+
+/* y[t * ldy + o] = dot(w[o], x[t]) for o0 <= o < o1 and t < T: two weight rows and four tokens held in
+ * registers, so each weight load feeds eight FMAs (x stays in L1) */
+static void project_rows(int64_t T, int64_t din, const float *x, const float *w, int64_t o0, int64_t o1, float *y,
+                         int64_t ldy)
+{
+    for (int64_t o = o0; o < o1; o += 2) {
+        const int two = o + 1 < o1;
+        const float *w0 = w + o * din, *w1 = two ? w0 + din : w0;
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+            const int tb = T - t0 < 4 ? (int)(T - t0) : 4;
+            float s0[4] = {0}, s1[4] = {0};
+            int64_t d = 0;
+#ifdef VEC
+            __m256 a0[4], a1[4];
+            for (int t = 0; t < 4; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+            for (; d + 8 <= din; d += 8) {
+                const __m256 v0 = _mm256_loadu_ps(w0 + d), v1 = _mm256_loadu_ps(w1 + d);
+                for (int t = 0; t < tb; t++) {
+                    const __m256 xv = _mm256_loadu_ps(x + (t0 + t) * din + d);
+                    a0[t] = _mm256_fmadd_ps(v0, xv, a0[t]);
+                    a1[t] = _mm256_fmadd_ps(v1, xv, a1[t]);
+                }
+            }
+            for (int t = 0; t < tb; t++) s0[t] = hsum(a0[t]), s1[t] = hsum(a1[t]);
+#endif
+            for (; d < din; d++)
+                for (int t = 0; t < tb; t++) {
+                    s0[t] += w0[d] * x[(t0 + t) * din + d];
+                    s1[t] += w1[d] * x[(t0 + t) * din + d];
+                }
+            for (int t = 0; t < tb; t++) {
+                y[(t0 + t) * ldy + o] = s0[t];
+                if (two) y[(t0 + t) * ldy + o + 1] = s1[t];
+            }
+        }
+    }
+}
+
+/* One layer's fused base projection (the modules' weights stacked by rows, as the engine holds them). */
+struct hotswap_base {
+    int64_t din, nmod;
+    const float *w;       /* [sum dout, din] */
+    const int64_t *dout;  /* [nmod] */
+};
+
+/* A few tokens' base projection, y [T, sum dout] = x [T, din] w^T, and, when s and p are given, the
+ * step's LoRA added in the same parallel region (s and p as for hotswap_lora_layer, with the same
+ * modules as the base): the rank activations first, then each thread takes a slice of every module's
+ * outputs, computes it and adds the adapter tokens' rows to that slice while it sits in L1. Decode
+ * steps need this: their matmuls stream the weights once for all tokens, and a separate LoRA call per
+ * group would pay the parallel region's start and a cold trip through the caches once more. */
+void hotswap_project(int64_t T, const struct hotswap_base *base, const float *x, float *y,
+                     const struct hotswap_lora_step *s, const struct hotswap_lora_pools *p)
+{
+    const int64_t din = base->din, nmod = base->nmod, threads = omp_get_max_threads();
+    int64_t total = 0;
+    for (int64_t m = 0; m < nmod; m++) total += base->dout[m];
+    const int64_t n = s ? s->n : 0, nk = s ? s->nk : 0, k = s ? s->k : 0, groups = (nk + 15) / 16;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < n * groups; item++) {
+            const int64_t i = item / groups, j0 = item % groups * 16, j1 = j0 + 16 < nk ? j0 + 16 : nk;
+            const float *xs[1] = {x + (s->tok ? s->tok[i] : i) * din};
+            shrink_block(xs, 1, p->a, s->rows_a + i * nk, j0, j1, din, s->h + i * nk, nk);
+        }
+        /* item = (module, slice): with static round-robin each thread gets one slice of every module */
+#pragma omp for schedule(static, 1)
+        for (int64_t item = 0; item < nmod * threads; item++) {
+            const int64_t m = item / threads, part = item % threads, out = base->dout[m];
+            const int64_t per = ((out + threads - 1) / threads + 7) / 8 * 8, c0 = part * per;
+            if (c0 >= out) continue;
+            const int64_t w = out - c0 < per ? out - c0 : per;
+            int64_t col = 0;
+            for (int64_t q = 0; q < m; q++) col += base->dout[q];
+            project_rows(T, din, x, base->w, col + c0, col + c0 + w, y, total);
+            for (int64_t i = 0; i < n; i++) {
+                const float *rows[k];
+                for (int64_t j = 0; j < k; j++) rows[j] = p->b[m] + s->rows_b[(m * n + i) * k + j] * out + c0;
+                expand_rows(y + (s->tok ? s->tok[i] : i) * total + col + c0, rows, s->h + i * nk + m * k, k, w);
+            }
+        }
+    }
+}

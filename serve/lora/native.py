@@ -82,6 +82,8 @@ def load() -> "CpuKernels | None":
         return None
     lib.hotswap_lora_layer.restype = ctypes.c_int
     lib.hotswap_lora_layer.argtypes = [_PTR, _PTR, _PTR, _PTR]
+    lib.hotswap_project.restype = None
+    lib.hotswap_project.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR]
     lib.hotswap_activate.restype = None
     lib.hotswap_activate.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
     return CpuKernels(lib)
@@ -89,7 +91,16 @@ def load() -> "CpuKernels | None":
 
 class CpuKernels:
     def __init__(self, lib) -> None:
-        self._lora, self._activate = lib.hotswap_lora_layer, lib.hotswap_activate
+        self._lora, self._activate, self._project = lib.hotswap_lora_layer, lib.hotswap_activate, lib.hotswap_project
+
+    def project(self, base: "BaseLayers", layer: int, x: Tensor) -> Tensor:
+        """``x [T, in] @ weight.T`` for ``base``'s weight in ``layer``: the base projection of a decode
+        step (a few tokens), streaming each weight row once for all of them. ``GroupCall.project``
+        adds a step's LoRA in the same call."""
+        _check_input(x, base.din)
+        y = torch.empty(x.shape[0], base.dout_total)
+        self._project(x.shape[0], base.addresses[layer], x.data_ptr(), y.data_ptr(), None, None)
+        return y
 
     def group_call(self, pools: "PoolLayers", rows_a: Tensor, rows_b: Tensor, tok: Tensor | None,
                    scratch: Tensor, num_tokens: int) -> "GroupCall":
@@ -103,7 +114,7 @@ class CpuKernels:
         converted here, once per step: a decode step makes 4 calls per layer, each right after a
         base matmul has pushed the interpreter's state out of the caches, so each Python operation
         left in a call costs far more than it does in a loop."""
-        return GroupCall(self._lora, pools, rows_a, rows_b, tok, scratch, num_tokens)
+        return GroupCall(self._lora, self._project, pools, rows_a, rows_b, tok, scratch, num_tokens)
 
     def activate(self, items: list[tuple[Tensor | None, Tensor | None, Tensor, Tensor, float, list[int]]]) -> None:
         """Copy one adapter into its pool rows, every layer and module in one call.
@@ -145,9 +156,9 @@ class _Pools(ctypes.Structure):  # struct hotswap_lora_pools in bgmv.c
 class GroupCall:
     """See ``CpuKernels.group_call``."""
 
-    __slots__ = ("_fn", "_pools", "_step", "_address", "_keep", "_x_shape", "_y_shape")
+    __slots__ = ("_fn", "_project", "_pools", "_step", "_address", "_keep", "_x_shape", "_y_shape")
 
-    def __init__(self, fn, pools: "PoolLayers", rows_a: Tensor, rows_b: Tensor, tok: Tensor | None,
+    def __init__(self, fn, project, pools: "PoolLayers", rows_a: Tensor, rows_b: Tensor, tok: Tensor | None,
                  scratch: Tensor, num_tokens: int) -> None:
         n, nk = rows_a.shape
         nmod, _, k = rows_b.shape
@@ -161,7 +172,7 @@ class GroupCall:
         _require(n <= num_tokens if tok is None else
                  (tok.dtype == torch.long and tok.is_contiguous() and tok.numel() == n
                   and (n == 0 or 0 <= int(tok.min()) <= int(tok.max()) < num_tokens)), "token ids do not match the rows")
-        self._fn, self._pools = fn, pools
+        self._fn, self._project, self._pools = fn, project, pools
         self._step = _Step(n, nk, nmod, k, rows_a.data_ptr(), rows_b.data_ptr(),
                            None if tok is None else tok.data_ptr(), scratch.data_ptr())
         self._address = ctypes.addressof(self._step)
@@ -175,6 +186,23 @@ class GroupCall:
                              f"want {self._x_shape} and {self._y_shape}, contiguous float32 on CPU")
         if self._fn(self._address, self._pools.addresses[layer], x.data_ptr(), y.data_ptr()):
             raise MemoryError("the LoRA kernel could not allocate its block list")
+
+    def project(self, base: "BaseLayers", layer: int, x: Tensor) -> Tensor:
+        """``x @ weight.T`` plus this step's LoRA, in one pass (see ``CpuKernels.project``); ``base``
+        holds the same modules, in the same order, as the pools."""
+        if x.shape != self._x_shape or base.douts != self._pools.douts:
+            raise ValueError(f"fused projection: x {tuple(x.shape)} and base modules {base.douts}; want "
+                             f"{self._x_shape} and {self._pools.douts}")
+        _check_input(x, base.din)
+        y = torch.empty(x.shape[0], base.dout_total)
+        self._project(x.shape[0], base.addresses[layer], x.data_ptr(), y.data_ptr(), self._address,
+                      self._pools.addresses[layer])
+        return y
+
+
+def _check_input(x: Tensor, din: int) -> None:
+    if x.dim() != 2 or x.shape[1] != din or x.dtype is not _F32 or not x.is_contiguous() or x.is_cuda:
+        raise ValueError(f"projection input {tuple(x.shape)} {x.dtype}: want [T, {din}], contiguous float32 on CPU")
 
 
 def _require(condition: bool, what: str) -> None:
@@ -198,8 +226,30 @@ class PoolLayers:
         self.b_rows = min(b.shape[0] for b in first_b)
         self.dout = torch.tensor([b.shape[1] for b in first_b], dtype=torch.long)
         self.dout_total = int(self.dout.sum())
+        self.douts = tuple(b.shape[1] for b in first_b)
         self._b_arrays = [(_PTR * len(bs))(*[b.data_ptr() for b in bs]) for bs in b_pools]
         self._structs = (_Pools * len(a_pools))(*[
             _Pools(self.din, self.dout_total, a.data_ptr(), ctypes.addressof(b), self.dout.data_ptr())
             for a, b in zip(a_pools, self._b_arrays)])
+        self.addresses = [ctypes.addressof(s) for s in self._structs]
+
+
+class _Base(ctypes.Structure):  # struct hotswap_base in bgmv.c
+    _fields_ = [("din", _I64), ("nmod", _I64), ("w", _PTR), ("dout", _PTR)]
+
+
+class BaseLayers:
+    """One module group's base weight in every layer (the modules' weights stacked by rows), as the
+    projection kernel takes them: checked and converted once (the weights never move)."""
+
+    def __init__(self, weights: list[Tensor], douts: tuple[int, ...]) -> None:
+        first = weights[0]
+        for w in weights:
+            assert w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu"
+            assert w.shape == first.shape and w.shape[0] == sum(douts)
+        self.keep = weights  # the tensors must outlive the pointers
+        self.din, self.douts, self.dout_total = first.shape[1], tuple(douts), first.shape[0]
+        self._dout = torch.tensor(douts, dtype=torch.long)
+        self._structs = (_Base * len(weights))(*[_Base(self.din, len(douts), w.data_ptr(), self._dout.data_ptr())
+                                                 for w in weights])
         self.addresses = [ctypes.addressof(s) for s in self._structs]

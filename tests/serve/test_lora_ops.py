@@ -11,6 +11,8 @@ from hotswap.serve.lora.pool import GROUPS, LoraPool
 from hotswap.serve.lora.spec import LoraSpec
 from hotswap.serve.lora.weights import HostAdapter
 
+from .kernel_support import kernel_case, native_kernels
+
 DIMS = {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16, 16),
         "gate_proj": (16, 24), "up_proj": (16, 24), "down_proj": (24, 16)}
 
@@ -134,7 +136,7 @@ def test_native_activation_writes_the_same_rows_as_the_torch_path():
     """``activate.c``: A rows copied, B transposed and scaled, stale rows of unused ranks and
     untargeted layers zeroed; the same sequence of activations on both paths gives equal pools."""
     pools = []
-    for kernels in (None, _kernel()):
+    for kernels in (None, native_kernels()):
         pool = LoraPool(2, DIMS, max_rows=8, dtype=torch.float32, device=torch.device("cpu"))
         pool.kernels = kernels
         slots = [pool.activate(random_adapter({m: 3 for m in DIMS}, seed=1)),
@@ -163,40 +165,6 @@ def test_expand_add_accumulates_into_column_views():
     assert torch.allclose(y, expected, atol=1e-5)
 
 
-def _kernel():
-    from hotswap.serve.lora import native
-
-    kernel = native.load()
-    assert kernel is not None, "the native kernel did not build (is a C compiler installed?)"
-    return kernel
-
-
-def _kernel_case(adapter_of_token: list[int], tok: list[int] | None, num_tokens: int, seed: int):
-    """Pools for 3 modules of widths off and on the 16-column tile, adapters of rank 3 and 5 (padded
-    to k=5 with the zero row), and the reference output of ``bgmv.c``'s semantics, token by token."""
-    g = torch.Generator().manual_seed(seed)
-    din, douts, k, rows_per = 40, [24, 130, 64], 5, 12
-    a_pool = torch.randn(len(douts) * rows_per, din, generator=g)
-    b_pools = [torch.randn(rows_per, d, generator=g) for d in douts]
-    for i in range(len(douts)):
-        a_pool[i * rows_per] = 0
-    for b in b_pools:
-        b[0] = 0
-    adapter_rows = [[1, 2, 3, 0, 0], [6, 7, 8, 9, 10], [11, 4, 5, 0, 0]]  # rank 3, 5, 3
-    rows_b = torch.tensor([[adapter_rows[a] for a in adapter_of_token]] * len(douts))
-    rows_a = torch.cat([rows_b[i] + i * rows_per for i in range(len(douts))], dim=1)  # padding: zero rows too
-    x = torch.randn(num_tokens, din, generator=g)
-    y0 = torch.randn(num_tokens, sum(douts), generator=g)
-    ref = y0.clone()
-    for i, t in enumerate(tok if tok is not None else range(len(adapter_of_token))):
-        h = torch.stack([x[t] @ a_pool[r] for r in rows_a[i].tolist()])
-        col = 0
-        for m, d in enumerate(douts):
-            ref[t, col:col + d] += sum(h[m * k + j] * b_pools[m][rows_b[m, i, j]] for j in range(k))
-            col += d
-    return x, y0, ref, a_pool, b_pools, rows_a, rows_b
-
-
 @pytest.mark.parametrize("adapter_of_token, tok, num_tokens", [
     ([0, 2, 1], [4, 0, 2], 5),  # a decode step: 3 adapter tokens of 5, out of order (few: columns split)
     ([0, 1, 2, 0, 1, 2, 1, 0], None, 8),  # decode, every token, different neighbours
@@ -208,9 +176,9 @@ def test_native_kernel_follows_its_semantics(adapter_of_token, tok, num_tokens):
     its columns of y; runs of one adapter share row reads; other tokens untouched; row 0 pads."""
     from hotswap.serve.lora.native import PoolLayers
 
-    x, y0, ref, a_pool, b_pools, rows_a, rows_b = _kernel_case(adapter_of_token, tok, num_tokens, seed=3)
+    x, y0, ref, a_pool, b_pools, rows_a, rows_b = kernel_case(adapter_of_token, tok, num_tokens, seed=3)
     y = y0.clone()
-    call = _kernel().group_call(PoolLayers([a_pool], [b_pools]), rows_a, rows_b,
+    call = native_kernels().group_call(PoolLayers([a_pool], [b_pools]), rows_a, rows_b,
                                 None if tok is None else torch.tensor(tok), torch.empty(rows_a.numel()), num_tokens)
     call(0, x, y)
     assert torch.allclose(y, ref, atol=1e-4)
@@ -247,12 +215,12 @@ def test_kernel_calls_refuse_inputs_that_do_not_match_their_pools():
     """The kernel reads raw pointers: a wrong shape, dtype or layout is an error, never a stray read or write."""
     from hotswap.serve.lora.native import PoolLayers
 
-    x, y0, _, a_pool, b_pools, rows_a, rows_b = _kernel_case([0, 1], None, 2, seed=4)
-    call = _kernel().group_call(PoolLayers([a_pool], [b_pools]), rows_a, rows_b, None, torch.empty(rows_a.numel()), 2)
+    x, y0, _, a_pool, b_pools, rows_a, rows_b = kernel_case([0, 1], None, 2, seed=4)
+    call = native_kernels().group_call(PoolLayers([a_pool], [b_pools]), rows_a, rows_b, None, torch.empty(rows_a.numel()), 2)
     for bad_x, bad_y in [(x[:, :-1], y0), (x, y0[:, 1:]), (x[:1], y0), (x.double(), y0), (x, y0.t().contiguous().t())]:
         y = y0.clone()
         with pytest.raises(ValueError, match="LoRA kernel inputs"):
             call(0, bad_x, bad_y if bad_y is not y0 else y)
     with pytest.raises(ValueError, match="outside the pools"):
-        _kernel().group_call(PoolLayers([a_pool], [b_pools]), rows_a + a_pool.shape[0], rows_b, None,
+        native_kernels().group_call(PoolLayers([a_pool], [b_pools]), rows_a + a_pool.shape[0], rows_b, None,
                              torch.empty(rows_a.numel()), 2)
