@@ -6,7 +6,9 @@
  * Semantics (i over the n adapter tokens, j over nk = nmod * k rank rows):
  *     h[i, j] = dot(x[tok[i]], a[rows_a[i, j]])
  *     y[tok[i], col_m + o] += sum_{j < k} h[i, m*k + j] * b_m[rows_b[m, i, j], o]
- * where col_m is the sum of dout over the modules before m. Row 0 of every pool holds zeros. */
+ * where col_m is the sum of dout over the modules before m. Row 0 of every pool holds zeros.
+ * hotswap_project (at the end) computes a decode step's base projection, y = x w^T, and adds the same
+ * LoRA to it in the same pass. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

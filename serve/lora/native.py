@@ -6,6 +6,8 @@ Decode steps on CPU read every adapter's rows once per step; done as a dozen sma
 per layer, that read runs at a fraction of the memory bandwidth, and prefill first gathers each
 block's rows. The kernel does the same math in one call per module group straight from the stacked
 pools, reusing each row across a run of tokens of one adapter (see ``bgmv.c`` for its semantics).
+Decode steps go one further: the base projection itself runs in the kernel (``CpuKernels.project``),
+with the step's LoRA added in the same pass (``GroupCall.project``), one call per module group.
 No compiler, a failed build, or ``HOTSWAP_NATIVE=0``: ``load()`` returns None and the engine keeps
 the pure-torch paths, which compute the same values.
 """
