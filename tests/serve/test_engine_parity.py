@@ -126,7 +126,25 @@ def test_the_pure_torch_path_matches_peft_too(world, oracle):
         eng.stop_sync()
 
 
-def test_the_native_kernel_serves_cpu_decode_steps(engine):
+def test_the_native_kernels_serve_cpu_steps_and_match_peft(engine, oracle, monkeypatch):
+    """Decode steps run their projections natively, LoRA added in the same call; longer prefills keep
+    BLAS plus the LoRA kernel. Either way every row matches PEFT."""
     from hotswap.serve.lora import native
 
     assert engine._base.runner.kernels is native.load() is not None
+    calls = {"fused": 0, "base": 0, "lora": 0}
+    for cls, method, key in ((native.GroupCall, "project", "fused"), (native.CpuKernels, "project", "base"),
+                             (native.GroupCall, "__call__", "lora")):
+        def counted(*args, _orig=getattr(cls, method), _key=key):
+            calls[_key] += 1
+            return _orig(*args)
+        monkeypatch.setattr(cls, method, counted)
+    names = [a.name for a in ADAPTERS]
+    preload(engine, names)
+    models = [names[0], None, names[1], names[2]]
+    outs = engine.generate_sync([request(engine, m, i) for i, m in enumerate(models)])
+    for i, (m, out) in enumerate(zip(models, outs)):
+        assert list(out.token_ids) == oracle(m, i), f"row {i} ({m or 'base'}) differs from PEFT"
+    # the prefill (4 prompts, over 24 tokens) took BLAS and the LoRA kernel, decode steps the fused
+    # projections and the native lm_head
+    assert calls["lora"] > 0 and calls["fused"] > 0 and calls["base"] > 0
