@@ -166,7 +166,7 @@ class GroupCall:
         nmod, _, k = rows_b.shape
         # the kernel follows raw pointers: anything that does not fit the pools is refused here
         _require(rows_a.dtype == rows_b.dtype == torch.long and rows_a.is_contiguous() and rows_b.is_contiguous()
-                 and rows_b.shape[1] == n and nmod == pools.count and nk <= pools.a_rows, "row ids do not fit the pools")
+                 and rows_b.shape[1] == n and nmod == len(pools.douts) and nk <= pools.a_rows, "row ids do not fit the pools")
         _require(n == 0 or (int(rows_a.max()) < pools.a_rows and int(rows_b.max()) < pools.b_rows
                             and int(min(rows_a.min(), rows_b.min())) >= 0), "a row id is outside the pools")
         _require(scratch.dtype == torch.float32 and scratch.is_contiguous() and scratch.numel() >= n * nk,
@@ -224,14 +224,13 @@ class PoolLayers:
             assert all(b.is_contiguous() and b.dtype == torch.float32 and b.device.type == "cpu" for b in bs)
         self.keep = (a_pools, b_pools)  # the tensors must outlive the pointers
         self.a_rows, self.din = first_a.shape
-        self.count = len(first_b)
         self.b_rows = min(b.shape[0] for b in first_b)
-        self.dout = torch.tensor([b.shape[1] for b in first_b], dtype=torch.long)
-        self.dout_total = int(self.dout.sum())
         self.douts = tuple(b.shape[1] for b in first_b)
+        self.dout_total = sum(self.douts)
+        self._dout = torch.tensor(self.douts, dtype=torch.long)
         self._b_arrays = [(_PTR * len(bs))(*[b.data_ptr() for b in bs]) for bs in b_pools]
         self._structs = (_Pools * len(a_pools))(*[
-            _Pools(self.din, self.dout_total, a.data_ptr(), ctypes.addressof(b), self.dout.data_ptr())
+            _Pools(self.din, self.dout_total, a.data_ptr(), ctypes.addressof(b), self._dout.data_ptr())
             for a, b in zip(a_pools, self._b_arrays)])
         self.addresses = [ctypes.addressof(s) for s in self._structs]
 
