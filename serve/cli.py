@@ -28,6 +28,7 @@ def bench(
     rank: int = typer.Option(16, help="LoRA rank of the benchmark adapters"),
     repeat: int = typer.Option(5, help="timed rounds, each running every configuration once (medians reported)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"),
     skip_hf: bool = typer.Option(False, "--skip-hf", help="engine only (no HF / PEFT baselines)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
@@ -36,10 +37,12 @@ def bench(
 
     if shape is not None and shape not in SHAPES:
         raise typer.BadParameter(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}", param_hint="--shape")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"unknown dtype {dtype!r}; one of float32, bfloat16, float16", param_hint="--dtype")
     if min(batch, prompt, new_tokens, adapters, rank, repeat) < 1:
         raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
     settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
                              adapters=adapters, rank=rank, repeat=repeat, device=device,
-                             skip_hf=skip_hf)
+                             dtype=dtype, skip_hf=skip_hf)
     result = run(settings)
     typer.echo(to_json(result) if json_out else format_table(result))

@@ -36,7 +36,8 @@ def serve(
     lora_capacity_mib: Annotated[int, typer.Option(help="Device memory for adapter slots, MiB.")] = 256,
     host_cache_mib: Annotated[int, typer.Option(help="Host (CPU) cache of loaded adapters, MiB.")] = 1024,
     model_memory_mib: Annotated[int, typer.Option(help="Memory for full fine-tuned models beside the base, MiB.")] = 2048,
-    lora_batch_cache_mib: Annotated[int, typer.Option(help="Gathered adapter rows kept across decode steps, MiB.")] = 256,
+    lora_batch_cache_mib: Annotated[Optional[int], typer.Option(
+        help="Gathered adapter rows kept across decode steps, MiB (default: 256 on CPU, 2048 on GPU).")] = None,
     load_workers: Annotated[int, typer.Option(help="Threads loading cold adapters.")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -61,8 +62,8 @@ def serve(
             device=device, dtype=dtype, max_running=max_running, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
             max_model_len=max_model_len, max_tokens_limit=max_tokens_limit, kv_cache_bytes=kv_cache_mib * MiB,
             max_rank=max_rank, lora_capacity_bytes=lora_capacity_mib * MiB, host_cache_bytes=host_cache_mib * MiB,
-            lora_batch_cache_bytes=lora_batch_cache_mib * MiB, model_memory_bytes=model_memory_mib * MiB,
-            load_workers=load_workers)
+            lora_batch_cache_bytes=None if lora_batch_cache_mib is None else lora_batch_cache_mib * MiB,
+            model_memory_bytes=model_memory_mib * MiB, load_workers=load_workers)
     except AssertionError as exc:
         typer.echo(f"error: invalid capacity flags: {exc or 'a size or count is not positive'}", err=True)
         raise typer.Exit(2) from None

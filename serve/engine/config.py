@@ -25,8 +25,9 @@ class EngineConfig:
     max_rank: int = 64  # highest LoRA rank accepted
     lora_capacity_bytes: int = 256 * MiB  # device rows for adapters (rank x modules x dims)
     host_cache_bytes: int = 1024 * MiB  # host (CPU) LRU cache of loaded adapters
-    # torch path: a batch's adapter rows kept gathered across decode steps (the CPU kernel reads the pools)
-    lora_batch_cache_bytes: int = 256 * MiB
+    # torch path: a batch's adapter rows kept gathered across decode steps (the CPU kernel reads the
+    # pools); None: 256 MiB on the CPU, 2 GiB on a GPU (a 1B base's batch of 32 needs about 1.1 GB)
+    lora_batch_cache_bytes: int | None = None
     model_memory_bytes: int = 2048 * MiB  # budget for full fine-tuned models served beside the base
     load_workers: int = 1  # background threads loading cold adapters
     native_kernels: bool = True  # CPU fp32: the compiled LoRA kernels when they build (serve/lora/native.py)
@@ -35,12 +36,18 @@ class EngineConfig:
         assert self.max_batch_tokens > 0 and self.max_running > 0 and self.max_queue > 0
         assert self.kv_block_size > 0 and self.kv_cache_bytes > 0
         assert self.max_rank > 0 and self.lora_capacity_bytes >= 0 and self.host_cache_bytes >= 0
+        assert self.lora_batch_cache_bytes is None or self.lora_batch_cache_bytes >= 0
         assert self.dtype in (None, "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def batch_cache_bytes(self) -> int:
+        if self.lora_batch_cache_bytes is not None:
+            return self.lora_batch_cache_bytes
+        return (2048 if self.torch_device().type == "cuda" else 256) * MiB
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype is not None:

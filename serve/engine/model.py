@@ -23,8 +23,8 @@ from .kv_cache import KVCache
 from .metadata import StepMetadata
 
 
-# Up to this many tokens a projection runs as ``W @ x.T``: BLAS then streams the weight once as the
-# tall operand, where ``x @ W.T`` with a handful of rows ran several times slower (decode steps).
+# Up to this many tokens a projection runs on the CPU as ``W @ x.T``: BLAS then streams the weight
+# once as the tall operand, where ``x @ W.T`` with a handful of rows ran several times slower.
 SMALL_BATCH = 64
 # Up to this many tokens, with the native CPU kernels, a projection runs there instead, its LoRA
 # added in the same pass. On a 2-core CPU, a SmolLM2-135M decode step's 120 projections alone took
@@ -34,7 +34,7 @@ NATIVE_PROJECTION_TOKENS = 24
 
 def project(x: Tensor, weight: Tensor) -> Tensor:
     """``x[T, in] @ weight[out, in].T -> [T, out]`` (contiguous)."""
-    if x.shape[0] <= SMALL_BATCH:
+    if x.shape[0] <= SMALL_BATCH and x.device.type == "cpu":  # GPU libraries pick their own kernels
         return torch.mm(weight, x.t()).t().contiguous()
     return F.linear(x, weight)
 
@@ -170,9 +170,13 @@ class LlamaRunner:
             calls[group](layer, x, y)
             return y
         pool, k, cached = self.lora, lora.rank, lora.gathered
-        a = cached[group][layer] if cached else ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group])
-        h = ops.shrink(ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len), a)
-        bs = [cached[m][layer] if cached else ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m]) for m in modules]
+        x_blocks = ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len)
+        if cached is not None:  # steady decoding: one product down, one (block-diagonal) back up
+            h = ops.shrink(x_blocks, cached.a[group][layer])
+            ops.expand_scatter_add(y, h, cached.b[group][layer], lora.block_pos, lora.token_ids)
+            return y
+        h = ops.shrink(x_blocks, ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group]))
+        bs = [ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m]) for m in modules]
         if lora.token_index is None and lora.block_len > 1:
             # whole prefill blocks in token order: accumulate straight into y's columns, no
             # concatenated copy of the (long) outputs; decode steps keep the fewer-op path below

@@ -50,7 +50,7 @@ class Worker:
         self.scheduler = Scheduler(self.blocks, config.max_batch_tokens, config.max_running)
         self.max_model_len = min(config.max_model_len or min(r.max_positions, MAX_CONTEXT), r.max_positions)
         self.device = device
-        self.lora_batch_cache_bytes = config.lora_batch_cache_bytes
+        self.lora_batch_cache_bytes = config.batch_cache_bytes()
 
     @property
     def nbytes(self) -> int:

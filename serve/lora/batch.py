@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .native import GroupCall
-from .pool import GROUPS, LoraPool
+from .pool import GROUPS, GatheredRows, LoraPool
 
 # Cost of gathering one block's adapter rows, in units of one padded token's LoRA compute; a
 # block of L tokens costs about L + _BLOCK_COST. It picks the block length below.
@@ -30,7 +30,7 @@ class LoraStep:
     block_pos: Tensor | None  # [T_lora] block position of each adapter token; None: identity
     token_ids: Tensor | None  # [T_lora] which tokens those are; None: all T tokens
     rows: dict[str, Tensor] | None  # group "qkv"/... -> [NB, n*k] into a_stacked; module -> [NB, k]; None when gathered
-    gathered: dict[str, list[Tensor]] | None  # those rows' weights, per layer [NB, n*k, d]; None: gather per layer
+    gathered: GatheredRows | None  # those rows' weights, every layer's (see LoraPool.batch_rows); None: gather per layer
     # steps served by the native kernel (see native.py): group -> (rows_a [T_lora, n*k], rows_b
     # [n, T_lora, k]) of each adapter token, read straight from the pools; kernel_tok [T_lora] those
     # tokens (None: all T in order)

@@ -99,6 +99,17 @@ def scatter_add(y: Tensor, y_blocks: Tensor, block_pos: Tensor | None, token_ids
         y.index_add_(0, token_ids, flat.index_select(0, block_pos))
 
 
+def expand_scatter_add(y: Tensor, h: Tensor, b_blocks: Tensor, block_pos: Tensor | None,
+                       token_ids: Tensor | None) -> None:
+    """``scatter_add(y, expand(h, b_blocks), block_pos, token_ids)``, with no intermediate when
+    the blocks are ``y``'s tokens in order (both None): then the product accumulates into ``y``.
+    """
+    if block_pos is None and token_ids is None:
+        expand_add(y.view(h.shape[0], h.shape[1], y.shape[-1]), h, b_blocks)
+    else:
+        scatter_add(y, expand(h, b_blocks), block_pos, token_ids)
+
+
 def lora_reference(x: Tensor, a: list[Tensor | None], b: list[Tensor | None]) -> Tensor:
     """Per-token reference for tests: ``x[T, in]`` with token t's adapter ``a[t] [r, in]``, ``b[t] [r, out]``.
 

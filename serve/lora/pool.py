@@ -27,6 +27,15 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(slots=True)
+class GatheredRows:
+    """A batch's adapter rows, per group and layer: ``a[group][layer]`` ``[NB, n*k, in]``,
+    ``b[group][layer]`` ``[NB, n*k, sum of the group's outs]`` (block-diagonal over its modules)."""
+
+    a: dict[str, list[Tensor]]
+    b: dict[str, list[Tensor]]
+
+
+@dataclass(slots=True)
 class Slot:
     rows: dict[str, list[int]]  # module -> row ids, len = the adapter's rank there (absent: not targeted)
     rank: int
@@ -55,7 +64,7 @@ class LoraPool:
         self._next_slot = 0
         self._generation = 0
         self._batch_key: tuple | None = None  # the blocks whose rows ``_batch`` holds
-        self._batch: dict[str, list[Tensor]] | None = None
+        self._batch: GatheredRows | None = None
         self._step_key: tuple | None = None  # the decode batch ``_step`` serves (kernel steps)
         self._step = None
         self._kernel_pools: dict[str, PoolLayers] = {}
@@ -160,25 +169,36 @@ class LoraPool:
     def num_slots(self) -> int:
         return len(self._slots)
 
-    def cached_batch(self, key: tuple) -> dict[str, list[Tensor]] | None:
+    def cached_batch(self, key: tuple) -> GatheredRows | None:
         return self._batch if key == self._batch_key else None
 
-    def batch_rows(self, key: tuple, rows: dict[str, Tensor], budget_bytes: int) -> dict[str, list[Tensor]] | None:
-        """Every layer's rows of a step's blocks, gathered in one copy per pool and kept while the
-        same blocks come back (steady decoding), so those steps only read them. ``key`` names the
-        blocks' slots and generations. Per layer ``[NB, k, d]`` tensors (split once here, not per
-        step). None when the copy would exceed ``budget_bytes``."""
+    def batch_rows(self, key: tuple, rows: dict[str, Tensor], budget_bytes: int) -> GatheredRows | None:
+        """Every layer's rows of a step's blocks, gathered once and kept while the same blocks come
+        back (steady decoding), so those steps only read them. ``key`` names the blocks' slots and
+        generations. None when the copy would exceed ``budget_bytes``.
+
+        Each group's B rows are laid out block-diagonally, ``[NB, n*k, sum of outs]`` (module i's
+        k rows filled only in its own output columns), so one batched product expands every
+        module of the group: on a GPU, where a decode step's cost is mostly kernel launches, that
+        is one launch instead of one per module plus a concatenation."""
         if key == self._batch_key:
             return self._batch
         self._batch_key = self._batch = None  # free the old copy before making the new one
         num_blocks, rank = rows["q_proj"].shape
-        nbytes = self.num_layers * num_blocks * rank * sum(i + o for i, o in self.dims.values()) * self._elem
-        if nbytes > budget_bytes:
+        per_block = sum(len(ms) * (self.dims[ms[0]][0] + sum(self.dims[m][1] for m in ms)) for ms in GROUPS.values())
+        if self.num_layers * num_blocks * rank * per_block * self._elem > budget_bytes:
             return None
-        batch = {g: list(gather_rows(self.a_stacked[g], rows[g]).unbind(0)) for g in GROUPS}
-        batch.update({m: list(gather_rows(self.b_stacked[m], rows[m]).unbind(0)) for m in MODULES})
-        self._batch_key, self._batch = key, batch
-        return batch
+        a = {g: list(gather_rows(self.a_stacked[g], rows[g]).unbind(0)) for g in GROUPS}
+        b = {}
+        for group, modules in GROUPS.items():
+            outs = [self.dims[m][1] for m in modules]
+            diag = self.b_stacked[modules[0]].new_zeros(self.num_layers, num_blocks, len(modules) * rank, sum(outs))
+            for i, m in enumerate(modules):
+                start = sum(outs[:i])
+                diag[:, :, i * rank:(i + 1) * rank, start:start + outs[i]] = gather_rows(self.b_stacked[m], rows[m])
+            b[group] = list(diag.unbind(0))
+        self._batch_key, self._batch = key, GatheredRows(a, b)
+        return self._batch
 
     def cached_step(self, key: tuple):
         return self._step if key == self._step_key else None

@@ -59,9 +59,17 @@ def test_pool_and_step_rows_reproduce_per_token_lora():
     segments = [(0, 3, slots[0]), (3, 2, -1), (5, 1, slots[2]), (6, 4, slots[1])]
     owner = [0, 0, 0, None, None, 2, 1, 1, 1, 1]
     step = build_lora_step(segments, 10, pool, torch.device("cpu"), cache_bytes=1 << 20)
-    for name, rows in step.rows.items():  # rows kept for every layer == gathered per layer
-        stacked = pool.a_stacked[name] if name in GROUPS else pool.b_stacked[name]
-        assert torch.equal(step.gathered[name][1], ops.gather_rows(stacked[1], rows))
+    k = step.rank
+    for group, modules in GROUPS.items():  # rows kept for every layer == gathered per layer
+        assert torch.equal(step.gathered.a[group][1], ops.gather_rows(pool.a_stacked[group][1], step.rows[group]))
+        diag, start = step.gathered.b[group][1], 0  # B block-diagonal: module i's rows in its own columns only
+        assert diag.shape == (step.num_blocks, len(modules) * k, sum(DIMS[m][1] for m in modules))
+        for i, m in enumerate(modules):
+            out = DIMS[m][1]
+            expected = torch.zeros(step.num_blocks, len(modules) * k, out)
+            expected[:, i * k:(i + 1) * k] = ops.gather_rows(pool.b_stacked[m][1], step.rows[m])
+            assert torch.equal(diag[..., start:start + out], expected)
+            start += out
     assert build_lora_step(segments, 10, pool, torch.device("cpu"), cache_bytes=1 << 20).gathered is step.gathered
     x = torch.randn(10, 16)
     for group, modules in GROUPS.items():
@@ -80,6 +88,38 @@ def test_pool_and_step_rows_reproduce_per_token_lora():
             a_t = [a if a is not None else torch.zeros(1, DIMS[m][0]) for a in a_t]
             b_t = [b if b is not None else torch.zeros(1, DIMS[m][1]) for b in b_t]
             assert torch.allclose(y, ops.lora_reference(x, a_t, b_t), atol=1e-5), m
+        # the kept rows give the same sums in two products: down, then block-diagonal up
+        y_group = torch.zeros(10, sum(DIMS[m][1] for m in modules))
+        ops.expand_scatter_add(y_group, ops.shrink(xb, step.gathered.a[group][layer]), step.gathered.b[group][layer],
+                               step.block_pos, step.token_ids)
+        per_module = [torch.zeros(10, DIMS[m][1]) for m in modules]
+        for i, (m, y) in enumerate(zip(modules, per_module)):
+            ops.scatter_add(y, ops.expand(h[..., i * k:(i + 1) * k], ops.gather_rows(pool.b_stacked[m][layer], step.rows[m])),
+                            step.block_pos, step.token_ids)
+        assert torch.allclose(y_group, torch.cat(per_module, dim=-1), atol=1e-5)
+
+
+def test_kept_rows_expand_in_place_when_every_token_has_an_adapter():
+    pool = LoraPool(1, DIMS, max_rows=8, dtype=torch.float32, device=torch.device("cpu"))
+    adapters = [random_adapter({"gate_proj": 3, "up_proj": 2}, layers=1, seed=4),
+                random_adapter({"up_proj": 4}, layers=1, seed=5)]
+    slots = [pool.activate(a) for a in adapters]
+    step = build_lora_step([(0, 1, slots[0]), (1, 1, slots[1]), (2, 1, slots[0])], 3, pool, torch.device("cpu"),
+                           cache_bytes=1 << 20)
+    assert step.block_pos is None and step.token_ids is None and step.gathered is not None
+    x, y = torch.randn(3, 16), torch.randn(3, sum(DIMS[m][1] for m in GROUPS["gate_up"]))
+    expected = y.clone()
+    start = 0
+    for m in GROUPS["gate_up"]:
+        a_t = [adapters[o].a.get((0, m)) for o in (0, 1, 0)]
+        b_t = [adapters[o].b[(0, m)].T * 0.5 if a is not None else None for o, a in zip((0, 1, 0), a_t)]
+        a_t = [a if a is not None else torch.zeros(1, 16) for a in a_t]
+        b_t = [b if b is not None else torch.zeros(1, DIMS[m][1]) for b in b_t]
+        expected[:, start:start + DIMS[m][1]] += ops.lora_reference(x, a_t, b_t)
+        start += DIMS[m][1]
+    h = ops.shrink(ops.gather_blocks(x, None, 3, 1), step.gathered.a["gate_up"][0])
+    ops.expand_scatter_add(y, h, step.gathered.b["gate_up"][0], None, None)
+    assert torch.allclose(y, expected, atol=1e-5)
 
 
 def test_no_adapter_in_step_means_no_lora_and_decode_is_identity():
