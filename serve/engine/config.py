@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,9 @@ class EngineConfig:
     model_memory_bytes: int = 2048 * MiB  # budget for full fine-tuned models served beside the base
     load_workers: int = 1  # background threads loading cold adapters
     native_kernels: bool = True  # CPU fp32: the compiled LoRA kernels when they build (serve/lora/native.py)
+    # decode steps at bucketed shapes, replayed from CUDA graphs (serve/engine/decode_graphs.py). None: on
+    # a GPU unless HOTSWAP_CUDA_GRAPHS=0; True on the CPU runs the same bucketed steps eagerly (tests)
+    decode_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         assert self.max_batch_tokens > 0 and self.max_running > 0 and self.max_queue > 0
@@ -48,6 +52,11 @@ class EngineConfig:
         if self.lora_batch_cache_bytes is not None:
             return self.lora_batch_cache_bytes
         return (2048 if self.torch_device().type == "cuda" else 256) * MiB
+
+    def use_decode_graphs(self) -> bool:
+        if self.decode_graphs is not None:
+            return self.decode_graphs
+        return self.torch_device().type == "cuda" and os.environ.get("HOTSWAP_CUDA_GRAPHS", "1") != "0"
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype is not None:

@@ -9,6 +9,7 @@ import torch
 from ..lora import native
 from ..lora.batch import build_lora_step
 from .config import EngineConfig
+from .decode_graphs import DecodeGraphs
 from .kv_cache import BlockManager, KVCache
 from .metadata import SeqSpan, build_metadata
 from .model import LlamaRunner
@@ -45,11 +46,14 @@ class Worker:
         r = self.runner
         block_bytes = KVCache.block_bytes(r.num_layers, config.kv_block_size, r.num_kv_heads, r.head_dim, dtype)
         num_blocks = max(1, config.kv_cache_bytes // block_bytes)
-        self.kv = KVCache(r.num_layers, num_blocks, config.kv_block_size, r.num_kv_heads, r.head_dim, dtype, device)
+        # one block more than the manager hands out: padded rows of bucketed decode steps write there
+        self.kv = KVCache(r.num_layers, num_blocks + 1, config.kv_block_size, r.num_kv_heads, r.head_dim, dtype, device)
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(self.blocks, config.max_batch_tokens, config.max_running)
         self.max_model_len = min(config.max_model_len or min(r.max_positions, MAX_CONTEXT), r.max_positions)
         self.device = device
+        self.graphs = DecodeGraphs(r, self.kv, num_blocks, config.kv_block_size, self.max_model_len,
+                                   capture=device.type == "cuda") if config.use_decode_graphs() else None
         self.lora_batch_cache_bytes = config.batch_cache_bytes()
 
     @property
@@ -67,6 +71,23 @@ class Worker:
         plan = self.scheduler.schedule(try_start, on_preempt)
         if not plan:
             return [], []
+        logits = None
+        if self.graphs is not None and all(n == 1 and seq.num_pending == 1 for seq, n in plan):
+            logits = self.graphs.run([seq for seq, _ in plan])
+            if self.graphs.failed:
+                self.graphs = None
+        if logits is None:
+            logits = self._forward(plan)
+        for seq, n in plan:
+            seq.num_computed += n
+        sampled = [seq for seq, _ in plan if seq.num_computed == len(seq.token_ids)]
+        banned = [s.eos_ids if s.num_generated < s.sampling.min_tokens else frozenset() for s in sampled]
+        tokens = sample(logits, [s.sampling for s in sampled], [s.token_ids for s in sampled],
+                        [s.generator for s in sampled], banned)
+        return plan, list(zip(sampled, tokens))
+
+    def _forward(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """The step eagerly, at its own shapes: logits of the sequences whose step ends at their last token."""
         spans, segments, first = [], [], 0
         for seq, n in plan:
             end = seq.num_computed + n
@@ -79,12 +100,5 @@ class Worker:
             lora = build_lora_step(segments, first, self.runner.lora, self.device, self.lora_batch_cache_bytes,
                                    kernel=self.runner.kernels is not None)
         meta = build_metadata(spans, self.blocks.block_size, self.device, lora)
-        logits = self.runner.forward(meta, self.kv)
-        for seq, n in plan:
-            seq.num_computed += n
-        sampled = [seq for (seq, _), span in zip(plan, spans) if span.sample]
-        banned = [s.eos_ids if s.num_generated < s.sampling.min_tokens else frozenset() for s in sampled]
-        tokens = sample(logits, [s.sampling for s in sampled], [s.token_ids for s in sampled],
-                        [s.generator for s in sampled], banned)
-        return plan, list(zip(sampled, tokens))
+        return self.runner.forward(meta, self.kv)
 

@@ -133,17 +133,23 @@ def _kernel_step(active: list[tuple[int, int, int]], num_tokens: int, pool: Lora
 
 
 def _rows(pool: LoraPool, block_slots: list, rank: int, device: torch.device) -> dict[str, Tensor]:
-    """Row ids of every block in each pool: fused groups index their stacked A, modules their B."""
+    return {name: torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
+            for name, ids in row_ids(pool, block_slots, rank).items()}
+
+
+def row_ids(pool: LoraPool, block_slots: list, rank: int) -> dict[str, list[list[int]]]:
+    """Row ids of every block in each pool, ``rank`` per module (padded with the zero row 0):
+    a group ``[NB][n*rank]`` into its stacked A, a module ``[NB][rank]`` into its B. A block
+    slot of None (a padded or bare-base row) reads only the zero row."""
     n = pool.max_rows + 1
-    per_module = {m: [_pad(slot.rows.get(m, ()), rank) for slot in block_slots]
+    per_module = {m: [_pad(slot.rows.get(m, ()) if slot is not None else (), rank) for slot in block_slots]
                   for modules in GROUPS.values() for m in modules}
-    rows: dict[str, Tensor] = {}
+    rows: dict[str, list[list[int]]] = {}
     for group, modules in GROUPS.items():
-        fused = [sum(([r + i * n for r in per_module[m][b]] for i, m in enumerate(modules)), [])
-                 for b in range(len(block_slots))]
-        rows[group] = torch.tensor(fused, dtype=torch.long).to(device, non_blocking=True)
+        rows[group] = [sum(([r + i * n for r in per_module[m][b]] for i, m in enumerate(modules)), [])
+                       for b in range(len(block_slots))]
         for m in modules:
-            rows[m] = torch.tensor(per_module[m], dtype=torch.long).to(device, non_blocking=True)
+            rows[m] = per_module[m]
     return rows
 
 

@@ -30,15 +30,21 @@ def _oracle(world, models: list[str | None], new: int = NEW) -> list[list[int]]:
             for i, m in enumerate(models)]
 
 
-@pytest.mark.parametrize("batch_cache", [None, 0], ids=["rows-kept", "rows-gathered-per-layer"])
-def test_float32_mixed_batch_on_the_gpu_matches_peft(world, batch_cache):
+@pytest.mark.parametrize("overrides", [{}, {"decode_graphs": False}, {"decode_graphs": False, "lora_batch_cache_bytes": 0}],
+                         ids=["cuda-graphs", "eager-rows-kept", "eager-rows-gathered-per-layer"])
+def test_float32_mixed_batch_on_the_gpu_matches_peft(world, overrides):
     names = [a.name for a in ADAPTERS]
     models = names + [None, names[1]]
-    eng = start_engine(world.home, device="cuda", dtype="float32", lora_batch_cache_bytes=batch_cache)
+    eng = start_engine(world.home, device="cuda", dtype="float32", **overrides)
     try:
         assert eng._base.runner.embed.is_cuda and eng._base.runner.kernels is None
         preload(eng, names)
         outs = eng.generate_sync(_requests(models))
+        graphs = eng._base.graphs
+        if overrides.get("decode_graphs", True):  # decode steps replayed graphs (7 rows: bucket 8, rank 16)
+            assert graphs is not None and graphs.captures >= 1 and graphs.steps >= NEW - 1
+        else:
+            assert graphs is None
     finally:
         eng.stop_sync()
     for i, (m, out, want) in enumerate(zip(models, outs, _oracle(world, models))):
@@ -54,6 +60,7 @@ def test_rows_join_mid_batch_on_the_gpu(world):
         head = next(iter(first)).token_ids
         later = [eng.submit(r) for r in _requests(["chat", "sql", None])[1:]]
         got = [list(head + first.result().token_ids)] + [list(s.result().token_ids) for s in later]
+        assert eng._base.graphs.captures >= 2  # batches of 1 and of 3 rows
     finally:
         eng.stop_sync()
     assert got == _oracle(world, ["chat", "sql", None])

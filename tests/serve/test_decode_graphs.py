@@ -1,0 +1,93 @@
+"""Bucketed decode steps (what a GPU replays from CUDA graphs), run eagerly on the CPU against PEFT."""
+
+from __future__ import annotations
+
+import pytest
+
+from hotswap.serve.engine import GenerationRequest, SamplingParams
+from hotswap.serve.engine.decode_graphs import batch_bucket, rank_bucket
+
+from .engine_support import ADAPTERS, PROMPTS, peft_greedy, preload, start_engine, tiny_tokenizer, world  # noqa: F401
+
+NEW = 8
+
+
+def test_buckets():
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 33)] == [1, 2, 4, 8, 16, 16, 32, 48]
+    assert [rank_bucket(r) for r in (0, 1, 8, 9, 16, 17, 64)] == [0, 8, 8, 16, 16, 32, 64]
+
+
+def _requests(models, prompts=None, new: int = NEW) -> list[GenerationRequest]:
+    tok = tiny_tokenizer()
+    prompts = prompts or range(len(models))
+    return [GenerationRequest(prompt_token_ids=tok(PROMPTS[p])["input_ids"], model=m,
+                              sampling=SamplingParams(max_tokens=new)) for m, p in zip(models, prompts)]
+
+
+def _oracle(world, models, prompts=None, new: int = NEW) -> list[list[int]]:
+    tok = tiny_tokenizer()
+    prompts = prompts or range(len(models))
+    return [peft_greedy(world.base_dir, world.adapter_dirs[m] if m else None, tok(PROMPTS[p])["input_ids"], new)
+            for m, p in zip(models, prompts)]
+
+
+@pytest.fixture
+def bucketed(world):
+    eng = start_engine(world.home, decode_graphs=True, native_kernels=False)
+    yield eng
+    eng.stop_sync()
+
+
+def test_bucketed_decode_steps_match_peft_with_mixed_ranks_and_base_rows(bucketed, world):
+    names = [a.name for a in ADAPTERS]  # ranks 4 to 16 on different modules: bucket 16
+    models = names + [None, names[1]]  # 7 rows: padded to 8, the padding row writes the spare block
+    preload(bucketed, names)
+    outs = bucketed.generate_sync(_requests(models))
+    graphs = bucketed._base.graphs
+    assert graphs is not None and not graphs.capture and graphs.steps >= NEW - 1
+    for i, (m, out, want) in enumerate(zip(models, outs, _oracle(world, models))):
+        assert list(out.token_ids) == want, f"row {i} ({m or 'base'}) differs from PEFT"
+
+
+def test_bucketed_decode_of_bare_base_rows_and_a_low_rank_adapter(bucketed, world):
+    models = [None, "mlp", None]  # no adapter at first, then rank 4 in bucket 8
+    outs = bucketed.generate_sync(_requests(models[:1]) + [])
+    assert list(outs[0].token_ids) == _oracle(world, models[:1])[0]
+    preload(bucketed, ["mlp"])
+    outs = bucketed.generate_sync(_requests(models))
+    assert [list(o.token_ids) for o in outs] == _oracle(world, models)
+
+
+def test_rows_join_and_leave_between_bucketed_steps(world):
+    """A 5-token budget chunks prompts beside other rows' decodes (those steps run eagerly); rows
+    leave early. The decode-only steps in between run bucketed, and every row matches PEFT."""
+    eng = start_engine(world.home, decode_graphs=True, native_kernels=False, max_batch_tokens=5)
+    try:
+        preload(eng, ["chat", "sql"])
+        first = eng.submit(_requests(["chat"], [1], new=12)[0])
+        head = next(iter(first)).token_ids
+        later = [eng.submit(r) for r in _requests(["sql", None, "chat"], [2, 3, 4], new=4)]
+        got = [list(head + first.result().token_ids)] + [list(s.result().token_ids) for s in later]
+        assert eng._base.graphs.steps > 0
+    finally:
+        eng.stop_sync()
+    assert got == _oracle(world, ["chat"], [1], new=12) + _oracle(world, ["sql", None, "chat"], [2, 3, 4], new=4)
+
+
+def test_contexts_past_one_bucket(world, monkeypatch):
+    """A context longer than one bucket takes the next bucket's shape (more KV blocks per row)."""
+    from hotswap.serve.engine import decode_graphs
+
+    monkeypatch.setattr(decode_graphs, "CTX_BUCKET", 32)  # the tiny base's context is 256 tokens
+    eng = start_engine(world.home, decode_graphs=True, native_kernels=False)
+    ids = (tiny_tokenizer()(" ".join(PROMPTS))["input_ids"] * 4)[:28]
+    try:
+        preload(eng, ["attn"])
+        sp = SamplingParams(max_tokens=NEW)
+        outs = eng.generate_sync([GenerationRequest(prompt_token_ids=ids, model=m, sampling=sp) for m in ("attn", None)])
+        shapes = set(eng._base.graphs._shapes)
+    finally:
+        eng.stop_sync()
+    assert {blocks for _, blocks, _ in shapes} == {2, 4}  # 32 and 64 positions of 16-token blocks
+    assert [list(o.token_ids) for o in outs] == [peft_greedy(world.base_dir, world.adapter_dirs["attn"], ids, NEW),
+                                                 peft_greedy(world.base_dir, None, ids, NEW)]
