@@ -26,9 +26,13 @@ def expected(world, model, prompt, new=NEW):
     return peft_greedy(world.base_dir, world.adapter_dirs[model] if model else None, ids, new)
 
 
-def test_more_adapters_than_rows_evict_and_reload_never_mix(world):
-    # 20 rows per module: "chat" (rank 16 everywhere) cannot share q/v with "sql" (rank 8) or "attn" (12)
-    engine = start_engine(world.home, lora_capacity_bytes=20 * ROW_BYTES)
+@pytest.mark.parametrize("overrides", [{}, {"decode_graphs": True, "native_kernels": False}],
+                         ids=["default", "bucketed-decode"])
+def test_more_adapters_than_rows_evict_and_reload_never_mix(world, overrides):
+    # 20 rows per module: "chat" (rank 16 everywhere) cannot share q/v with "sql" (rank 8) or "attn" (12).
+    # Bucketed decode steps (the GPU's graphs) keep row ids across steps: slots rewritten by another
+    # adapter must be read anew
+    engine = start_engine(world.home, lora_capacity_bytes=20 * ROW_BYTES, **overrides)
     try:
         names = [a.name for a in ADAPTERS]
         want = {(n, i): expected(world, n, i) for i, n in enumerate(names)}
