@@ -23,3 +23,22 @@ def test_bench_measures_every_configuration_and_agrees_with_peft():
     assert "| engine, 2 adapters mixed |" in table and "| mixed_vs_peft_mixed |" in table
     assert f"| {min(rounds):.2f} to {max(rounds):.2f} |" in table
     assert json.loads(to_json(result))["settings"]["shape"] == "tiny"
+
+
+def test_bench_in_bfloat16_runs_the_engine_at_that_dtype():
+    """``--dtype``: here the GPU's default on the CPU (the torch path: the native kernels are fp32 only)."""
+    result = run(BenchSettings(base=None, shape="tiny", batch=2, prompt=8, new_tokens=3, adapters=2, rank=4,
+                               repeat=1, device="cpu", dtype="bfloat16", skip_hf=True))
+    assert result.machine["dtype"] == "bfloat16" and result.settings["dtype"] == "bfloat16"
+    assert set(result.tok_s) == {"engine_base", "engine_mixed"} and all(v > 0 for v in result.tok_s.values())
+
+
+def test_bench_command_refuses_an_unknown_dtype_or_shape():
+    from typer.testing import CliRunner
+
+    from hotswap.serve.cli import bench_app
+
+    out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--dtype", "fp8"])
+    assert out.exit_code == 2 and "unknown dtype 'fp8'" in out.output
+    out = CliRunner().invoke(bench_app, ["--shape", "huge"])
+    assert out.exit_code == 2 and "unknown shape 'huge'" in out.output
