@@ -149,6 +149,24 @@ def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int],
     return out[0, len(prompt_ids):].tolist()
 
 
+def prompt_requests(models: list[str | None], prompts=None, new: int = 8) -> list:
+    """One greedy request per model (None: the bare base), prompt ``PROMPTS[prompts[i]]`` (default: i)."""
+    from hotswap.serve.engine import GenerationRequest, SamplingParams
+
+    tok = tiny_tokenizer()
+    prompts = prompts or range(len(models))
+    return [GenerationRequest(prompt_token_ids=tok(PROMPTS[p])["input_ids"], model=m,
+                              sampling=SamplingParams(max_tokens=new)) for m, p in zip(models, prompts)]
+
+
+def peft_rows(world: World, models: list[str | None], prompts=None, new: int = 8) -> list[list[int]]:
+    """PEFT's greedy continuation of each of ``prompt_requests``' requests, each adapter alone."""
+    tok = tiny_tokenizer()
+    prompts = prompts or range(len(models))
+    return [peft_greedy(world.base_dir, world.adapter_dirs[m] if m else None, tok(PROMPTS[p])["input_ids"], new)
+            for m, p in zip(models, prompts)]
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> World:
     return build_world(tmp_path_factory.mktemp("engine-world"))

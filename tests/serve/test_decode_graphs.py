@@ -7,7 +7,8 @@ import pytest
 from hotswap.serve.engine import GenerationRequest, SamplingParams
 from hotswap.serve.engine.decode_graphs import batch_bucket, rank_bucket
 
-from .engine_support import ADAPTERS, PROMPTS, peft_greedy, preload, start_engine, tiny_tokenizer, world  # noqa: F401
+from .engine_support import (ADAPTERS, PROMPTS, peft_greedy, peft_rows, preload, prompt_requests,  # noqa: F401
+                             start_engine, tiny_tokenizer, world)
 
 NEW = 8
 
@@ -15,20 +16,6 @@ NEW = 8
 def test_buckets():
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 9, 16, 17, 33)] == [1, 2, 4, 8, 16, 16, 32, 48]
     assert [rank_bucket(r) for r in (0, 1, 8, 9, 16, 17, 64)] == [0, 8, 8, 16, 16, 32, 64]
-
-
-def _requests(models, prompts=None, new: int = NEW) -> list[GenerationRequest]:
-    tok = tiny_tokenizer()
-    prompts = prompts or range(len(models))
-    return [GenerationRequest(prompt_token_ids=tok(PROMPTS[p])["input_ids"], model=m,
-                              sampling=SamplingParams(max_tokens=new)) for m, p in zip(models, prompts)]
-
-
-def _oracle(world, models, prompts=None, new: int = NEW) -> list[list[int]]:
-    tok = tiny_tokenizer()
-    prompts = prompts or range(len(models))
-    return [peft_greedy(world.base_dir, world.adapter_dirs[m] if m else None, tok(PROMPTS[p])["input_ids"], new)
-            for m, p in zip(models, prompts)]
 
 
 @pytest.fixture
@@ -42,20 +29,20 @@ def test_bucketed_decode_steps_match_peft_with_mixed_ranks_and_base_rows(buckete
     names = [a.name for a in ADAPTERS]  # ranks 4 to 16 on different modules: bucket 16
     models = names + [None, names[1]]  # 7 rows: padded to 8, the padding row writes the spare block
     preload(bucketed, names)
-    outs = bucketed.generate_sync(_requests(models))
+    outs = bucketed.generate_sync(prompt_requests(models))
     graphs = bucketed._base.graphs
     assert graphs is not None and not graphs.capture and graphs.steps >= NEW - 1
-    for i, (m, out, want) in enumerate(zip(models, outs, _oracle(world, models))):
+    for i, (m, out, want) in enumerate(zip(models, outs, peft_rows(world, models))):
         assert list(out.token_ids) == want, f"row {i} ({m or 'base'}) differs from PEFT"
 
 
 def test_bucketed_decode_of_bare_base_rows_and_a_low_rank_adapter(bucketed, world):
     models = [None, "mlp", None]  # no adapter at first, then rank 4 in bucket 8
-    outs = bucketed.generate_sync(_requests(models[:1]) + [])
-    assert list(outs[0].token_ids) == _oracle(world, models[:1])[0]
+    outs = bucketed.generate_sync(prompt_requests(models[:1]))
+    assert list(outs[0].token_ids) == peft_rows(world, models[:1])[0]
     preload(bucketed, ["mlp"])
-    outs = bucketed.generate_sync(_requests(models))
-    assert [list(o.token_ids) for o in outs] == _oracle(world, models)
+    outs = bucketed.generate_sync(prompt_requests(models))
+    assert [list(o.token_ids) for o in outs] == peft_rows(world, models)
 
 
 def test_rows_join_and_leave_between_bucketed_steps(world):
@@ -64,14 +51,14 @@ def test_rows_join_and_leave_between_bucketed_steps(world):
     eng = start_engine(world.home, decode_graphs=True, native_kernels=False, max_batch_tokens=5)
     try:
         preload(eng, ["chat", "sql"])
-        first = eng.submit(_requests(["chat"], [1], new=12)[0])
+        first = eng.submit(prompt_requests(["chat"], [1], new=12)[0])
         head = next(iter(first)).token_ids
-        later = [eng.submit(r) for r in _requests(["sql", None, "chat"], [2, 3, 4], new=4)]
+        later = [eng.submit(r) for r in prompt_requests(["sql", None, "chat"], [2, 3, 4], new=4)]
         got = [list(head + first.result().token_ids)] + [list(s.result().token_ids) for s in later]
         assert eng._base.graphs.steps > 0
     finally:
         eng.stop_sync()
-    assert got == _oracle(world, ["chat"], [1], new=12) + _oracle(world, ["sql", None, "chat"], [2, 3, 4], new=4)
+    assert got == peft_rows(world, ["chat"], [1], new=12) + peft_rows(world, ["sql", None, "chat"], [2, 3, 4], new=4)
 
 
 def test_contexts_past_one_bucket(world, monkeypatch):

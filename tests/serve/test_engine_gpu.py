@@ -9,25 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotswap.serve.engine import GenerationRequest, SamplingParams
-
-from .engine_support import ADAPTERS, PROMPTS, peft_greedy, preload, start_engine, tiny_tokenizer, world  # noqa: F401
+from .engine_support import ADAPTERS, peft_rows, preload, prompt_requests, start_engine, world  # noqa: F401
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 NEW = 8
-
-
-def _requests(models: list[str | None], new: int = NEW) -> list[GenerationRequest]:
-    tok = tiny_tokenizer()
-    return [GenerationRequest(prompt_token_ids=tok(PROMPTS[i])["input_ids"], model=m,
-                              sampling=SamplingParams(max_tokens=new)) for i, m in enumerate(models)]
-
-
-def _oracle(world, models: list[str | None], new: int = NEW) -> list[list[int]]:
-    tok = tiny_tokenizer()
-    return [peft_greedy(world.base_dir, world.adapter_dirs[m] if m else None, tok(PROMPTS[i])["input_ids"], new)
-            for i, m in enumerate(models)]
 
 
 @pytest.mark.parametrize("overrides", [{}, {"decode_graphs": False}, {"decode_graphs": False, "lora_batch_cache_bytes": 0}],
@@ -39,7 +25,7 @@ def test_float32_mixed_batch_on_the_gpu_matches_peft(world, overrides):
     try:
         assert eng._base.runner.embed.is_cuda and eng._base.runner.kernels is None
         preload(eng, names)
-        outs = eng.generate_sync(_requests(models))
+        outs = eng.generate_sync(prompt_requests(models))
         graphs = eng._base.graphs
         if overrides.get("decode_graphs", True):  # decode steps replayed graphs (7 rows: bucket 8, rank 16)
             assert graphs is not None and graphs.captures >= 1 and graphs.steps >= NEW - 1
@@ -47,7 +33,7 @@ def test_float32_mixed_batch_on_the_gpu_matches_peft(world, overrides):
             assert graphs is None
     finally:
         eng.stop_sync()
-    for i, (m, out, want) in enumerate(zip(models, outs, _oracle(world, models))):
+    for i, (m, out, want) in enumerate(zip(models, outs, peft_rows(world, models))):
         assert list(out.token_ids) == want, f"row {i} ({m or 'base'}) differs from PEFT"
 
 
@@ -56,14 +42,14 @@ def test_rows_join_mid_batch_on_the_gpu(world):
     eng = start_engine(world.home, device="cuda", dtype="float32", max_batch_tokens=5)
     try:
         preload(eng, ["chat", "sql"])
-        first = eng.submit(_requests(["chat"])[0])
+        first = eng.submit(prompt_requests(["chat"])[0])
         head = next(iter(first)).token_ids
-        later = [eng.submit(r) for r in _requests(["chat", "sql", None])[1:]]
+        later = [eng.submit(r) for r in prompt_requests(["chat", "sql", None])[1:]]
         got = [list(head + first.result().token_ids)] + [list(s.result().token_ids) for s in later]
         assert eng._base.graphs.captures >= 2  # batches of 1 and of 3 rows
     finally:
         eng.stop_sync()
-    assert got == _oracle(world, ["chat", "sql", None])
+    assert got == peft_rows(world, ["chat", "sql", None])
 
 
 def test_bfloat16_on_the_gpu_serves_mixed_batches_deterministically(world):
@@ -77,8 +63,8 @@ def test_bfloat16_on_the_gpu_serves_mixed_batches_deterministically(world):
     try:
         assert eng._base.runner.embed.dtype == torch.bfloat16
         preload(eng, names)
-        first = eng.generate_sync(_requests(models))
-        again = eng.generate_sync(_requests(models))
+        first = eng.generate_sync(prompt_requests(models))
+        again = eng.generate_sync(prompt_requests(models))
     finally:
         eng.stop_sync()
     assert all(len(o.token_ids) == NEW for o in first)
