@@ -87,11 +87,10 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.steps = 0  # decode steps served here (tests and stats)
         self.captures = 0
-        self.failed = False  # a capture failed: the worker stops using this
 
     def run(self, seqs: list[Sequence]) -> Tensor | None:
         """Logits ``[len(seqs), vocab]`` of a decode-only step (each sequence has exactly its last
-        token pending); None when graphs failed on this device (the caller runs the step eagerly)."""
+        token pending); None when a capture failed (the caller then runs its steps eagerly, for good)."""
         pool = self.runner.lora
         slots = [pool.slot(s.slot) if s.slot >= 0 and pool is not None else None for s in seqs]
         rank = rank_bucket(max((info.rank for info in slots if info is not None), default=0))
@@ -127,8 +126,10 @@ class DecodeGraphs:
         shape.buffer[:shape.head].copy_(torch.tensor(values, dtype=torch.long))
         # adapter row ids change only when the batch's adapters do (a join, a leave, a slot rewritten):
         # steady decoding skips building and uploading them (~1.5 ms a step for 32 rows on a slow CPU)
+        if not shape.rank:
+            return
         key = tuple(None if info is None else (s.slot, info.generation) for s, info in zip(seqs, slots))
-        if shape.rank and key != shape.lora_key:
+        if key != shape.lora_key:
             ids = row_ids(self.runner.lora, slots + [None] * pad, shape.rank)
             flat = [r for name in shape.lora_names for row in ids[name] for r in row]
             shape.buffer[shape.head:].copy_(torch.tensor(flat, dtype=torch.long))
@@ -170,6 +171,5 @@ class DecodeGraphs:
             return True
         except Exception:  # a step that cannot be captured still runs, eagerly and for good
             log.exception("capturing a decode step as a CUDA graph failed; decode steps run eagerly")
-            self.failed = True
             self._shapes.clear()
             return False

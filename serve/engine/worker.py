@@ -74,7 +74,7 @@ class Worker:
         logits = None
         if self.graphs is not None and all(n == 1 and seq.num_pending == 1 for seq, n in plan):
             logits = self.graphs.run([seq for seq, _ in plan])
-            if self.graphs.failed:
+            if logits is None:  # a capture failed on this device: eager from now on
                 self.graphs = None
         if logits is None:
             logits = self._forward(plan)
