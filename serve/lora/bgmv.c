@@ -220,8 +220,34 @@ int hotswap_lora_layer(const struct hotswap_lora_step *s, const struct hotswap_l
                         p->ldy, s->tok, s->h);
 }
 
-/* y[t * ldy + o] = dot(w[o], x[t]) for o0 <= o < o1 and t < T: two weight rows and four tokens held in
- * registers, so each weight load feeds eight FMAs (x stays in L1) */
+/* s0[t] = dot(w0, x_t), s1[t] = dot(w1, x_t) for tb tokens: two weight rows and tb tokens held in
+ * registers, so each weight load feeds 2 * tb FMAs (x stays in L1). Inlined per block size: compiled for a
+ * run-time tb, the inner loop tested tb and reloaded its pointers every 8 floats, and ran 10 to 20% slower. */
+INLINE void project_tile(int tb, int64_t din, const float *x, const float *w0, const float *w1, float *s0, float *s1)
+{
+    int64_t d = 0;
+    for (int t = 0; t < tb; t++) s0[t] = s1[t] = 0.f;
+#ifdef VEC
+    __m256 a0[4], a1[4];
+    for (int t = 0; t < tb; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+    for (; d + 8 <= din; d += 8) {
+        const __m256 v0 = _mm256_loadu_ps(w0 + d), v1 = _mm256_loadu_ps(w1 + d);
+        for (int t = 0; t < tb; t++) {
+            const __m256 xv = _mm256_loadu_ps(x + t * din + d);
+            a0[t] = _mm256_fmadd_ps(v0, xv, a0[t]);
+            a1[t] = _mm256_fmadd_ps(v1, xv, a1[t]);
+        }
+    }
+    for (int t = 0; t < tb; t++) s0[t] = hsum(a0[t]), s1[t] = hsum(a1[t]);
+#endif
+    for (; d < din; d++)
+        for (int t = 0; t < tb; t++) {
+            s0[t] += w0[d] * x[t * din + d];
+            s1[t] += w1[d] * x[t * din + d];
+        }
+}
+
+/* y[t * ldy + o] = dot(w[o], x[t]) for o0 <= o < o1 and t < T, two weight rows and four tokens at a time */
 static void project_rows(int64_t T, int64_t din, const float *x, const float *w, int64_t o0, int64_t o1, float *y,
                          int64_t ldy)
 {
@@ -230,26 +256,14 @@ static void project_rows(int64_t T, int64_t din, const float *x, const float *w,
         const float *w0 = w + o * din, *w1 = two ? w0 + din : w0;
         for (int64_t t0 = 0; t0 < T; t0 += 4) {
             const int tb = T - t0 < 4 ? (int)(T - t0) : 4;
-            float s0[4] = {0}, s1[4] = {0};
-            int64_t d = 0;
-#ifdef VEC
-            __m256 a0[4], a1[4];
-            for (int t = 0; t < 4; t++) a0[t] = a1[t] = _mm256_setzero_ps();
-            for (; d + 8 <= din; d += 8) {
-                const __m256 v0 = _mm256_loadu_ps(w0 + d), v1 = _mm256_loadu_ps(w1 + d);
-                for (int t = 0; t < tb; t++) {
-                    const __m256 xv = _mm256_loadu_ps(x + (t0 + t) * din + d);
-                    a0[t] = _mm256_fmadd_ps(v0, xv, a0[t]);
-                    a1[t] = _mm256_fmadd_ps(v1, xv, a1[t]);
-                }
+            const float *xt = x + t0 * din;
+            float s0[4], s1[4];
+            switch (tb) {
+            case 1: project_tile(1, din, xt, w0, w1, s0, s1); break;
+            case 2: project_tile(2, din, xt, w0, w1, s0, s1); break;
+            case 3: project_tile(3, din, xt, w0, w1, s0, s1); break;
+            default: project_tile(4, din, xt, w0, w1, s0, s1); break;
             }
-            for (int t = 0; t < tb; t++) s0[t] = hsum(a0[t]), s1[t] = hsum(a1[t]);
-#endif
-            for (; d < din; d++)
-                for (int t = 0; t < tb; t++) {
-                    s0[t] += w0[d] * x[(t0 + t) * din + d];
-                    s1[t] += w1[d] * x[(t0 + t) * din + d];
-                }
             for (int t = 0; t < tb; t++) {
                 y[(t0 + t) * ldy + o] = s0[t];
                 if (two) y[(t0 + t) * ldy + o + 1] = s1[t];

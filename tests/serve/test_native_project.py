@@ -11,7 +11,7 @@ from hotswap.serve.lora.native import BaseLayers, PoolLayers
 from .kernel_support import kernel_case, native_kernels
 
 
-@pytest.mark.parametrize("num_tokens", [1, 3, 4, 5, 9, 24])
+@pytest.mark.parametrize("num_tokens", [1, 2, 3, 4, 5, 6, 9, 24])
 @pytest.mark.parametrize("din, douts", [(40, (24, 130, 64)), (13, (7, 33))])  # off the 8-float vector and row pairs
 def test_native_projection_is_the_matmul(num_tokens, din, douts):
     g = torch.Generator().manual_seed(num_tokens)
