@@ -28,8 +28,10 @@ from .metadata import StepMetadata
 SMALL_BATCH = 64
 # Up to this many tokens, with the native CPU kernels, a projection runs there instead, its LoRA
 # added in the same pass. On a 2-core CPU, a SmolLM2-135M decode step's 120 projections alone took
-# 64 ms against BLAS's 85 for 8 tokens, 95 against 102 for 16, and lost at 32.
-NATIVE_PROJECTION_TOKENS = 24
+# 46 ms against BLAS's 85 for 8 tokens, 92 against 120 for 32, 152 against 163 for 64, and lost
+# from about 192; with 8 adapters' LoRA, 190 against 210 ms for 64 tokens of interleaved adapters
+# and 176 against 170 for runs of one adapter (prefill-like).
+NATIVE_PROJECTION_TOKENS = 64
 
 
 def project(x: Tensor, weight: Tensor) -> Tensor:
