@@ -10,7 +10,6 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -24,6 +23,7 @@ from .index import AliasEvent, Index, VersionRow
 from .intake import scan_folder
 from .metadata import KINDS, EntryMetadata
 from .refs import LATEST, Ref, check_identifier, parse_ref
+from .snapshots import snapshot_folder
 from .versions import Problem, PublishResult, Snapshot, Version, version_digest, weights_fingerprint
 
 
@@ -84,24 +84,7 @@ class Registry:
                 self.blobs.check(sha)
             except CorruptionError as exc:
                 raise CorruptionError(f"{version.ref}: file {path}: {exc}") from None
-        return Snapshot(version, self._snapshot_folder(version.digest, files))
-
-    def _snapshot_folder(self, digest: str, files: list[tuple[str, str, int]]) -> Path:
-        folder = self._snapshots / digest
-        if folder.is_dir() and all((folder / p).resolve() == self.blobs.path(s).resolve() for p, s, _ in files):
-            return folder
-        staging = Path(tempfile.mkdtemp(dir=self._snapshots, prefix=".tmp-"))
-        for path, sha, _size in files:
-            link = staging / path
-            link.parent.mkdir(parents=True, exist_ok=True)
-            # relative links: the home folder can be moved or mounted elsewhere
-            os.symlink(os.path.relpath(self.blobs.path(sha), (folder / path).parent), link)
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(staging, folder)
-        except OSError:  # another process built it at the same moment
-            shutil.rmtree(staging, ignore_errors=True)
-        return folder
+        return Snapshot(version, snapshot_folder(self._snapshots, version.digest, files, self.blobs.path))
 
     # --- publishing ---------------------------------------------------------------------
     def publish(

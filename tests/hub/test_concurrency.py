@@ -77,3 +77,38 @@ def test_publish_killed_mid_way_leaves_no_partial_version(registry, tmp_path):
     assert done.version.version == 1 and Registry(registry.home).verify() == []
     Registry(registry.home).gc()  # orphans and temporaries of the killed runs go
     assert not list((registry.home / "blobs" / "tmp").iterdir())
+
+
+def test_a_snapshot_folder_another_process_just_built_is_kept(registry, monkeypatch):
+    """The race behind a flaky parallel publish: a process finds no folder, another builds it and
+    starts reading, then the first would replace it. The folder must stay in place, whole."""
+    from hotswap.hub import snapshots
+
+    folder = registry.open("tiny").path
+    inode = folder.stat().st_ino
+    # the first look happens before the other process's folder appeared
+    monkeypatch.setattr(snapshots, "holds_links", _first_false(snapshots.holds_links))
+    assert registry.open("tiny").path == folder
+    assert folder.stat().st_ino == inode and sorted(p.name for p in folder.iterdir()) == \
+        sorted(p for p, _, _ in registry.files("tiny"))
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_a_wrong_snapshot_folder_is_replaced(registry):
+    snap = registry.open("tiny")
+    first = sorted(snap.path.iterdir())[0]
+    first.unlink()
+    first.symlink_to("nowhere")
+    fixed = registry.open("tiny").path
+    assert fixed == snap.path and (fixed / first.name).resolve() == registry.blobs.path(
+        next(s for p, s, _ in registry.files("tiny") if p == first.name)).resolve()
+    assert not [p for p in fixed.parent.iterdir() if p.name.startswith(".")]
+
+
+def _first_false(real):
+    calls = []
+
+    def holds_links(*args):
+        calls.append(args)
+        return False if len(calls) == 1 else real(*args)
+    return holds_links
