@@ -19,18 +19,21 @@ from .requests import (
     Completion,
     FinishReason,
     GenerationRequest,
+    Logprob,
     RequestStream,
     SamplingParams,
     Target,
     TokenEvent,
+    TokenLogprobs,
     Usage,
 )
+from .intake import MAX_LOGPROBS
 from .residency_commands import AdapterResidency
 from .stats import EngineStats, Histogram
 
 __all__ = [
     "AdapterNotFound", "AdapterResidency", "CapacityExceeded", "Completion", "Engine", "EngineConfig",
     "EngineError", "EngineNotReady", "EngineStats", "FinishReason", "GenerationRequest", "Histogram",
-    "IncompatibleAdapter", "InvalidRequest", "PromptTooLong", "QueueFull", "RequestStream",
-    "SamplingParams", "Target", "TokenEvent", "Usage",
+    "IncompatibleAdapter", "InvalidRequest", "Logprob", "MAX_LOGPROBS", "PromptTooLong", "QueueFull", "RequestStream",
+    "SamplingParams", "Target", "TokenEvent", "TokenLogprobs", "Usage",
 ]

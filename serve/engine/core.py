@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from .errors import EngineError, EngineNotReady
-from .requests import TokenEvent, Usage
+from .requests import TokenEvent, TokenLogprobs, Usage
 from .sequence import Sequence, Status
 from .stats import StatsRecorder
 from .worker import Worker
@@ -124,8 +124,8 @@ class Core:
                 self._unqueue()
         self.recorder.observe("step_time", time.perf_counter() - start)
         self.recorder.incr("steps")
-        for seq, token in sampled:
-            self._emit(seq, token)
+        for seq, token, logprobs in sampled:
+            self._emit(seq, token, logprobs)
         return True
 
     def _unpin(self, seq: Sequence) -> None:
@@ -162,7 +162,7 @@ class Core:
                     worker.scheduler.add(seq)
                 del self.model_waiting[digest]
 
-    def _emit(self, seq: Sequence, token: int) -> None:
+    def _emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         now = time.monotonic()
         seq.token_ids.append(token)
         if seq.first_token is None:
@@ -179,10 +179,11 @@ class Core:
                 reason = "length"
                 delta += seq.detok.flush()
         self.recorder.incr("generated_tokens")
+        lps = () if logprobs is None else (logprobs,)
         if reason is None:
-            seq.stream._push(TokenEvent(seq.request_id, (token,), delta))
+            seq.stream._push(TokenEvent(seq.request_id, (token,), delta, logprobs=lps))
         else:
-            self.finish(seq, reason, delta, (token,))
+            self.finish(seq, reason, delta, (token,), lps)
 
     def _detach(self, seq: Sequence) -> None:
         """Free the sequence's KV blocks and adapter pin now."""
@@ -199,10 +200,11 @@ class Core:
             self._unqueue()
         self._gauges()  # before the last event: a client reading metrics after its response sees it gone
 
-    def finish(self, seq: Sequence, reason: str, delta: str = "", tokens: tuple[int, ...] = ()) -> None:
+    def finish(self, seq: Sequence, reason: str, delta: str = "", tokens: tuple[int, ...] = (),
+               logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         self._detach(seq)
         usage = Usage(seq.prompt_len, seq.num_generated)
-        seq.stream._push(TokenEvent(seq.request_id, tokens, delta, reason, usage))
+        seq.stream._push(TokenEvent(seq.request_id, tokens, delta, reason, usage, logprobs))
         now = time.monotonic()
         self.recorder.incr("requests_finished", reason)
         self.recorder.observe("e2e", now - seq.arrival)

@@ -7,6 +7,8 @@ import math
 from .errors import InvalidRequest
 from .requests import GenerationRequest, SamplingParams
 
+MAX_LOGPROBS = 20  # most likely tokens a request may ask for per generated token (OpenAI's limit)
+
 
 def check_sampling(p: SamplingParams, max_tokens_limit: int) -> None:
     def bad(msg: str) -> InvalidRequest:
@@ -24,6 +26,12 @@ def check_sampling(p: SamplingParams, max_tokens_limit: int) -> None:
         raise bad(f"top_k must be an integer >= 0 (0: off), got {p.top_k!r}")
     if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
         raise bad(f"repetition_penalty must be > 0, got {p.repetition_penalty!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+            raise bad(f"{name} must be in [-2, 2], got {value!r}")
+    if p.logprobs is not None and (not isinstance(p.logprobs, int) or not 0 <= p.logprobs <= MAX_LOGPROBS):
+        raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (or None: off), got {p.logprobs!r}")
     if len(p.stop) > 16 or any(not isinstance(s, str) or not s for s in p.stop):
         raise bad("stop must be at most 16 non-empty strings")
     if not isinstance(p.min_tokens, int) or not 0 <= p.min_tokens <= p.max_tokens:

@@ -22,10 +22,13 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0  # 1.0: off; CTRL-style, as in HF transformers
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence in the generated tokens
     stop: tuple[str, ...] = ()  # stop strings; the matched string is not returned
     seed: int | None = None  # per-request generator seed; same seed -> same sample
     min_tokens: int = 0  # EOS is not sampled before this many tokens (as HF's min_new_tokens)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely tokens
 
 
 @dataclass(slots=True)
@@ -67,6 +70,25 @@ class Target:
 
 
 @dataclass(slots=True, frozen=True)
+class Logprob:
+    """A token, its text alone (``tokenizer.decode([token_id])``) and its log-probability."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprobs:
+    """What a request with ``logprobs=k`` gets for each generated token: the token chosen and the k
+    most likely ones, most likely first, under the model's own distribution at that step (the
+    log-softmax of its logits, before penalties, temperature or top-k/top-p)."""
+
+    chosen: Logprob
+    top: tuple[Logprob, ...]
+
+
+@dataclass(slots=True, frozen=True)
 class TokenEvent:
     """One step of output. The last event of a stream has ``finish_reason`` and ``usage`` set."""
 
@@ -75,6 +97,7 @@ class TokenEvent:
     text: str  # text delta (stop strings and incomplete UTF-8 held back)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
 
 
 @dataclass(slots=True, frozen=True)
@@ -87,6 +110,7 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     usage: Usage
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
 
 
 class RequestStream:
@@ -175,7 +199,8 @@ class RequestStream:
             request_id=self.request_id, target=self.target,
             text="".join(e.text for e in events),
             token_ids=tuple(t for e in events for t in e.token_ids),
-            finish_reason=last.finish_reason, usage=last.usage)
+            finish_reason=last.finish_reason, usage=last.usage,
+            logprobs=tuple(lp for e in events for lp in e.logprobs))
 
     async def collect(self) -> Completion:
         """Wait for the end of the request and return it whole."""

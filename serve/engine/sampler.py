@@ -1,15 +1,19 @@
 """Next-token choice from logits, per request settings; greedy rows take one vectorised argmax.
 
-Order of processors follows HF transformers: repetition penalty, temperature, top-k, top-p.
-A seeded request owns a ``torch.Generator``, so its samples repeat whatever else shares the batch.
+Order of processors follows HF transformers: repetition penalty (then OpenAI's presence and
+frequency penalties, as vLLM applies them), temperature, top-k, top-p. A seeded request owns a
+``torch.Generator``, so its samples repeat whatever else shares the batch. Log-probabilities that a
+request asks for come from the logits before any of these (what the model itself predicts).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
-from .requests import SamplingParams
+from .requests import Logprob, SamplingParams, TokenLogprobs
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -17,6 +21,20 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     scores = logits.gather(0, seen)
     logits.scatter_(0, seen, torch.where(scores < 0, scores * penalty, scores / penalty))
     return logits
+
+
+def apply_presence_frequency(logits: Tensor, generated: Tensor, presence: float, frequency: float) -> Tensor:
+    """OpenAI's penalties on a ``[V]`` row: each token already generated (ids ``generated``) loses
+    ``presence`` once and ``frequency`` per occurrence."""
+    counts = torch.bincount(generated, minlength=logits.shape[-1]).to(logits.dtype)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def token_logprobs(logprobs: Tensor, token: int, k: int, decode: Callable[[int], str]) -> TokenLogprobs:
+    """The chosen ``token``'s entry and the ``k`` most likely, from a ``[V]`` row of log-probabilities."""
+    values, ids = logprobs.topk(k) if k else (logprobs[:0], logprobs[:0])
+    return TokenLogprobs(chosen=Logprob(token, decode(token), float(logprobs[token])),
+                         top=tuple(Logprob(t, decode(t), v) for v, t in zip(values.tolist(), ids.tolist())))
 
 
 def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -34,20 +52,29 @@ def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample(logits: Tensor, params: list[SamplingParams], history: list[list[int]],
-           generators: list[torch.Generator | None], banned: list[frozenset[int]] | None = None) -> list[int]:
-    """``logits[N, V]`` (float32) -> one token id per row; ``banned[i]``: ids row i may not take now."""
+           generators: list[torch.Generator | None], banned: list[frozenset[int]] | None = None,
+           prompt_lens: Sequence[int] | None = None) -> list[int]:
+    """``logits[N, V]`` (float32) -> one token id per row; ``banned[i]``: ids row i may not take now.
+
+    ``history[i]``: row i's tokens so far, the first ``prompt_lens[i]`` of them its prompt (the
+    presence and frequency penalties count only the rest; None: no prompt)."""
     if banned is not None and any(banned):
         for i, ids in enumerate(banned):
             if ids:
                 logits[i, list(ids)] = float("-inf")
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
-        if p.temperature == 0.0 and p.repetition_penalty == 1.0:
+        penalised = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+        if p.temperature == 0.0 and not penalised:
             continue
         row = logits[i].clone()
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(history[i])), dtype=torch.long, device=row.device)
             row = apply_repetition_penalty(row, seen, p.repetition_penalty)
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            generated = torch.tensor(history[i][prompt_lens[i] if prompt_lens else 0:], dtype=torch.long,
+                                     device=row.device)
+            row = apply_presence_frequency(row, generated, p.presence_penalty, p.frequency_penalty)
         if p.temperature == 0.0:
             out[i] = int(row.argmax())
             continue

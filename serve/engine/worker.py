@@ -13,12 +13,13 @@ from .decode_graphs import DecodeGraphs
 from .kv_cache import BlockManager, KVCache
 from .metadata import SeqSpan, build_metadata
 from .model import LlamaRunner
-from .requests import Target
-from .sampler import sample
+from .requests import Target, TokenLogprobs
+from .sampler import sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
 
 MAX_CONTEXT = 8192
+Sampled = tuple[Sequence, int, TokenLogprobs | None]  # a sequence, its new token, that token's log-probabilities
 
 
 def eos_ids(hf_model, tokenizer) -> frozenset[int]:
@@ -65,9 +66,9 @@ class Worker:
 
     @torch.inference_mode()
     def step(self, try_start: Callable[[Sequence], bool],
-             on_preempt: Callable[[Sequence], None]) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
+             on_preempt: Callable[[Sequence], None]) -> tuple[list[tuple[Sequence, int]], list[Sampled]]:
         """Schedule, run one forward, sample. Returns the plan (sequence, tokens computed) and
-        (sequence, new token) for the sequences sampled."""
+        (sequence, new token, its log-probabilities or None) for the sequences sampled."""
         plan = self.scheduler.schedule(try_start, on_preempt)
         if not plan:
             return [], []
@@ -81,10 +82,19 @@ class Worker:
         for seq, n in plan:
             seq.num_computed += n
         sampled = [seq for seq, _ in plan if seq.num_computed == len(seq.token_ids)]
+        asking = [i for i, s in enumerate(sampled) if s.sampling.logprobs is not None]
+        # before sampling, which masks banned tokens in place: the model's own distribution
+        raw = logits[asking].log_softmax(-1).cpu() if asking else None
         banned = [s.eos_ids if s.num_generated < s.sampling.min_tokens else frozenset() for s in sampled]
         tokens = sample(logits, [s.sampling for s in sampled], [s.token_ids for s in sampled],
-                        [s.generator for s in sampled], banned)
-        return plan, list(zip(sampled, tokens))
+                        [s.generator for s in sampled], banned, [s.prompt_len for s in sampled])
+        found: list[TokenLogprobs | None] = [None] * len(sampled)
+        for row, i in enumerate(asking):
+            found[i] = token_logprobs(raw[row], tokens[i], sampled[i].sampling.logprobs, self._token_text)
+        return plan, list(zip(sampled, tokens, found))
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _forward(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
         """The step eagerly, at its own shapes: logits of the sequences whose step ends at their last token."""

@@ -1,0 +1,109 @@
+"""Log-probabilities of generated tokens, and OpenAI's presence and frequency penalties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+from hotswap.serve.engine import GenerationRequest, InvalidRequest, SamplingParams
+from hotswap.serve.engine.sampler import apply_presence_frequency, sample
+
+from .engine_support import PROMPTS, engine, preload, tiny_tokenizer, world  # noqa: F401
+
+
+def reference_logprobs(world, adapter: str | None, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """``[len(generated), V]``: PEFT's (or the bare base's) log-softmax at each generated position."""
+    model = LlamaForCausalLM.from_pretrained(world.base_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, world.adapter_dirs[adapter])
+    with torch.inference_mode():
+        logits = model.eval()(torch.tensor([prompt + generated])).logits[0]
+    return logits[len(prompt) - 1:len(prompt) + len(generated) - 1].float().log_softmax(-1)
+
+
+def test_logprobs_match_peft_for_every_row_of_a_mixed_batch(engine, world):
+    tok = tiny_tokenizer()
+    models = [None, "chat", "sql", "mlp"]
+    preload(engine, models[1:])
+    prompts = [tok(PROMPTS[i])["input_ids"] for i in range(len(models))]
+    samplings = [SamplingParams(max_tokens=6, logprobs=3), SamplingParams(max_tokens=6, logprobs=3),
+                 SamplingParams(max_tokens=6, logprobs=0, temperature=1.3, seed=5),  # tempered: raw logprobs still
+                 SamplingParams(max_tokens=6)]  # not asked for: none
+    outs = engine.generate_sync([GenerationRequest(prompt_token_ids=p, model=m, sampling=s)
+                                 for p, m, s in zip(prompts, models, samplings)])
+    assert outs[3].logprobs == ()
+    for out, model, prompt, sp in zip(outs[:3], models, prompts, samplings):
+        ids = list(out.token_ids)
+        assert len(out.logprobs) == len(ids)
+        ref = reference_logprobs(world, model, prompt, ids)
+        for pos, (entry, token) in enumerate(zip(out.logprobs, ids)):
+            assert entry.chosen.token_id == token and entry.chosen.token == tok.decode([token])
+            assert entry.chosen.logprob == pytest.approx(float(ref[pos, token]), abs=1e-4)
+            assert len(entry.top) == sp.logprobs
+            values, top_ids = ref[pos].topk(sp.logprobs)
+            assert [t.token_id for t in entry.top] == top_ids.tolist()
+            assert [t.logprob for t in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+            if sp.temperature == 0.0:
+                assert entry.top[0].token_id == token  # greedy took the most likely token
+
+
+def test_streamed_events_carry_one_entry_per_token(engine):
+    stream = engine.submit(GenerationRequest(prompt=PROMPTS[1], model="chat",
+                                             sampling=SamplingParams(max_tokens=5, logprobs=2)))
+    events = list(stream)
+    assert [len(e.logprobs) for e in events] == [len(e.token_ids) for e in events] == [1] * 5
+    assert all(e.logprobs[0].top[0].logprob >= e.logprobs[0].top[1].logprob for e in events)
+
+
+def test_logprobs_before_min_tokens_keep_the_banned_end_token(engine):
+    """EOS is held back until min_tokens, but the log-probabilities are the model's own: EOS keeps its
+    finite value, so it can still be listed among the most likely tokens."""
+    eos = engine.tokenizer.eos_token_id
+    out = engine.generate_sync([GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(
+        max_tokens=4, min_tokens=4, logprobs=20))])[0]
+    assert eos not in out.token_ids
+    assert all(lp.chosen.logprob > float("-inf") for lp in out.logprobs)
+    assert all(len(lp.top) == 20 and all(t.logprob > float("-inf") for t in lp.top) for lp in out.logprobs)
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = apply_presence_frequency(logits.clone(), torch.tensor([3, 3, 1]), presence=0.5, frequency=0.25)
+    assert out.tolist() == [1.0, 2.0 - 0.25 - 0.5, 3.0, 4.0 - 2 * 0.25 - 0.5]
+    # only generated tokens count: token 3 sits in the prompt, token 2 was generated
+    history = [[3, 0, 2]]
+    picked = sample(torch.tensor([[0.0, 0.0, 3.9, 4.0]]), [SamplingParams(presence_penalty=2.0)], history, [None],
+                    prompt_lens=[2])
+    assert picked == [3]
+    picked = sample(torch.tensor([[0.0, 0.0, 3.9, 4.0]]), [SamplingParams(presence_penalty=2.0)], [[0, 0, 3]], [None],
+                    prompt_lens=[2])
+    assert picked == [2]
+
+
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.7), (-2.0, -0.5)])
+def test_penalised_greedy_matches_a_step_by_step_reference(engine, world, presence, frequency):
+    ids = tiny_tokenizer()(PROMPTS[2])["input_ids"]
+    out = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(
+        max_tokens=16, ignore_eos=True, presence_penalty=presence, frequency_penalty=frequency))])[0]
+    model, generated = LlamaForCausalLM.from_pretrained(world.base_dir).eval(), []
+    with torch.inference_mode():
+        for _ in range(16):
+            logits = model(torch.tensor([ids + generated])).logits[0, -1]
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.shape[0])
+            logits = logits - frequency * counts - presence * (counts > 0).float()
+            generated.append(int(logits.argmax()))
+    assert list(out.token_ids) == generated
+    if presence < 0:  # the tiny model never repeats itself unpenalised: these penalties make it
+        plain = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(
+            max_tokens=16, ignore_eos=True))])[0]
+        assert len(set(plain.token_ids)) == 16 and len(set(generated)) < 16
+
+
+@pytest.mark.parametrize("bad, word", [(dict(presence_penalty=2.5), "presence_penalty"),
+                                       (dict(frequency_penalty=-3), "frequency_penalty"),
+                                       (dict(logprobs=21), "logprobs"), (dict(logprobs=-1), "logprobs")])
+def test_out_of_range_settings_are_refused(engine, bad, word):
+    with pytest.raises(InvalidRequest, match=word):
+        engine.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(**bad)))
