@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 from litestar import Request
 
-from ..engine import Engine, GenerationRequest, RequestStream, SamplingParams, Target, TokenEvent, Usage
+from ..engine import Engine, GenerationRequest, RequestStream, SamplingParams, Target, TokenEvent, TokenLogprobs, Usage
 from .exceptions import ApiProblem, ClientGone
 from .metrics import ApiMetrics
 from .openai_schemas import ChatCompletionRequest, CompletionRequest
 
 
-def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, sample: int) -> SamplingParams:
+def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, sample: int,
+             logprobs: int | None = None) -> SamplingParams:
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     return SamplingParams(
         max_tokens=max_tokens,
@@ -28,6 +29,9 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, s
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=top_k,
         repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logprobs=logprobs,
         stop=body.stop_strings(),
         seed=None if body.seed is None else body.seed + sample,  # n samples of one seed differ, reproducibly
         min_tokens=body.min_tokens,
@@ -38,6 +42,9 @@ def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationR
     prompts = body.prompts()
     if body.echo and not all(isinstance(p, str) for p in prompts):
         raise ApiProblem("echo needs a text prompt (token-id prompts cannot be echoed)", "echo")
+    if body.echo and body.logprobs is not None:
+        raise ApiProblem("echo with logprobs would need the prompt's log-probabilities, which hotswap does not "
+                         "compute; drop one of them", "logprobs")
     if len(prompts) * body.n > 16:
         raise ApiProblem(f"{len(prompts)} prompts x n={body.n} asks for more than 16 choices", "n")
     jobs = []
@@ -45,14 +52,17 @@ def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationR
         for sample in range(body.n):
             text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
             jobs.append(GenerationRequest(prompt=text, prompt_token_ids=ids, model=target.ref,
-                                          sampling=sampling(body, body.max_tokens or 16, sample)))
+                                          sampling=sampling(body, body.max_tokens or 16, sample, body.logprobs)))
     return jobs
 
 
 def chat_jobs(body: ChatCompletionRequest, target: Target, default_max_tokens: int) -> list[GenerationRequest]:
     messages = [m.as_dict() for m in body.messages]
     limit = body.token_limit() or default_max_tokens
-    return [GenerationRequest(messages=messages, model=target.ref, sampling=sampling(body, limit, sample),
+    if body.top_logprobs and not body.logprobs:
+        raise ApiProblem("top_logprobs needs logprobs: true", "top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return [GenerationRequest(messages=messages, model=target.ref, sampling=sampling(body, limit, sample, logprobs),
                               add_generation_prompt=body.add_generation_prompt)
             for sample in range(body.n)]
 
@@ -65,6 +75,7 @@ class Choice:
     stream: RequestStream
     echo: str = ""
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
     first_token_at: float | None = None
@@ -135,6 +146,7 @@ class Run:
         if choice.first_token_at is None and event.token_ids:
             choice.first_token_at = time.perf_counter()
         choice.text.append(event.text)
+        choice.logprobs.extend(event.logprobs)
         if event.finish_reason is not None:
             choice.finish_reason, choice.usage = event.finish_reason, event.usage
             self._record(choice)

@@ -1,8 +1,8 @@
 """Request and response bodies of the OpenAI-compatible endpoints (pydantic: the HTTP edge).
 
 Fields follow OpenAI's API; unknown fields are ignored (new client versions send more), but a known
-field whose meaning hotswap cannot honour (logprobs, tools, penalties, ...) is refused with a 400 that
-names it, never silently dropped. vLLM's extensions ``top_k``, ``repetition_penalty`` and
+field whose meaning hotswap cannot honour (tools, logit_bias, ...) is refused with a 400 that names
+it, never silently dropped. vLLM's extensions ``top_k``, ``repetition_penalty`` and
 ``ignore_eos`` are accepted too.
 """
 
@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
+
+from ..engine import MAX_LOGPROBS
+from .logprobs import ChatLogprobs, CompletionLogprobs
 
 MAX_CHOICES = 16  # n x prompts per request
 # The registry's reference grammar (hub.refs), for the schema; requests are checked by hub.parse_ref.
@@ -72,8 +75,10 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: Stop = Field(None, description="Up to 16 stop strings; the matched string is not returned.", **_exact(Stop))
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same sample.", **_bound(minimum=0))
-    presence_penalty: Unsupported("presence_penalty", 0, 0.0, hint="use repetition_penalty") = None
-    frequency_penalty: Unsupported("frequency_penalty", 0, 0.0, hint="use repetition_penalty") = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
+        "Subtracted once from the logit of every token already generated; default 0."))
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
+        "Subtracted from a token's logit once per time it was generated; default 0."))
     logit_bias: Unsupported("logit_bias", {}, hint="leave it unset or empty") = None
     user: str | None = Field(None, max_length=256, description="Ignored.")
     # vLLM's extensions
@@ -100,7 +105,8 @@ class CompletionRequest(_SamplingFields):
                            **_exact(Prompt))
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most; default 16.")
     echo: bool = Field(False, description="Return the prompt before the completion (text prompts only).")
-    logprobs: Unsupported("logprobs") = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "Return each token's log-probability and those of this many most likely tokens."), **_bound(minimum=0))
     best_of: Unsupported("best_of", 1, hint="leave it unset or 1") = None
     suffix: Unsupported("suffix", "") = None
 
@@ -143,8 +149,9 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (the server's default if unset).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name).")
-    logprobs: Unsupported("logprobs", False, hint="leave it unset or false") = None
-    top_logprobs: Unsupported("top_logprobs", 0) = None
+    logprobs: bool = Field(False, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "With logprobs: also this many most likely tokens at each position."), **_bound(minimum=0))
     tools: Unsupported("tools", [], hint="leave it unset or empty") = None
     tool_choice: Literal["none", "auto"] | None = Field(None, description="With no tools, only none/auto.")
     response_format: ResponseFormat | None = None
@@ -167,7 +174,7 @@ class UsageInfo(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReasonOut | None
 
 
@@ -189,7 +196,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReasonOut
 
 
@@ -211,7 +218,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReasonOut | None = None
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from ..engine import TokenEvent, Usage
 from .errors import describe
 from .generation import Choice, Run
+from .logprobs import chat_logprobs, completion_logprobs
 from .openai_schemas import (
     AssistantMessage,
     ChatChoice,
@@ -36,7 +37,8 @@ def _finish(reason: str | None) -> str | None:
 def completion_body(run: Run) -> CompletionResponse:
     return CompletionResponse(
         id=f"cmpl-{run.id_suffix}", created=run.created, model=run.target.ref, system_fingerprint=run.target.digest,
-        choices=[CompletionChoice(index=c.index, text=c.echo + "".join(c.text), finish_reason=_finish(c.finish_reason))
+        choices=[CompletionChoice(index=c.index, text=c.echo + "".join(c.text), finish_reason=_finish(c.finish_reason),
+                                  logprobs=completion_logprobs(c.logprobs, len(c.echo)) if c.logprobs else None)
                  for c in run.choices],
         usage=usage_info(run.usage()))
 
@@ -45,6 +47,7 @@ def chat_body(run: Run) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         id=f"chatcmpl-{run.id_suffix}", created=run.created, model=run.target.ref, system_fingerprint=run.target.digest,
         choices=[ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)),
+                            logprobs=chat_logprobs(c.logprobs) if c.logprobs else None,
                             finish_reason=_finish(c.finish_reason) or "stop") for c in run.choices],
         usage=usage_info(run.usage()))
 
@@ -60,6 +63,7 @@ class ChunkWriter:
         self.run, self.chat, self.include_usage = run, chat, include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{run.id_suffix}"
         self._opened: set[int] = set()
+        self._offsets: dict[int, int] = {}  # choice -> characters of its token texts sent (completions' text_offset)
 
     def _chunk(self, choices: list[dict], usage: Usage | None = None, last: bool = False) -> bytes:
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -70,16 +74,20 @@ class ChunkWriter:
         return sse(body)
 
     def event(self, choice: Choice, event: TokenEvent) -> list[bytes]:
+        """The event's chunks; a token whose text is held back (a possible stop string) still sends
+        its log-probabilities, in a chunk with empty text."""
         out = []
         finish = _finish(event.finish_reason)
+        entries = list(event.logprobs)
         if self.chat:
             if choice.index not in self._opened:
                 self._opened.add(choice.index)
                 out.append(self._chunk([{"index": choice.index, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]))
-            if event.text:
+            if event.text or entries:
+                logprobs = chat_logprobs(entries).model_dump() if entries else None
                 out.append(self._chunk([{"index": choice.index, "delta": {"content": event.text},
-                                         "logprobs": None, "finish_reason": None}]))
+                                         "logprobs": logprobs, "finish_reason": None}]))
             if finish is not None:
                 out.append(self._chunk([{"index": choice.index, "delta": {}, "logprobs": None,
                                          "finish_reason": finish}]))
@@ -88,8 +96,14 @@ class ChunkWriter:
             if choice.index not in self._opened:
                 self._opened.add(choice.index)
                 text = choice.echo + text
-            if text or finish is not None:
-                out.append(self._chunk([{"index": choice.index, "text": text, "logprobs": None,
+                self._offsets[choice.index] = len(choice.echo)
+            logprobs = None
+            if entries:
+                offset = self._offsets[choice.index]
+                logprobs = completion_logprobs(entries, offset).model_dump()
+                self._offsets[choice.index] = offset + sum(len(e.chosen.token) for e in entries)
+            if text or entries or finish is not None:
+                out.append(self._chunk([{"index": choice.index, "text": text, "logprobs": logprobs,
                                          "finish_reason": finish}]))
         return out
 

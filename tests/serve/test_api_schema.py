@@ -68,7 +68,9 @@ def test_request_constraints_are_in_the_schema(schema):
     props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert props["temperature"]["minimum"] == 0 and props["temperature"]["maximum"] == 2
     assert props["top_p"]["exclusiveMinimum"] == 0 and props["n"]["maximum"] == 16
-    assert props["logprobs"]["type"] == "null"  # unsupported: only null is valid
+    assert props["suffix"]["type"] == "null"  # unsupported: only null is valid
+    assert (props["logprobs"]["minimum"], props["logprobs"]["maximum"]) == (0, 20)
+    assert (props["presence_penalty"]["minimum"], props["presence_penalty"]["maximum"]) == (-2, 2)
     text, texts, ids, id_lists = props["prompt"]["oneOf"]
     assert text == {"minLength": 1, "type": "string"} and ids["items"]["minimum"] == 0 and ids["minItems"] == 1
 

@@ -1,0 +1,71 @@
+"""Log-probabilities over HTTP in OpenAI's two layouts, streamed and whole, read by the official client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from .api_support import ADMIN, ADMIN_KEY, BASE, make_app, store, uvicorn_server  # noqa: F401 - fixtures
+from .test_api_server import post_stream
+
+GREEDY = {"temperature": 0, "max_tokens": 8, "ignore_eos": True}
+CHAT = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def url(store):
+    app, _ = make_app(store.home)
+    with uvicorn_server(app) as address:
+        yield address
+
+
+def test_chat_logprobs_through_the_openai_client(url):
+    client = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    chat = client.chat.completions.create(model="acme-chat", messages=CHAT, logprobs=True, top_logprobs=3,
+                                          max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 8
+    for entry in content:
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob)  # greedy
+        assert entry.bytes is None or bytes(entry.bytes).decode() == entry.token
+    plain = client.chat.completions.create(model="acme-chat", messages=CHAT, logprobs=True, max_tokens=8,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert [e.top_logprobs for e in plain.choices[0].logprobs.content] == [[]] * 8  # top_logprobs unset: 0
+    assert [(e.token, e.logprob) for e in plain.choices[0].logprobs.content] == [(e.token, e.logprob) for e in content]
+
+
+def test_streamed_chat_logprobs_equal_the_whole_response(url):
+    body = {"model": "acme-chat", "messages": CHAT, "logprobs": True, "top_logprobs": 2, **GREEDY}
+    whole = httpx.post(url + "/v1/chat/completions", json=body, headers=ADMIN, timeout=60).json()
+    chunks = post_stream(url, "/v1/chat/completions", body)[:-1]
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == whole["choices"][0]["logprobs"]["content"] and len(streamed) == 8
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+
+
+def test_completion_logprobs_layout_streamed_and_whole(url):
+    body = {"model": "acme-sql", "prompt": "select name from users", "logprobs": 2, **GREEDY}
+    whole = httpx.post(url + "/v1/completions", json=body, headers=ADMIN, timeout=60).json()
+    lp = whole["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 8
+    offsets = [0]
+    for token in lp["tokens"][:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert lp["text_offset"] == offsets
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert top[token] == value and max(top.values()) == value and 1 <= len(top) <= 2  # greedy: the best one
+    chunks = post_stream(url, "/v1/completions", body)[:-1]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert {key: [v for p in parts for v in p[key]] for key in lp} == lp
+
+
+def test_penalties_are_served_and_logprobs_without_a_text_prompt(url):
+    client = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    penalised = client.completions.create(model=BASE, prompt=[5, 6, 7], max_tokens=8, temperature=0, logprobs=0,
+                                          presence_penalty=-2.0, frequency_penalty=-0.5, extra_body={"ignore_eos": True})
+    assert len(penalised.choices[0].logprobs.tokens) == 8
+    assert all(len(top) == 1 for top in penalised.choices[0].logprobs.top_logprobs)  # the chosen token only
