@@ -180,10 +180,13 @@ class Core:
                 delta += seq.detok.flush()
         self.recorder.incr("generated_tokens")
         lps = () if logprobs is None else (logprobs,)
+        prompt = ()
+        if seq.prompt_logprobs is not None and seq.num_generated == 1:  # the first event carries them
+            prompt, seq.prompt_logprobs = tuple(seq.prompt_logprobs), None
         if reason is None:
-            seq.stream._push(TokenEvent(seq.request_id, (token,), delta, logprobs=lps))
+            seq.stream._push(TokenEvent(seq.request_id, (token,), delta, logprobs=lps, prompt_logprobs=prompt))
         else:
-            self.finish(seq, reason, delta, (token,), lps)
+            self.finish(seq, reason, delta, (token,), lps, prompt)
 
     def _detach(self, seq: Sequence) -> None:
         """Free the sequence's KV blocks and adapter pin now."""
@@ -201,10 +204,10 @@ class Core:
         self._gauges()  # before the last event: a client reading metrics after its response sees it gone
 
     def finish(self, seq: Sequence, reason: str, delta: str = "", tokens: tuple[int, ...] = (),
-               logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
+               logprobs: tuple[TokenLogprobs, ...] = (), prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         self._detach(seq)
         usage = Usage(seq.prompt_len, seq.num_generated)
-        seq.stream._push(TokenEvent(seq.request_id, tokens, delta, reason, usage, logprobs))
+        seq.stream._push(TokenEvent(seq.request_id, tokens, delta, reason, usage, logprobs, prompt_logprobs))
         now = time.monotonic()
         self.recorder.incr("requests_finished", reason)
         self.recorder.observe("e2e", now - seq.arrival)

@@ -21,9 +21,10 @@ from .core import Core
 from .errors import EngineError, EngineNotReady, PromptTooLong, QueueFull
 from .intake import check_sampling, prompt_ids
 from .models import ModelPool
-from .requests import Completion, GenerationRequest, RequestStream, Target
-from .resolve import Resolver
+from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, TokenLogprobs
 from .residency_commands import ResidencyCommands
+from .resolve import Resolver
+from .sampler import token_text
 from .sequence import Sequence
 from .stats import EngineStats, StatsRecorder
 from .worker import Worker
@@ -239,7 +240,8 @@ class Engine(ResidencyCommands):
             generator = torch.Generator(device=cfg.torch_device()).manual_seed(p.seed)
         return Sequence(request_id=rid, target=target, prompt_len=len(ids), token_ids=ids, sampling=p,
                         stream=stream, detok=Detokenizer(tokenizer, p.stop), eos_ids=frozenset(),
-                        generator=generator)
+                        generator=generator, prompt_logprobs=None if p.prompt_logprobs is None else [
+                            TokenLogprobs(Logprob(ids[0], token_text(tokenizer, ids[0]), None), ())])
 
     def _unqueue(self) -> None:
         with self._lock:

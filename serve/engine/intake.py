@@ -30,8 +30,10 @@ def check_sampling(p: SamplingParams, max_tokens_limit: int) -> None:
         value = getattr(p, name)
         if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
             raise bad(f"{name} must be in [-2, 2], got {value!r}")
-    if p.logprobs is not None and (not isinstance(p.logprobs, int) or not 0 <= p.logprobs <= MAX_LOGPROBS):
-        raise bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (or None: off), got {p.logprobs!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(p, name)
+        if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+            raise bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (or None: off), got {value!r}")
     if len(p.stop) > 16 or any(not isinstance(s, str) or not s for s in p.stop):
         raise bad("stop must be at most 16 non-empty strings")
     if not isinstance(p.min_tokens, int) or not 0 <= p.min_tokens <= p.max_tokens:

@@ -40,7 +40,7 @@ class StepMetadata:
     positions: Tensor  # [T]
     slot_mapping: Tensor  # [T] KV slot each token's key/value is written to
     groups: list[AttnGroup]
-    logits_index: Tensor  # [N] token rows whose next-token logits are needed
+    logits_index: Tensor  # [N + M] token rows whose next-token logits are needed: N sampled, then M scored
     lora: LoraStep | None  # None: no token uses an adapter, LoRA is skipped
 
 
@@ -52,6 +52,7 @@ class SeqSpan:
     start_pos: int  # position of the first of them (= tokens already in the KV cache)
     block_table: list[int]
     sample: bool  # whether the step ends at the sequence's last known token
+    score: range = range(0)  # prompt tokens of this span (offsets in it) whose next-token logits are wanted
 
 
 def _slots_of(block_table: list[int], block_size: int, start: int, stop: int) -> list[int]:
@@ -64,6 +65,7 @@ def build_metadata(spans: list[SeqSpan], block_size: int, device: torch.device,
     positions: list[int] = []
     slot_mapping: list[int] = []
     logits_index: list[int] = []
+    score_index: list[int] = []
     firsts: list[int] = []
     for span in spans:
         firsts.append(len(input_ids))
@@ -73,6 +75,7 @@ def build_metadata(spans: list[SeqSpan], block_size: int, device: torch.device,
         slot_mapping.extend(_slots_of(span.block_table, block_size, span.start_pos, span.start_pos + n))
         if span.sample:
             logits_index.append(len(input_ids) - 1)
+        score_index.extend(firsts[-1] + i for i in span.score)
     decode = [i for i, s in enumerate(spans) if len(s.token_ids) == 1]
     prefill = [i for i, s in enumerate(spans) if len(s.token_ids) > 1]
     groups = [_group(spans, firsts, members, block_size, device) for members in (decode, prefill) if members]
@@ -81,7 +84,7 @@ def build_metadata(spans: list[SeqSpan], block_size: int, device: torch.device,
         return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
     return StepMetadata(input_ids=t(input_ids), positions=t(positions), slot_mapping=t(slot_mapping),
-                        groups=groups, logits_index=t(logits_index), lora=lora)
+                        groups=groups, logits_index=t(logits_index + score_index), lora=lora)
 
 
 def _group(spans: list[SeqSpan], firsts: list[int], members: list[int], block_size: int,

@@ -29,6 +29,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS is not sampled before this many tokens (as HF's min_new_tokens)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely tokens
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring a text)
 
 
 @dataclass(slots=True)
@@ -71,11 +72,12 @@ class Target:
 
 @dataclass(slots=True, frozen=True)
 class Logprob:
-    """A token, its text alone (``tokenizer.decode([token_id])``) and its log-probability."""
+    """A token, its text alone (``tokenizer.decode([token_id])``) and its log-probability (None only
+    for a prompt's first token, which nothing predicts)."""
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,6 +100,8 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
+    # on the first event, when the request asked for them: one per prompt token (the first: no logprob)
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,6 +115,7 @@ class Completion:
     finish_reason: FinishReason
     usage: Usage
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # one per prompt token (the first: no logprob)
 
 
 class RequestStream:
@@ -200,7 +205,8 @@ class RequestStream:
             text="".join(e.text for e in events),
             token_ids=tuple(t for e in events for t in e.token_ids),
             finish_reason=last.finish_reason, usage=last.usage,
-            logprobs=tuple(lp for e in events for lp in e.logprobs))
+            logprobs=tuple(lp for e in events for lp in e.logprobs),
+            prompt_logprobs=tuple(lp for e in events for lp in e.prompt_logprobs))
 
     async def collect(self) -> Completion:
         """Wait for the end of the request and return it whole."""

@@ -30,6 +30,11 @@ def apply_presence_frequency(logits: Tensor, generated: Tensor, presence: float,
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """One token's text on its own, special tokens written out."""
+    return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def token_logprobs(logprobs: Tensor, token: int, k: int, decode: Callable[[int], str]) -> TokenLogprobs:
     """The chosen ``token``'s entry and the ``k`` most likely, from a ``[V]`` row of log-probabilities."""
     values, ids = logprobs.topk(k) if k else (logprobs[:0], logprobs[:0])

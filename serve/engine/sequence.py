@@ -38,6 +38,9 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     first_token: float | None = None
+    # with sampling.prompt_logprobs: entries of the prompt tokens scored so far (the first has no
+    # logprob), handed out with the first generated token
+    prompt_logprobs: list | None = None
 
     @property
     def num_generated(self) -> int:

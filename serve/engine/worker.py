@@ -14,7 +14,7 @@ from .kv_cache import BlockManager, KVCache
 from .metadata import SeqSpan, build_metadata
 from .model import LlamaRunner
 from .requests import Target, TokenLogprobs
-from .sampler import sample, token_logprobs
+from .sampler import sample, token_logprobs, token_text
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -72,13 +72,17 @@ class Worker:
         plan = self.scheduler.schedule(try_start, on_preempt)
         if not plan:
             return [], []
+        scores = [self._prompt_scores(seq, n) for seq, n in plan]
         logits = None
-        if self.graphs is not None and all(n == 1 and seq.num_pending == 1 for seq, n in plan):
+        if self.graphs is not None and not any(scores) and all(n == 1 and seq.num_pending == 1 for seq, n in plan):
             logits = self.graphs.run([seq for seq, _ in plan])
             if logits is None:  # a capture failed on this device: eager from now on
                 self.graphs = None
         if logits is None:
-            logits = self._forward(plan)
+            logits = self._forward(plan, scores)
+        num_sampled = sum(seq.num_computed + n == len(seq.token_ids) for seq, n in plan)
+        self._keep_prompt_logprobs(plan, scores, logits[num_sampled:])
+        logits = logits[:num_sampled]
         for seq, n in plan:
             seq.num_computed += n
         sampled = [seq for seq, _ in plan if seq.num_computed == len(seq.token_ids)]
@@ -93,16 +97,38 @@ class Worker:
             found[i] = token_logprobs(raw[row], tokens[i], sampled[i].sampling.logprobs, self._token_text)
         return plan, list(zip(sampled, tokens, found))
 
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    @staticmethod
+    def _prompt_scores(seq: Sequence, n: int) -> range:
+        """Offsets in this step's span of the prompt positions whose next token gets a log-probability:
+        only those not scored yet (a preempted sequence computes its prompt again)."""
+        if seq.prompt_logprobs is None:
+            return range(0)
+        start = seq.num_computed
+        first, stop = max(start, len(seq.prompt_logprobs) - 1), min(start + n, seq.prompt_len - 1)
+        return range(first - start, max(first, stop) - start)
 
-    def _forward(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """The step eagerly, at its own shapes: logits of the sequences whose step ends at their last token."""
+    def _keep_prompt_logprobs(self, plan: list[tuple[Sequence, int]], scores: list[range], logits: torch.Tensor) -> None:
+        row = 0
+        for (seq, _), offsets in zip(plan, scores):
+            if not offsets:
+                continue
+            rows = logits[row:row + len(offsets)].log_softmax(-1).cpu()
+            row += len(offsets)
+            for values, offset in zip(rows, offsets):
+                token = seq.token_ids[seq.num_computed + offset + 1]
+                seq.prompt_logprobs.append(token_logprobs(values, token, seq.sampling.prompt_logprobs, self._token_text))
+
+    def _token_text(self, token_id: int) -> str:
+        return token_text(self.tokenizer, token_id)
+
+    def _forward(self, plan: list[tuple[Sequence, int]], scores: list[range]) -> torch.Tensor:
+        """The step eagerly, at its own shapes: logits of the sequences whose step ends at their last
+        token, then those of the prompt positions in ``scores``."""
         spans, segments, first = [], [], 0
-        for seq, n in plan:
+        for (seq, n), score in zip(plan, scores):
             end = seq.num_computed + n
             spans.append(SeqSpan(seq.token_ids[seq.num_computed:end], seq.num_computed, seq.block_table,
-                                 end == len(seq.token_ids)))
+                                 end == len(seq.token_ids), score))
             segments.append((first, n, seq.slot))
             first += n
         lora = None

@@ -103,7 +103,42 @@ def test_penalised_greedy_matches_a_step_by_step_reference(engine, world, presen
 
 @pytest.mark.parametrize("bad, word", [(dict(presence_penalty=2.5), "presence_penalty"),
                                        (dict(frequency_penalty=-3), "frequency_penalty"),
-                                       (dict(logprobs=21), "logprobs"), (dict(logprobs=-1), "logprobs")])
+                                       (dict(logprobs=21), "logprobs"), (dict(logprobs=-1), "logprobs"),
+                                       (dict(prompt_logprobs=99), "prompt_logprobs")])
 def test_out_of_range_settings_are_refused(engine, bad, word):
     with pytest.raises(InvalidRequest, match=word):
         engine.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(**bad)))
+
+
+def test_prompt_logprobs_match_peft_across_prefill_chunks(engine, world):
+    """A prompt longer than a step's token budget (64) is scored over several chunks, beside other rows."""
+    tok = tiny_tokenizer()
+    prompt = tok(" ".join(PROMPTS) * 2)["input_ids"][:150]
+    assert len(prompt) == 150
+    preload(engine, ["chat"])
+    outs = engine.generate_sync([
+        GenerationRequest(prompt_token_ids=prompt, model="chat", sampling=SamplingParams(max_tokens=2, prompt_logprobs=2)),
+        GenerationRequest(prompt_token_ids=prompt[:20], sampling=SamplingParams(max_tokens=4, prompt_logprobs=0)),
+        GenerationRequest(prompt=PROMPTS[3], sampling=SamplingParams(max_tokens=3))])
+    assert outs[2].prompt_logprobs == ()
+    for out, model, ids, k in ((outs[0], "chat", prompt, 2), (outs[1], None, prompt[:20], 0)):
+        assert len(out.prompt_logprobs) == len(ids)
+        first = out.prompt_logprobs[0]  # nothing predicts the first token
+        assert (first.chosen.token_id, first.chosen.token, first.chosen.logprob, first.top) == (
+            ids[0], tok.decode([ids[0]]), None, ())
+        ref = reference_logprobs(world, model, ids[:1], ids[1:])  # the row before each token predicts it
+        for pos, entry in enumerate(out.prompt_logprobs[1:]):
+            assert entry.chosen.token_id == ids[pos + 1]
+            # float32 sums over a 150-token context in another order: agreement to ~1e-5 relative
+            assert entry.chosen.logprob == pytest.approx(float(ref[pos, ids[pos + 1]]), abs=1e-3)
+            assert [t.token_id for t in entry.top] == ref[pos].topk(k).indices.tolist()
+
+
+def test_prompt_logprobs_come_with_the_first_event_only(engine):
+    events = list(engine.submit(GenerationRequest(prompt=PROMPTS[1], sampling=SamplingParams(
+        max_tokens=3, prompt_logprobs=1))))
+    assert len(events[0].prompt_logprobs) == len(engine.tokenizer(PROMPTS[1])["input_ids"])
+    assert [e.prompt_logprobs for e in events[1:]] == [(), ()]
+    [one] = engine.generate_sync([GenerationRequest(prompt=PROMPTS[1], sampling=SamplingParams(
+        max_tokens=1, prompt_logprobs=1))])  # the first event is also the last
+    assert one.prompt_logprobs == events[0].prompt_logprobs
