@@ -21,7 +21,7 @@ from .openai_schemas import ChatCompletionRequest, CompletionRequest
 
 
 def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, sample: int,
-             logprobs: int | None = None) -> SamplingParams:
+             logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     return SamplingParams(
         max_tokens=max_tokens,
@@ -32,6 +32,7 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, s
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         stop=body.stop_strings(),
         seed=None if body.seed is None else body.seed + sample,  # n samples of one seed differ, reproducibly
         min_tokens=body.min_tokens,
@@ -42,9 +43,6 @@ def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationR
     prompts = body.prompts()
     if body.echo and not all(isinstance(p, str) for p in prompts):
         raise ApiProblem("echo needs a text prompt (token-id prompts cannot be echoed)", "echo")
-    if body.echo and body.logprobs is not None:
-        raise ApiProblem("echo with logprobs would need the prompt's log-probabilities, which hotswap does not "
-                         "compute; drop one of them", "logprobs")
     if len(prompts) * body.n > 16:
         raise ApiProblem(f"{len(prompts)} prompts x n={body.n} asks for more than 16 choices", "n")
     jobs = []
@@ -52,7 +50,8 @@ def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationR
         for sample in range(body.n):
             text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
             jobs.append(GenerationRequest(prompt=text, prompt_token_ids=ids, model=target.ref,
-                                          sampling=sampling(body, body.max_tokens or 16, sample, body.logprobs)))
+                                          sampling=sampling(body, body.max_tokens or 16, sample, body.logprobs,
+                                                            body.logprobs if body.echo else None)))
     return jobs
 
 
@@ -76,6 +75,7 @@ class Choice:
     echo: str = ""
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # echo with logprobs
     finish_reason: str | None = None
     usage: Usage | None = None
     first_token_at: float | None = None
@@ -147,6 +147,7 @@ class Run:
             choice.first_token_at = time.perf_counter()
         choice.text.append(event.text)
         choice.logprobs.extend(event.logprobs)
+        choice.prompt_logprobs.extend(event.prompt_logprobs)
         if event.finish_reason is not None:
             choice.finish_reason, choice.usage = event.finish_reason, event.usage
             self._record(choice)

@@ -2,7 +2,8 @@
 completions object (parallel lists), built from the engine's ``TokenLogprobs``.
 
 Values are the model's own distribution at each step (before penalties, temperature and top-k/top-p,
-as vLLM returns them by default); one entry per generated token, the end-of-sequence token included.
+as vLLM returns them by default); one entry per generated token, the end-of-sequence token included,
+and with ``echo`` one per prompt token before them (the first without a value: nothing predicts it).
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] = Field(description="Per token: the most likely tokens' texts and "
-                                                              "log-probabilities, the chosen one always among them.")
+    token_logprobs: list[float | None] = Field(description="null for an echoed prompt's first token.")
+    top_logprobs: list[dict[str, float] | None] = Field(description=(
+        "Per token: the most likely tokens' texts and log-probabilities, the chosen one always among them."))
     text_offset: list[int] = Field(description="Where each token's text starts in the choice's text.")
 
 
-def _value(logprob: float) -> float:
-    return max(logprob, FLOOR)
+def _value(logprob: float | None) -> float | None:
+    return None if logprob is None else max(logprob, FLOOR)
 
 
 def _top(entry: Logprob) -> TopLogprob:
@@ -51,16 +52,25 @@ def chat_logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs:
                                  for e in entries])
 
 
-def completion_logprobs(entries: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
-    """``offset``: where the first entry's token starts in the choice's text (after an echoed prompt,
-    or after the tokens of earlier chunks when streaming)."""
+def completion_logprobs(entries: list[TokenLogprobs], offset: int, prompt: list[TokenLogprobs] = ()) -> CompletionLogprobs:
+    """``prompt``: an echoed prompt's entries, which come first, from offset 0; ``offset``: where the
+    first generated token starts in the choice's text (after the echoed prompt, or after the tokens
+    of earlier chunks when streaming)."""
     out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    for e in entries:
-        out.tokens.append(e.chosen.token)
-        out.token_logprobs.append(_value(e.chosen.logprob))
-        top = {t.token: _value(t.logprob) for t in e.top}
-        top.setdefault(e.chosen.token, _value(e.chosen.logprob))
-        out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(e.chosen.token)
+
+    def add(part: list[TokenLogprobs], at: int) -> None:
+        for e in part:
+            chosen = _value(e.chosen.logprob)
+            out.tokens.append(e.chosen.token)
+            out.token_logprobs.append(chosen)
+            top = None
+            if chosen is not None:
+                top = {t.token: _value(t.logprob) for t in e.top}
+                top.setdefault(e.chosen.token, chosen)
+            out.top_logprobs.append(top)
+            out.text_offset.append(at)
+            at += len(e.chosen.token)
+
+    add(list(prompt), 0)
+    add(entries, offset)
     return out

@@ -38,7 +38,8 @@ def completion_body(run: Run) -> CompletionResponse:
     return CompletionResponse(
         id=f"cmpl-{run.id_suffix}", created=run.created, model=run.target.ref, system_fingerprint=run.target.digest,
         choices=[CompletionChoice(index=c.index, text=c.echo + "".join(c.text), finish_reason=_finish(c.finish_reason),
-                                  logprobs=completion_logprobs(c.logprobs, len(c.echo)) if c.logprobs else None)
+                                  logprobs=completion_logprobs(c.logprobs, len(c.echo), c.prompt_logprobs)
+                                  if c.logprobs else None)
                  for c in run.choices],
         usage=usage_info(run.usage()))
 
@@ -100,7 +101,7 @@ class ChunkWriter:
             logprobs = None
             if entries:
                 offset = self._offsets[choice.index]
-                logprobs = completion_logprobs(entries, offset).model_dump()
+                logprobs = completion_logprobs(entries, offset, list(event.prompt_logprobs)).model_dump()
                 self._offsets[choice.index] = offset + sum(len(e.chosen.token) for e in entries)
             if text or entries or finish is not None:
                 out.append(self._chunk([{"index": choice.index, "text": text, "logprobs": logprobs,

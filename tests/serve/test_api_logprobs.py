@@ -69,3 +69,25 @@ def test_penalties_are_served_and_logprobs_without_a_text_prompt(url):
                                           presence_penalty=-2.0, frequency_penalty=-0.5, extra_body={"ignore_eos": True})
     assert len(penalised.choices[0].logprobs.tokens) == 8
     assert all(len(top) == 1 for top in penalised.choices[0].logprobs.top_logprobs)  # the chosen token only
+
+
+def test_echo_with_logprobs_scores_the_prompt(url):
+    """What evaluation harnesses send to score a text (loglikelihood): echo, logprobs, one new token."""
+    prompt = "select name from users where id = 1"
+    body = {"model": "acme-sql", "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    whole = httpx.post(url + "/v1/completions", json=body, headers=ADMIN, timeout=60).json()
+    choice, usage = whole["choices"][0], whole["usage"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == usage["prompt_tokens"] + 1 and choice["text"].startswith(prompt)
+    assert "".join(lp["tokens"][:usage["prompt_tokens"]]) == prompt
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v < 0 for v in lp["token_logprobs"][1:])
+    assert all(top[t] == v for t, v, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]))
+    assert lp["text_offset"][:3] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
+    assert lp["text_offset"][-1] == len(prompt)  # the generated token starts after the echoed prompt
+    # the prompt's scores do not depend on what is generated after it
+    longer = httpx.post(url + "/v1/completions", json=body | {"max_tokens": 4}, headers=ADMIN, timeout=60).json()
+    assert longer["choices"][0]["logprobs"]["token_logprobs"][:-3] == lp["token_logprobs"]
+    chunks = post_stream(url, "/v1/completions", body)[:-1]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert {key: [v for p in parts for v in p[key]] for key in lp} == lp

@@ -142,3 +142,22 @@ def test_prompt_logprobs_come_with_the_first_event_only(engine):
     [one] = engine.generate_sync([GenerationRequest(prompt=PROMPTS[1], sampling=SamplingParams(
         max_tokens=1, prompt_logprobs=1))])  # the first event is also the last
     assert one.prompt_logprobs == events[0].prompt_logprobs
+
+
+def test_a_preempted_prompt_is_not_scored_twice():
+    """Preemption frees a sequence's KV and computes its prompt again: only positions without an
+    entry yet are scored on the way back."""
+    from hotswap.serve.engine.sequence import Sequence
+    from hotswap.serve.engine.worker import Worker
+
+    seq = Sequence(request_id="r", target=None, prompt_len=10, token_ids=list(range(10)), stream=None, detok=None,
+                   sampling=SamplingParams(prompt_logprobs=0), eos_ids=frozenset(), prompt_logprobs=[None])
+    assert Worker._prompt_scores(seq, 4) == range(0, 4)  # positions 0-3 predict tokens 1-4
+    seq.prompt_logprobs += [None] * 4
+    seq.num_computed = 4
+    assert Worker._prompt_scores(seq, 6) == range(0, 5)  # positions 4-8; the last token predicts no prompt token
+    seq.num_computed = 0  # preempted after the first chunk: recomputed from the start
+    assert Worker._prompt_scores(seq, 3) == range(0)
+    assert Worker._prompt_scores(seq, 6) == range(4, 6)
+    seq.prompt_logprobs = None  # handed out with the first token: a later recompute scores nothing
+    assert Worker._prompt_scores(seq, 10) == range(0)
