@@ -45,12 +45,16 @@ def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationR
         raise ApiProblem("echo needs a text prompt (token-id prompts cannot be echoed)", "echo")
     if len(prompts) * body.n > 16:
         raise ApiProblem(f"{len(prompts)} prompts x n={body.n} asks for more than 16 choices", "n")
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not (body.echo and body.logprobs is not None):
+        raise ApiProblem("max_tokens 0 generates nothing: it is for scoring the prompt, with echo and logprobs",
+                         "max_tokens")
     jobs = []
     for prompt in prompts:
         for sample in range(body.n):
             text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
             jobs.append(GenerationRequest(prompt=text, prompt_token_ids=ids, model=target.ref,
-                                          sampling=sampling(body, body.max_tokens or 16, sample, body.logprobs,
+                                          sampling=sampling(body, max_tokens, sample, body.logprobs,
                                                             body.logprobs if body.echo else None)))
     return jobs
 

@@ -103,7 +103,9 @@ class CompletionRequest(_SamplingFields):
 
     prompt: Prompt = Field(description="A string, a list of strings, a list of token ids, or a list of token-id lists.",
                            **_exact(Prompt))
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate at most; default 16.")
+    max_tokens: int | None = Field(16, ge=0, description=(
+        "Tokens to generate at most; default 16. 0 only with echo and logprobs: the prompt is scored, "
+        "nothing generated."), **_bound(minimum=0))
     echo: bool = Field(False, description="Return the prompt before the completion (text prompts only).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
         "Return each token's log-probability and those of this many most likely tokens."), **_bound(minimum=0))

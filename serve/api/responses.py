@@ -39,7 +39,7 @@ def completion_body(run: Run) -> CompletionResponse:
         id=f"cmpl-{run.id_suffix}", created=run.created, model=run.target.ref, system_fingerprint=run.target.digest,
         choices=[CompletionChoice(index=c.index, text=c.echo + "".join(c.text), finish_reason=_finish(c.finish_reason),
                                   logprobs=completion_logprobs(c.logprobs, len(c.echo), c.prompt_logprobs)
-                                  if c.logprobs else None)
+                                  if c.logprobs or c.prompt_logprobs else None)
                  for c in run.choices],
         usage=usage_info(run.usage()))
 
@@ -99,7 +99,7 @@ class ChunkWriter:
                 text = choice.echo + text
                 self._offsets[choice.index] = len(choice.echo)
             logprobs = None
-            if entries:
+            if entries or event.prompt_logprobs:
                 offset = self._offsets[choice.index]
                 logprobs = completion_logprobs(entries, offset, list(event.prompt_logprobs)).model_dump()
                 self._offsets[choice.index] = offset + sum(len(e.chosen.token) for e in entries)

@@ -125,7 +125,10 @@ class Core:
         self.recorder.observe("step_time", time.perf_counter() - start)
         self.recorder.incr("steps")
         for seq, token, logprobs in sampled:
-            self._emit(seq, token, logprobs)
+            if seq.sampling.max_tokens == 0:  # the prompt alone was asked for: scored, nothing generated
+                self.finish(seq, "length", prompt_logprobs=tuple(seq.prompt_logprobs or ()))
+            else:
+                self._emit(seq, token, logprobs)
         return True
 
     def _unpin(self, seq: Sequence) -> None:

@@ -14,8 +14,9 @@ def check_sampling(p: SamplingParams, max_tokens_limit: int) -> None:
     def bad(msg: str) -> InvalidRequest:
         return InvalidRequest(msg)
 
-    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-        raise bad(f"max_tokens must be a positive integer, got {p.max_tokens!r}")
+    if not isinstance(p.max_tokens, int) or p.max_tokens < (0 if p.prompt_logprobs is not None else 1):
+        raise bad(f"max_tokens must be a positive integer (0 only with prompt_logprobs: scoring the prompt), "
+                  f"got {p.max_tokens!r}")
     if p.max_tokens > max_tokens_limit:
         raise bad(f"max_tokens {p.max_tokens} is above this server's limit of {max_tokens_limit}")
     if not math.isfinite(p.temperature) or p.temperature < 0:

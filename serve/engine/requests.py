@@ -29,7 +29,8 @@ class SamplingParams:
     min_tokens: int = 0  # EOS is not sampled before this many tokens (as HF's min_new_tokens)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely tokens
-    prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring a text)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring a text;
+    # max_tokens may then be 0: the request ends after its prompt, with no token generated)
 
 
 @dataclass(slots=True)

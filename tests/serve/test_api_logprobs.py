@@ -91,3 +91,18 @@ def test_echo_with_logprobs_scores_the_prompt(url):
     chunks = post_stream(url, "/v1/completions", body)[:-1]
     parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
     assert {key: [v for p in parts for v in p[key]] for key in lp} == lp
+
+
+def test_max_tokens_zero_with_echo_returns_the_scored_prompt_only(url):
+    prompt = "select name from users where id = 1"
+    body = {"model": "acme-sql", "prompt": prompt, "echo": True, "logprobs": 1, "temperature": 0}
+    one = httpx.post(url + "/v1/completions", json=body | {"max_tokens": 1}, headers=ADMIN, timeout=60).json()
+    zero = httpx.post(url + "/v1/completions", json=body | {"max_tokens": 0}, headers=ADMIN, timeout=60).json()
+    choice = zero["choices"][0]
+    assert (choice["text"], choice["finish_reason"], zero["usage"]["completion_tokens"]) == (prompt, "length", 0)
+    assert {k: v[:-1] for k, v in one["choices"][0]["logprobs"].items()} == choice["logprobs"]
+    chunks = post_stream(url, "/v1/completions", body | {"max_tokens": 0})[:-1]
+    assert [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]] == [choice["logprobs"]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == prompt
+    refused = httpx.post(url + "/v1/completions", json=body | {"max_tokens": 0, "echo": False}, headers=ADMIN)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"

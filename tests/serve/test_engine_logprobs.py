@@ -161,3 +161,16 @@ def test_a_preempted_prompt_is_not_scored_twice():
     assert Worker._prompt_scores(seq, 6) == range(4, 6)
     seq.prompt_logprobs = None  # handed out with the first token: a later recompute scores nothing
     assert Worker._prompt_scores(seq, 10) == range(0)
+
+
+def test_max_tokens_zero_scores_the_prompt_and_generates_nothing(engine):
+    ids = tiny_tokenizer()(PROMPTS[4])["input_ids"]
+    scored, with_one = engine.generate_sync([
+        GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0, prompt_logprobs=1)),
+        GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=1, prompt_logprobs=1))])
+    assert (scored.token_ids, scored.text, scored.finish_reason) == ((), "", "length")
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(ids), 0)
+    assert scored.prompt_logprobs == with_one.prompt_logprobs and len(scored.prompt_logprobs) == len(ids)
+    assert engine.stats().running == 0
+    with pytest.raises(InvalidRequest, match="0 only with prompt_logprobs"):
+        engine.submit(GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0)))
