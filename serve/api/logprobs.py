@@ -44,7 +44,8 @@ def _value(logprob: float | None) -> float | None:
 
 def _top(entry: Logprob) -> TopLogprob:
     text = entry.token
-    return TopLogprob(token=text, logprob=_value(entry.logprob), bytes=None if "\ufffd" in text else list(text.encode()))
+    partial = "\ufffd" in text  # part of a character: its own bytes are not what the text encodes
+    return TopLogprob(token=text, logprob=_value(entry.logprob), bytes=None if partial else list(text.encode()))
 
 
 def chat_logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs:
@@ -52,7 +53,8 @@ def chat_logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs:
                                  for e in entries])
 
 
-def completion_logprobs(entries: list[TokenLogprobs], offset: int, prompt: list[TokenLogprobs] = ()) -> CompletionLogprobs:
+def completion_logprobs(entries: list[TokenLogprobs], offset: int,
+                        prompt: list[TokenLogprobs] = ()) -> CompletionLogprobs:
     """``prompt``: an echoed prompt's entries, which come first, from offset 0; ``offset``: where the
     first generated token starts in the choice's text (after the echoed prompt, or after the tokens
     of earlier chunks when streaming)."""

@@ -107,7 +107,9 @@ class Worker:
         first, stop = max(start, len(seq.prompt_logprobs) - 1), min(start + n, seq.prompt_len - 1)
         return range(first - start, max(first, stop) - start)
 
-    def _keep_prompt_logprobs(self, plan: list[tuple[Sequence, int]], scores: list[range], logits: torch.Tensor) -> None:
+    def _keep_prompt_logprobs(self, plan: list[tuple[Sequence, int]], scores: list[range],
+                              logits: torch.Tensor) -> None:
+        """Turn the scored rows' logits (in plan order) into the next prompt tokens' entries."""
         row = 0
         for (seq, _), offsets in zip(plan, scores):
             if not offsets:
@@ -116,7 +118,8 @@ class Worker:
             row += len(offsets)
             for values, offset in zip(rows, offsets):
                 token = seq.token_ids[seq.num_computed + offset + 1]
-                seq.prompt_logprobs.append(token_logprobs(values, token, seq.sampling.prompt_logprobs, self._token_text))
+                k = seq.sampling.prompt_logprobs
+                seq.prompt_logprobs.append(token_logprobs(values, token, k, self._token_text))
 
     def _token_text(self, token_id: int) -> str:
         return token_text(self.tokenizer, token_id)

@@ -66,7 +66,8 @@ def test_completion_logprobs_layout_streamed_and_whole(url):
 def test_penalties_are_served_and_logprobs_without_a_text_prompt(url):
     client = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
     penalised = client.completions.create(model=BASE, prompt=[5, 6, 7], max_tokens=8, temperature=0, logprobs=0,
-                                          presence_penalty=-2.0, frequency_penalty=-0.5, extra_body={"ignore_eos": True})
+                                          presence_penalty=-2.0, frequency_penalty=-0.5,
+                                          extra_body={"ignore_eos": True})
     assert len(penalised.choices[0].logprobs.tokens) == 8
     assert all(len(top) == 1 for top in penalised.choices[0].logprobs.top_logprobs)  # the chosen token only
 

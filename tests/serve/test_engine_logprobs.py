@@ -117,7 +117,8 @@ def test_prompt_logprobs_match_peft_across_prefill_chunks(engine, world):
     assert len(prompt) == 150
     preload(engine, ["chat"])
     outs = engine.generate_sync([
-        GenerationRequest(prompt_token_ids=prompt, model="chat", sampling=SamplingParams(max_tokens=2, prompt_logprobs=2)),
+        GenerationRequest(prompt_token_ids=prompt, model="chat",
+                          sampling=SamplingParams(max_tokens=2, prompt_logprobs=2)),
         GenerationRequest(prompt_token_ids=prompt[:20], sampling=SamplingParams(max_tokens=4, prompt_logprobs=0)),
         GenerationRequest(prompt=PROMPTS[3], sampling=SamplingParams(max_tokens=3))])
     assert outs[2].prompt_logprobs == ()
