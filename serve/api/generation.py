@@ -31,6 +31,7 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, s
         repetition_penalty=body.repetition_penalty or 1.0,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=tuple((int(token), bias) for token, bias in (body.logit_bias or {}).items()),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         stop=body.stop_strings(),

@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible endpoints (pydantic: the HTTP edge).
 
 Fields follow OpenAI's API; unknown fields are ignored (new client versions send more), but a known
-field whose meaning hotswap cannot honour (tools, logit_bias, ...) is refused with a 400 that names
+field whose meaning hotswap cannot honour (tools, best_of, suffix, ...) is refused with a 400 that names
 it, never silently dropped. vLLM's extensions ``top_k``, ``repetition_penalty`` and
 ``ignore_eos`` are accepted too.
 """
@@ -55,6 +55,7 @@ TextPrompt = Annotated[str, Field(min_length=1)]
 TokenPrompt = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = TextPrompt | list_of(TextPrompt) | TokenPrompt | list_of(TokenPrompt)
 Stop = StopString | Annotated[list[StopString], Field(max_length=16)] | None
+LogitBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]]
 
 
 class StreamOptions(BaseModel):
@@ -79,7 +80,8 @@ class _SamplingFields(BaseModel):
         "Subtracted once from the logit of every token already generated; default 0."))
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
         "Subtracted from a token's logit once per time it was generated; default 0."))
-    logit_bias: Unsupported("logit_bias", {}, hint="leave it unset or empty") = None
+    logit_bias: LogitBias | None = Field(None, max_length=300, description=(
+        "Token id (as a string) -> bias in [-100, 100] added to its logit before sampling."))
     user: str | None = Field(None, max_length=256, description="Ignored.")
     # vLLM's extensions
     top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens; 0 or -1 is off.")

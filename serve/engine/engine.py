@@ -19,7 +19,7 @@ from .config import EngineConfig
 from .detok import Detokenizer
 from .core import Core
 from .errors import EngineError, EngineNotReady, PromptTooLong, QueueFull
-from .intake import check_sampling, prompt_ids
+from .intake import check_logit_bias, check_sampling, prompt_ids
 from .models import ModelPool
 from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, TokenLogprobs
 from .residency_commands import ResidencyCommands
@@ -223,6 +223,7 @@ class Engine(ResidencyCommands):
             tokenizer, limit, fits_kv = info.tokenizer, info.max_model_len, info.fits_kv
         ids = prompt_ids(tokenizer, request, len(tokenizer))
         p = request.sampling
+        check_logit_bias(p, len(tokenizer))
         total = len(ids) + p.max_tokens
         if total > limit:
             raise PromptTooLong(f"prompt of {len(ids)} tokens + max_tokens {p.max_tokens} = {total} "

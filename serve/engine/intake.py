@@ -8,6 +8,7 @@ from .errors import InvalidRequest
 from .requests import GenerationRequest, SamplingParams
 
 MAX_LOGPROBS = 20  # most likely tokens a request may ask for per generated token (OpenAI's limit)
+MAX_LOGIT_BIAS = 300  # tokens a request's logit_bias may name (OpenAI's limit)
 
 
 def check_sampling(p: SamplingParams, max_tokens_limit: int) -> None:
@@ -35,12 +36,22 @@ def check_sampling(p: SamplingParams, max_tokens_limit: int) -> None:
         value = getattr(p, name)
         if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
             raise bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (or None: off), got {value!r}")
+    if not isinstance(p.logit_bias, tuple) or len(p.logit_bias) > MAX_LOGIT_BIAS or any(
+            not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], int)
+                 and isinstance(pair[1], (int, float)) and -100 <= pair[1] <= 100) for pair in p.logit_bias):
+        raise bad(f"logit_bias must be at most {MAX_LOGIT_BIAS} (token id, bias in [-100, 100]) pairs")
     if len(p.stop) > 16 or any(not isinstance(s, str) or not s for s in p.stop):
         raise bad("stop must be at most 16 non-empty strings")
     if not isinstance(p.min_tokens, int) or not 0 <= p.min_tokens <= p.max_tokens:
         raise bad(f"min_tokens must be an integer in [0, max_tokens], got {p.min_tokens!r}")
     if p.seed is not None and not isinstance(p.seed, int):
         raise bad(f"seed must be an integer, got {p.seed!r}")
+
+
+def check_logit_bias(p: SamplingParams, vocab_size: int) -> None:
+    outside = [t for t, _ in p.logit_bias if not 0 <= t < vocab_size]
+    if outside:
+        raise InvalidRequest(f"logit_bias names token ids outside [0, {vocab_size}): {outside[:5]}")
 
 
 def prompt_ids(tokenizer, request: GenerationRequest, vocab_size: int) -> list[int]:

@@ -24,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0: off; CTRL-style, as in HF transformers
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence in the generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias in [-100, 100]) added to its logit
     stop: tuple[str, ...] = ()  # stop strings; the matched string is not returned
     seed: int | None = None  # per-request generator seed; same seed -> same sample
     min_tokens: int = 0  # EOS is not sampled before this many tokens (as HF's min_new_tokens)

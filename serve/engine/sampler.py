@@ -1,7 +1,8 @@
 """Next-token choice from logits, per request settings; greedy rows take one vectorised argmax.
 
 Order of processors follows HF transformers: repetition penalty (then OpenAI's presence and
-frequency penalties, as vLLM applies them), temperature, top-k, top-p. A seeded request owns a
+frequency penalties, as vLLM applies them), temperature, top-k, top-p; a request's logit bias and
+the tokens it may not take yet come before all of them. A seeded request owns a
 ``torch.Generator``, so its samples repeat whatever else shares the batch. Log-probabilities that a
 request asks for come from the logits before any of these (what the model itself predicts).
 """
@@ -63,6 +64,10 @@ def sample(logits: Tensor, params: list[SamplingParams], history: list[list[int]
 
     ``history[i]``: row i's tokens so far, the first ``prompt_lens[i]`` of them its prompt (the
     presence and frequency penalties count only the rest; None: no prompt)."""
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
     if banned is not None and any(banned):
         for i, ids in enumerate(banned):
             if ids:

@@ -107,3 +107,12 @@ def test_max_tokens_zero_with_echo_returns_the_scored_prompt_only(url):
     assert "".join(c["choices"][0]["text"] for c in chunks) == prompt
     refused = httpx.post(url + "/v1/completions", json=body | {"max_tokens": 0, "echo": False}, headers=ADMIN)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+def test_logit_bias_over_http(url):
+    body = {"model": "acme-sql", "prompt": "select", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    forced = httpx.post(url + "/v1/completions", headers=ADMIN, timeout=60,
+                        json=body | {"logit_bias": {"40": 100}, "logprobs": 0}).json()
+    assert len(set(forced["choices"][0]["logprobs"]["tokens"])) == 1 and forced["usage"]["completion_tokens"] == 4
+    refused = httpx.post(url + "/v1/completions", headers=ADMIN, timeout=60, json=body | {"logit_bias": {"999999": 5}})
+    assert refused.status_code == 400 and "999999" in refused.json()["error"]["message"]

@@ -1,4 +1,5 @@
-"""Log-probabilities of generated tokens, and OpenAI's presence and frequency penalties."""
+"""Log-probabilities of generated and prompt tokens, and OpenAI's presence and frequency penalties and
+logit bias."""
 
 from __future__ import annotations
 
@@ -104,7 +105,9 @@ def test_penalised_greedy_matches_a_step_by_step_reference(engine, world, presen
 @pytest.mark.parametrize("bad, word", [(dict(presence_penalty=2.5), "presence_penalty"),
                                        (dict(frequency_penalty=-3), "frequency_penalty"),
                                        (dict(logprobs=21), "logprobs"), (dict(logprobs=-1), "logprobs"),
-                                       (dict(prompt_logprobs=99), "prompt_logprobs")])
+                                       (dict(prompt_logprobs=99), "prompt_logprobs"),
+                                       (dict(logit_bias=((5, 101.0),)), "logit_bias"),
+                                       (dict(logit_bias=((10 ** 6, 1.0),)), "outside")])
 def test_out_of_range_settings_are_refused(engine, bad, word):
     with pytest.raises(InvalidRequest, match=word):
         engine.submit(GenerationRequest(prompt="hi", sampling=SamplingParams(**bad)))
@@ -175,3 +178,21 @@ def test_max_tokens_zero_scores_the_prompt_and_generates_nothing(engine):
     assert engine.stats().running == 0
     with pytest.raises(InvalidRequest, match="0 only with prompt_logprobs"):
         engine.submit(GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=0)))
+
+
+def test_logit_bias_forces_and_forbids_tokens(engine):
+    ids = tiny_tokenizer()(PROMPTS[0])["input_ids"]
+    plain, forced, forbidden = engine.generate_sync([
+        GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=6, ignore_eos=True, logprobs=0)),
+        GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=6, ignore_eos=True,
+                                                                        logit_bias=((42, 100.0),))),
+        GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=6, ignore_eos=True, logprobs=0,
+                                                                        logit_bias=((0, 0.0),)))])
+    assert forced.token_ids == (42,) * 6
+    assert forbidden.token_ids == plain.token_ids  # a zero bias is no bias
+    assert [e.chosen.logprob for e in forbidden.logprobs] == pytest.approx([e.chosen.logprob for e in plain.logprobs])
+    first = plain.token_ids[0]
+    [avoided] = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(
+        max_tokens=1, logprobs=2, logit_bias=((first, -100.0),)))])
+    assert avoided.token_ids[0] != first
+    assert avoided.logprobs[0].top[0].token_id == first  # log-probabilities stay the model's own, bias aside
