@@ -1,8 +1,8 @@
 """Token log-probabilities in OpenAI's two layouts: chat's ``logprobs.content`` list and the legacy
 completions object (parallel lists), built from the engine's ``TokenLogprobs``.
 
-Values are the model's own distribution at each step (before penalties, temperature and top-k/top-p,
-as vLLM returns them by default); one entry per generated token, the end-of-sequence token included,
+Values are the model's own distribution at each step (before logit bias, penalties, temperature and
+top-k/top-p, as vLLM returns them by default); one entry per generated token, the end-of-sequence token included,
 and with ``echo`` one per prompt token before them (the first without a value: nothing predicts it).
 """
 

@@ -86,7 +86,7 @@ class Logprob:
 class TokenLogprobs:
     """What a request with ``logprobs=k`` gets for each generated token: the token chosen and the k
     most likely ones, most likely first, under the model's own distribution at that step (the
-    log-softmax of its logits, before penalties, temperature or top-k/top-p)."""
+    log-softmax of its logits, before logit bias, penalties, temperature or top-k/top-p)."""
 
     chosen: Logprob
     top: tuple[Logprob, ...]

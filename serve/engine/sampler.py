@@ -66,8 +66,9 @@ def sample(logits: Tensor, params: list[SamplingParams], history: list[list[int]
     presence and frequency penalties count only the rest; None: no prompt)."""
     for i, p in enumerate(params):
         if p.logit_bias:
-            ids, bias = zip(*p.logit_bias)
-            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+            ids, bias = zip(*p.logit_bias)  # index_add_: a token named twice gets both biases
+            logits[i].index_add_(0, torch.tensor(ids, device=logits.device),
+                                 torch.tensor(bias, dtype=logits.dtype, device=logits.device))
     if banned is not None and any(banned):
         for i, ids in enumerate(banned):
             if ids:
