@@ -81,6 +81,8 @@ def test_presence_and_frequency_penalties_follow_openai():
     picked = sample(torch.tensor([[0.0, 0.0, 3.9, 4.0]]), [SamplingParams(presence_penalty=2.0)], [[0, 0, 3]], [None],
                     prompt_lens=[2])
     assert picked == [2]
+    # logit bias: a token named twice gets both biases
+    assert sample(torch.tensor([[0.0, -1.5]]), [SamplingParams(logit_bias=((1, 1.0), (1, 1.0)))], [[0]], [None]) == [1]
 
 
 @pytest.mark.parametrize("presence, frequency", [(1.5, 0.7), (-2.0, -0.5)])
