@@ -18,8 +18,9 @@ FLOOR = -9999.0  # JSON has no -inf; vLLM writes a probability that underflowed 
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: list[int] | None = Field(description="The token's UTF-8 bytes; null when it holds only part of a "
-                                                "character (its text is then U+FFFD).")
+    bytes: list[int] | None = Field(description=(
+        "The token's raw bytes: exact for byte-level BPE vocabularies even when the token holds only part "
+        "of a character (its text is then U+FFFD); else its text's UTF-8, null when that text is not whole."))
 
 
 class ChatTokenLogprob(TopLogprob):
@@ -43,9 +44,8 @@ def _value(logprob: float | None) -> float | None:
 
 
 def _top(entry: Logprob) -> TopLogprob:
-    text = entry.token
-    partial = "\ufffd" in text  # part of a character: its own bytes are not what the text encodes
-    return TopLogprob(token=text, logprob=_value(entry.logprob), bytes=None if partial else list(text.encode()))
+    raw = entry.token_bytes
+    return TopLogprob(token=entry.token, logprob=_value(entry.logprob), bytes=None if raw is None else list(raw))
 
 
 def chat_logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs:

@@ -24,7 +24,7 @@ from .models import ModelPool
 from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, TokenLogprobs
 from .residency_commands import ResidencyCommands
 from .resolve import Resolver
-from .sampler import token_text
+from .sampler import token_piece
 from .sequence import Sequence
 from .stats import EngineStats, StatsRecorder
 from .worker import Worker
@@ -239,10 +239,13 @@ class Engine(ResidencyCommands):
         generator = None
         if p.seed is not None:
             generator = torch.Generator(device=cfg.torch_device()).manual_seed(p.seed)
+        scored = None
+        if p.prompt_logprobs is not None:  # nothing predicts the first prompt token: its entry has no value
+            text, raw = token_piece(tokenizer, ids[0])
+            scored = [TokenLogprobs(Logprob(ids[0], text, None, raw), ())]
         return Sequence(request_id=rid, target=target, prompt_len=len(ids), token_ids=ids, sampling=p,
                         stream=stream, detok=Detokenizer(tokenizer, p.stop), eos_ids=frozenset(),
-                        generator=generator, prompt_logprobs=None if p.prompt_logprobs is None else [
-                            TokenLogprobs(Logprob(ids[0], token_text(tokenizer, ids[0]), None), ())])
+                        generator=generator, prompt_logprobs=scored)
 
     def _unqueue(self) -> None:
         with self._lock:

@@ -80,6 +80,7 @@ class Logprob:
     token_id: int
     token: str
     logprob: float | None
+    token_bytes: bytes | None = None  # its raw bytes (a token may hold part of a character); None: unknown
 
 
 @dataclass(slots=True, frozen=True)

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from tokenizers import decoders
 from torch import Tensor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from .requests import Logprob, SamplingParams, TokenLogprobs
 
@@ -31,16 +33,37 @@ def apply_presence_frequency(logits: Tensor, generated: Tensor, presence: float,
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    """One token's text on its own, special tokens written out."""
-    return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE's alphabet -> bytes
 
 
-def token_logprobs(logprobs: Tensor, token: int, k: int, decode: Callable[[int], str]) -> TokenLogprobs:
-    """The chosen ``token``'s entry and the ``k`` most likely, from a ``[V]`` row of log-probabilities."""
+def token_piece(tokenizer, token_id: int) -> tuple[str, bytes | None]:
+    """One token's text on its own (special tokens written out) and its raw bytes.
+
+    Byte-level BPE vocabularies (GPT-2's scheme, used by SmolLM2 and Llama 3) spell each byte with
+    one character, so the bytes are exact even for a token that holds part of a character (its
+    text is then U+FFFD); for other vocabularies they are the text's UTF-8, or None when the text
+    is not whole."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(getattr(backend, "decoder", None), decoders.ByteLevel):
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and all(c in _BYTE_OF_CHAR for c in piece):
+            return text, bytes(_BYTE_OF_CHAR[c] for c in piece)
+    return text, None if "\ufffd" in text else text.encode()
+
+
+def token_logprobs(logprobs: Tensor, token: int, k: int,
+                   describe: Callable[[int], tuple[str, bytes | None]]) -> TokenLogprobs:
+    """The chosen ``token``'s entry and the ``k`` most likely, from a ``[V]`` row of log-probabilities;
+    ``describe(id)``: a token's text and bytes (``token_piece``)."""
     values, ids = logprobs.topk(k) if k else (logprobs[:0], logprobs[:0])
-    return TokenLogprobs(chosen=Logprob(token, decode(token), float(logprobs[token])),
-                         top=tuple(Logprob(t, decode(t), v) for v, t in zip(values.tolist(), ids.tolist())))
+
+    def entry(token_id: int, value: float) -> Logprob:
+        text, raw = describe(token_id)
+        return Logprob(token_id, text, value, raw)
+
+    return TokenLogprobs(chosen=entry(token, float(logprobs[token])),
+                         top=tuple(entry(t, v) for v, t in zip(values.tolist(), ids.tolist())))
 
 
 def filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:

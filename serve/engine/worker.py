@@ -14,7 +14,7 @@ from .kv_cache import BlockManager, KVCache
 from .metadata import SeqSpan, build_metadata
 from .model import LlamaRunner
 from .requests import Target, TokenLogprobs
-from .sampler import sample, token_logprobs, token_text
+from .sampler import sample, token_logprobs, token_piece
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -40,6 +40,7 @@ class Worker:
         device, dtype = config.torch_device(), config.torch_dtype()
         self.target = target
         self.tokenizer = tokenizer
+        self._pieces: dict[int, tuple[str, bytes | None]] = {}  # see _describe
         self.runner = LlamaRunner(hf_model, device, dtype)
         if config.native_kernels and device.type == "cpu" and dtype == torch.float32:
             self.runner.kernels = native.load()
@@ -94,7 +95,7 @@ class Worker:
                         [s.generator for s in sampled], banned, [s.prompt_len for s in sampled])
         found: list[TokenLogprobs | None] = [None] * len(sampled)
         for row, i in enumerate(asking):
-            found[i] = token_logprobs(raw[row], tokens[i], sampled[i].sampling.logprobs, self._token_text)
+            found[i] = token_logprobs(raw[row], tokens[i], sampled[i].sampling.logprobs, self._describe)
         return plan, list(zip(sampled, tokens, found))
 
     @staticmethod
@@ -119,10 +120,15 @@ class Worker:
             for values, offset in zip(rows, offsets):
                 token = seq.token_ids[seq.num_computed + offset + 1]
                 k = seq.sampling.prompt_logprobs
-                seq.prompt_logprobs.append(token_logprobs(values, token, k, self._token_text))
+                seq.prompt_logprobs.append(token_logprobs(values, token, k, self._describe))
 
-    def _token_text(self, token_id: int) -> str:
-        return token_text(self.tokenizer, token_id)
+    def _describe(self, token_id: int) -> tuple[str, bytes | None]:
+        """A token's text and bytes, decoded once per token id (log-probabilities ask for the same
+        few thousand tokens again and again)."""
+        found = self._pieces.get(token_id)
+        if found is None:
+            found = self._pieces[token_id] = token_piece(self.tokenizer, token_id)
+        return found
 
     def _forward(self, plan: list[tuple[Sequence, int]], scores: list[range]) -> torch.Tensor:
         """The step eagerly, at its own shapes: logits of the sequences whose step ends at their last

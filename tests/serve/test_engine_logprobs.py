@@ -198,3 +198,17 @@ def test_logit_bias_forces_and_forbids_tokens(engine):
         max_tokens=1, logprobs=2, logit_bias=((first, -100.0),)))])
     assert avoided.token_ids[0] != first
     assert avoided.logprobs[0].top[0].token_id == first  # log-probabilities stay the model's own, bias aside
+
+
+def test_token_bytes_are_exact_even_for_part_of_a_character(engine):
+    """The tiny model's byte-level vocabulary: random weights often emit single bytes of multi-byte
+    characters, whose text alone is U+FFFD; their bytes still join into the generated text."""
+    outs = engine.generate_sync([GenerationRequest(prompt=p, model=m, sampling=SamplingParams(
+        max_tokens=16, ignore_eos=True, logprobs=1)) for p in PROMPTS[:4] for m in (None, "chat")])
+    partial = 0
+    for out in outs:
+        raw = b"".join(e.chosen.token_bytes for e in out.logprobs)
+        assert raw.decode(errors="replace") == engine.tokenizer.decode(list(out.token_ids))
+        partial += sum(e.chosen.token == "\ufffd" for e in out.logprobs)
+        assert all(t.token_bytes is not None for e in out.logprobs for t in e.top)
+    assert partial > 0  # the case this test is about did occur
