@@ -3,13 +3,14 @@
 Measures tokens/s for the engine with the bare base, the engine with N distinct adapters mixed
 in one batch, HF PEFT's mixed batch (``generate(adapter_names=...)``) and HF ``generate`` on the
 base; and the cold-load time of an adapter, registry -> device slot, against PEFT ``load_adapter``
-(median of three adapters never loaded before).
+(median of three adapters never loaded before). With ``shared_prefix``, also the mixed batch with a
+prompt prefix common to its requests, its KV computed (a new cache salt) against reused from the prefix
+cache (that prefix already sent to each adapter).
 Adapters are random rank-R LoRA on all seven linear modules, published into a throwaway registry.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -51,6 +52,7 @@ class BenchSettings:
     device: str = "auto"
     dtype: str | None = None  # None: the engine's default (bfloat16 on a GPU, float32 on the CPU)
     skip_hf: bool = False
+    shared_prefix: int = 0  # > 0: tokens of a prefix common to the requests, timed with the prefix cache cold and warm
 
 
 @dataclass
@@ -61,6 +63,8 @@ class BenchResult:
     load_ms: dict[str, float] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)  # medians over rounds
     ratio_rounds: dict[str, list[float]] = field(default_factory=dict)  # each round's ratio, in order
+    # per engine configuration: prompt tokens per request taken from the prefix cache (last round)
+    cached_tokens: dict[str, float] = field(default_factory=dict)
     parity: dict[str, str] = field(default_factory=dict)
 
 
@@ -149,24 +153,38 @@ def run(s: BenchSettings) -> BenchResult:
         adapter_dirs = run_in_fresh_thread(lambda: _make_adapters(s, work, base_dir, registry))
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(5, hf_config.vocab_size, (s.batch, s.prompt), generator=gen).tolist()
+        prefix = torch.randint(5, hf_config.vocab_size, (s.shared_prefix,), generator=gen).tolist()
         names = [f"bench-a{i % s.adapters}" for i in range(s.batch)]
         total = s.batch * s.new_tokens
 
         engine = Engine(registry, base_name, cfg)
         engine.start_sync()
         try:
-            def engine_run(models) -> float:
+            def engine_run(models, salt: str, head: list[int] | None = None) -> float:
                 sp = SamplingParams(max_tokens=s.new_tokens, min_tokens=s.new_tokens)
-                reqs = [GenerationRequest(prompt_token_ids=p, model=m, sampling=sp) for p, m in zip(prompts, models)]
+                reqs = [GenerationRequest(prompt_token_ids=(head or []) + p, model=m, sampling=sp, cache_salt=salt)
+                        for p, m in zip(prompts, models)]
                 start = time.perf_counter()
                 outs = engine.generate_sync(reqs)
                 elapsed = time.perf_counter() - start
                 engine_run.outputs = [list(o.token_ids) for o in outs]
+                engine_run.cached = sum(o.usage.cached_tokens for o in outs) / len(outs)
                 return elapsed
 
             for name in set(names):  # steady state: adapters resident, as under traffic
                 engine.load_future(name).result()
-            runs = {"engine_base": lambda: engine_run([None] * s.batch), "engine_mixed": lambda: engine_run(names)}
+            def warm_prefix_run(salt: str) -> float:  # untimed: the prefix sent once to each adapter
+                engine.generate_sync([GenerationRequest(prompt_token_ids=prefix, model=m, cache_salt=salt,
+                                                        sampling=SamplingParams(max_tokens=1)) for m in set(names)])
+                return engine_run(names, salt, prefix)
+
+            # a new cache salt per round and configuration: every prompt is computed, as HF computes it
+            salt = iter(range(1 << 62))
+            runs = {"engine_base": lambda: engine_run([None] * s.batch, f"r{next(salt)}"),
+                    "engine_mixed": lambda: engine_run(names, f"r{next(salt)}")}
+            if s.shared_prefix:
+                runs.update(prefix_cold=lambda: engine_run(names, f"r{next(salt)}", prefix),
+                            prefix_warm=lambda: warm_prefix_run(f"r{next(salt)}"))
             hf = None if s.skip_hf else engine.call_on_step_thread(
                 lambda: _HF(s, base_dir, adapter_dirs, prompts, names, device, dtype))
             if hf is not None:
@@ -185,6 +203,8 @@ def run(s: BenchSettings) -> BenchResult:
                     elapsed = run_once()
                     if key == "engine_mixed":
                         engine_outputs = engine_run.outputs
+                    if key.startswith(("engine_", "prefix_")):
+                        result.cached_tokens[key] = engine_run.cached
                     if round_:  # the first round warms up
                         times[key].append(elapsed)
             for key, values in times.items():
@@ -207,7 +227,8 @@ def run(s: BenchSettings) -> BenchResult:
                                                                     for i, d in enumerate(adapter_dirs[-COLD:]))
         for name, (faster, slower) in {"mixed_vs_engine_base": ("engine_mixed", "engine_base"),
                                        "mixed_vs_peft_mixed": ("engine_mixed", "peft_mixed"),
-                                       "engine_base_vs_hf_base": ("engine_base", "hf_base")}.items():
+                                       "engine_base_vs_hf_base": ("engine_base", "hf_base"),
+                                       "prefix_warm_vs_cold": ("prefix_warm", "prefix_cold")}.items():
             if faster in times and slower in times:  # time ratio = throughput ratio, per round
                 result.ratio_rounds[name] = [b / a for a, b in zip(times[faster], times[slower])]
                 result.ratios[name] = statistics.median(result.ratio_rounds[name])
@@ -266,36 +287,6 @@ class _HF:
         self.peft.load_adapter(adapter_dir, adapter_name=name)
         _sync(self.device)
         return (time.perf_counter() - start) * 1000
-
-
-def format_table(r: BenchResult) -> str:
-    s = r.settings
-    lines = [f"hotswap bench: {s['shape'] or s['base']}, batch {s['batch']}, prompt {s['prompt']}, "
-             f"{s['new_tokens']} new tokens, {s['adapters']} adapters of rank {s['rank']} on all linear modules",
-             f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
-             f"load average at start {r.machine['load_avg']:.2f}", "",
-             "| configuration | tokens/s |", "|---|---|"]
-    labels = {"engine_base": "engine, base only", "engine_mixed": f"engine, {s['adapters']} adapters mixed",
-              "peft_mixed": f"HF PEFT mixed batch, {s['adapters']} adapters", "hf_base": "HF generate, base"}
-    lines += [f"| {labels[k]} | {v:,.1f} |" for k, v in r.tok_s.items()]
-    lines += ["", "| adapter cold load | ms |", "|---|---|"]
-    load_labels = {"engine_registry_to_slot": "engine, registry -> device slot",
-                   "engine_adapter_load_hist_mean": "engine, load histogram mean",
-                   "peft_load_adapter": "PEFT load_adapter", "adapter_file_mb": "adapter file (MB)"}
-    lines += [f"| {load_labels[k]} | {v:,.1f} |" for k, v in r.load_ms.items()]
-    lines += ["", "| ratio | median | rounds, lowest to highest | target |", "|---|---|---|---|"]
-    targets = {"mixed_vs_engine_base": ">= 0.9", "mixed_vs_peft_mixed": ">= 3",
-               "engine_base_vs_hf_base": ">= 1", "peft_load_vs_engine_load": ""}
-    for k, v in r.ratios.items():
-        spread = r.ratio_rounds.get(k)
-        spread = f"{min(spread):.2f} to {max(spread):.2f}" if spread else ""
-        lines.append(f"| {k} | {v:.2f} | {spread} | {targets.get(k, '')} |")
-    lines += [f"\n{k}: {v}" for k, v in r.parity.items()]
-    return "\n".join(lines)
-
-
-def to_json(r: BenchResult) -> str:
-    return json.dumps(asdict(r), indent=2)
 
 
 if __name__ == "__main__":  # `python -m hotswap.serve.bench ...`, the same as `hotswap bench ...`

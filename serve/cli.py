@@ -30,10 +30,13 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"),
     skip_hf: bool = typer.Option(False, "--skip-hf", help="engine only (no HF / PEFT baselines)"),
+    shared_prefix: int = typer.Option(0, help="also time the mixed batch after a prefix of this many tokens "
+                                              "common to its requests: computed, and reused from the prefix cache"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Tokens/s of the engine (base only, N adapters mixed) beside HF generate and PEFT's mixed batch."""
-    from .bench import SHAPES, BenchSettings, format_table, run, to_json
+    from .bench import SHAPES, BenchSettings, run
+    from .bench_report import format_table, to_json
 
     if shape is not None and shape not in SHAPES:
         raise typer.BadParameter(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}", param_hint="--shape")
@@ -41,8 +44,10 @@ def bench(
         raise typer.BadParameter(f"unknown dtype {dtype!r}; one of float32, bfloat16, float16", param_hint="--dtype")
     if min(batch, prompt, new_tokens, adapters, rank, repeat) < 1:
         raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
+    if shared_prefix < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--shared-prefix")
     settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
                              adapters=adapters, rank=rank, repeat=repeat, device=device,
-                             dtype=dtype, skip_hf=skip_hf)
+                             dtype=dtype, skip_hf=skip_hf, shared_prefix=shared_prefix)
     result = run(settings)
     typer.echo(to_json(result) if json_out else format_table(result))

@@ -32,6 +32,8 @@ def serve(
     max_model_len: Annotated[Optional[int], typer.Option(help="Context length (default: the base's, at most 8192).")] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
     kv_cache_mib: Annotated[int, typer.Option(help="KV cache of the base, MiB.")] = 512,
+    prefix_caching: Annotated[bool, typer.Option(
+        help="Reuse the KV of prompt prefixes already computed for the same version (and cache_salt).")] = True,
     max_rank: Annotated[int, typer.Option(help="Highest LoRA rank accepted.")] = 64,
     lora_capacity_mib: Annotated[int, typer.Option(help="Device memory for adapter slots, MiB.")] = 256,
     host_cache_mib: Annotated[int, typer.Option(help="Host (CPU) cache of loaded adapters, MiB.")] = 1024,
@@ -63,7 +65,7 @@ def serve(
             max_model_len=max_model_len, max_tokens_limit=max_tokens_limit, kv_cache_bytes=kv_cache_mib * MiB,
             max_rank=max_rank, lora_capacity_bytes=lora_capacity_mib * MiB, host_cache_bytes=host_cache_mib * MiB,
             lora_batch_cache_bytes=None if lora_batch_cache_mib is None else lora_batch_cache_mib * MiB,
-            model_memory_bytes=model_memory_mib * MiB, load_workers=load_workers)
+            model_memory_bytes=model_memory_mib * MiB, load_workers=load_workers, prefix_caching=prefix_caching)
     except AssertionError as exc:
         typer.echo(f"error: invalid capacity flags: {exc or 'a size or count is not positive'}", err=True)
         raise typer.Exit(2) from None

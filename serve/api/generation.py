@@ -56,7 +56,8 @@ def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationR
             text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
             jobs.append(GenerationRequest(prompt=text, prompt_token_ids=ids, model=target.ref,
                                           sampling=sampling(body, max_tokens, sample, body.logprobs,
-                                                            body.logprobs if body.echo else None)))
+                                                            body.logprobs if body.echo else None),
+                                          cache_salt=body.cache_salt))
     return jobs
 
 
@@ -67,7 +68,7 @@ def chat_jobs(body: ChatCompletionRequest, target: Target, default_max_tokens: i
         raise ApiProblem("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return [GenerationRequest(messages=messages, model=target.ref, sampling=sampling(body, limit, sample, logprobs),
-                              add_generation_prompt=body.add_generation_prompt)
+                              add_generation_prompt=body.add_generation_prompt, cache_salt=body.cache_salt)
             for sample in range(body.n)]
 
 
@@ -166,8 +167,10 @@ class Run:
 
     def usage(self) -> Usage:
         """Prompt tokens once per prompt (its n samples share it), completion tokens of every choice."""
-        prompt = sum(c.stream.prompt_tokens for c in self.choices if c.index % self.n == 0)
-        return Usage(prompt, sum(c.usage.completion_tokens for c in self.choices if c.usage))
+        firsts = [c for c in self.choices if c.index % self.n == 0]
+        return Usage(sum(c.stream.prompt_tokens for c in firsts),
+                     sum(c.usage.completion_tokens for c in self.choices if c.usage),
+                     sum(c.usage.cached_tokens for c in firsts if c.usage))
 
 
 async def until_disconnect(request: Request) -> None:

@@ -98,8 +98,15 @@ def render(api: ApiMetrics, stats: EngineStats, residency: list[AdapterResidency
     _family(out, "hotswap_models_loaded", "gauge", "Full fine-tuned models in memory.", [({}, stats.models_loaded)])
     _family(out, "hotswap_queue_depth", "gauge", "Requests waiting to be scheduled.", [({}, stats.waiting)])
     _family(out, "hotswap_requests_running", "gauge", "Requests decoding now.", [({}, stats.running)])
-    _family(out, "hotswap_kv_blocks", "gauge", "KV cache blocks of the base.",
-            [({"state": "used"}, stats.kv_blocks_used), ({"state": "total"}, stats.kv_blocks_total)])
+    _family(out, "hotswap_kv_blocks", "gauge", "KV cache blocks of the base and full models (cached: kept for "
+            "prefix reuse, in use or evictable).", [({"state": "used"}, stats.kv_blocks_used),
+                                                    ({"state": "total"}, stats.kv_blocks_total),
+                                                    ({"state": "cached"}, stats.kv_blocks_cached)])
+    _family(out, "hotswap_prefix_cache_queries_total", "counter", "Prompt tokens of started requests.",
+            [({}, stats.prefix_cache_queries)])
+    _family(out, "hotswap_prefix_cache_hits_total", "counter",
+            "Prompt tokens whose KV came from the prefix cache instead of being computed.",
+            [({}, stats.prefix_cache_hits)])
     _family(out, "hotswap_engine_steps_total", "counter", "Forward steps run.", [({}, stats.steps)])
     _family(out, "hotswap_engine_requests_rejected_total", "counter", "Requests the engine refused, by error.",
             [({"error": k}, n) for k, n in sorted(stats.requests_rejected.items())])

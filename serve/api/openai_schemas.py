@@ -90,6 +90,9 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
     min_tokens: int = Field(0, ge=0, description="Do not end before this many tokens (EOS is held back).",
                             **_bound(minimum=0))
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description=(
+        "Prompt prefixes are reused only between requests with the same salt: a tenant's own salt keeps "
+        "others from learning, by timing, which prompts it sent."))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -169,10 +172,15 @@ class ChatCompletionRequest(_SamplingFields):
 FinishReasonOut = Literal["stop", "length", "cancelled"]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV came from the prefix cache.")
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionChoice(BaseModel):

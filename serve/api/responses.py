@@ -19,6 +19,7 @@ from .openai_schemas import (
     ChatCompletionResponse,
     CompletionChoice,
     CompletionResponse,
+    PromptTokensDetails,
     UsageInfo,
 )
 
@@ -27,7 +28,8 @@ DONE = b"data: [DONE]\n\n"
 
 def usage_info(usage: Usage) -> UsageInfo:
     return UsageInfo(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                     total_tokens=usage.total_tokens)
+                     total_tokens=usage.total_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens))
 
 
 def _finish(reason: str | None) -> str | None:

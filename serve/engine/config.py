@@ -31,6 +31,7 @@ class EngineConfig:
     lora_batch_cache_bytes: int | None = None
     model_memory_bytes: int = 2048 * MiB  # budget for full fine-tuned models served beside the base
     load_workers: int = 1  # background threads loading cold adapters
+    prefix_caching: bool = True  # share the KV of equal prompt prefixes (full blocks, same version and salt)
     native_kernels: bool = True  # CPU fp32: the compiled LoRA kernels when they build (serve/lora/native.py)
     # decode steps at bucketed shapes, replayed from CUDA graphs (serve/engine/decode_graphs.py). None: on
     # a GPU unless HOTSWAP_CUDA_GRAPHS=0; True on the CPU runs the same bucketed steps eagerly (tests)

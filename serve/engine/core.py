@@ -121,6 +121,8 @@ class Core:
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
                 self.recorder.observe("queue_wait", now - seq.arrival)
+                self.recorder.incr("prefix_cache_queries", n=seq.prompt_len)
+                self.recorder.incr("prefix_cache_hits", n=seq.cached_tokens or 0)
                 self._unqueue()
         self.recorder.observe("step_time", time.perf_counter() - start)
         self.recorder.incr("steps")
@@ -209,7 +211,7 @@ class Core:
     def finish(self, seq: Sequence, reason: str, delta: str = "", tokens: tuple[int, ...] = (),
                logprobs: tuple[TokenLogprobs, ...] = (), prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         self._detach(seq)
-        usage = Usage(seq.prompt_len, seq.num_generated)
+        usage = Usage(seq.prompt_len, seq.num_generated, seq.cached_tokens or 0)
         seq.stream._push(TokenEvent(seq.request_id, tokens, delta, reason, usage, logprobs, prompt_logprobs))
         now = time.monotonic()
         self.recorder.incr("requests_finished", reason)
@@ -252,6 +254,7 @@ class Core:
             s.waiting = sum(len(w.scheduler.waiting) for w in workers) + sum(map(len, self.model_waiting.values()))
             s.kv_blocks_used = sum(w.blocks.num_used for w in workers)
             s.kv_blocks_total = sum(w.blocks.num_blocks for w in workers)
+            s.kv_blocks_cached = sum(w.blocks.num_cached for w in workers)
             s.lora_bytes_used = pool.used_bytes
             s.adapters_on_device = pool.num_slots
             s.host_cache_bytes_used = host

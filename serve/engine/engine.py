@@ -245,7 +245,8 @@ class Engine(ResidencyCommands):
             scored = [TokenLogprobs(Logprob(ids[0], text, None, raw), ())]
         return Sequence(request_id=rid, target=target, prompt_len=len(ids), token_ids=ids, sampling=p,
                         stream=stream, detok=Detokenizer(tokenizer, p.stop), eos_ids=frozenset(),
-                        generator=generator, prompt_logprobs=scored)
+                        generator=generator, prompt_logprobs=scored,
+                        cache_key=f"{target.digest}\0{request.cache_salt or ''}".encode())
 
     def _unqueue(self) -> None:
         with self._lock:

@@ -51,12 +51,16 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None  # assigned by the engine when None
     add_generation_prompt: bool = True  # chat only
+    # prefix caching: requests share KV of equal prompt prefixes only when their salts are equal too, so
+    # a tenant's salt keeps others from timing which prompts it sent (vLLM's cache_salt)
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not computed
 
     @property
     def total_tokens(self) -> int:

@@ -3,7 +3,9 @@
 Per step a token budget (``max_batch_tokens``) is filled in that order, so running requests keep
 decoding while long prompts are prefilled in chunks beside them, and a request that cannot start yet
 (its adapter still loading, no free rows) does not block those behind it. When KV blocks run out
-mid-decode the newest running sequence is preempted (its blocks freed, recomputed later).
+mid-decode the newest running sequence is preempted (its blocks freed, recomputed later). A starting
+sequence takes the KV of its longest cached prefix (full blocks with the same tokens and key) and
+computes only the rest.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from .kv_cache import BlockManager
+from .kv_cache import BlockManager, extend_block_hashes
 from .sequence import Sequence, Status
 
 
@@ -66,12 +68,17 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting.popleft()
-            if not self.blocks.can_grow(seq.block_table, len(seq.token_ids)):
+            shared = self.blocks.match(self._reusable_hashes(seq))
+            if not self.blocks.can_grow(seq.block_table, len(seq.token_ids), shared):
                 self.waiting.appendleft(seq)  # keep FIFO for KV: a big prompt is not starved
                 break
             if not try_start(seq):
                 skipped.append(seq)
                 continue
+            self.blocks.share(seq.block_table, shared)
+            seq.num_computed, seq.num_registered = len(shared) * self.blocks.block_size, len(shared)
+            if seq.cached_tokens is None:  # reported once: what the request's first start found
+                seq.cached_tokens = seq.num_computed
             self.blocks.grow(seq.block_table, len(seq.token_ids))
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -81,10 +88,28 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
         return plan
 
+    def _reusable_hashes(self, seq: Sequence) -> list[bytes]:
+        """Hashes of the full blocks a starting sequence may take from the prefix cache: never its
+        last token (its logits are needed) nor prompt positions it still has to score."""
+        usable = len(seq.token_ids) - 1
+        if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len:
+            usable = min(usable, len(seq.prompt_logprobs) - 1)
+        bs = self.blocks.block_size
+        extend_block_hashes(seq.block_hashes, seq.token_ids, usable // bs * bs, bs, seq.cache_key)
+        return seq.block_hashes[:usable // bs]
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Offer the sequence's blocks whose tokens are all computed now to the prefix cache."""
+        bs = self.blocks.block_size
+        if seq.num_computed // bs > seq.num_registered:
+            extend_block_hashes(seq.block_hashes, seq.token_ids, seq.num_computed, bs, seq.cache_key)
+            self.blocks.register(seq.block_table, seq.block_hashes, seq.num_registered)
+            seq.num_registered = seq.num_computed // bs
+
     def _preempt(self, seq: Sequence, on_preempt: Callable[[Sequence], None]) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_registered = 0
         seq.status = Status.WAITING
         on_preempt(seq)
         self.waiting.appendleft(seq)

@@ -41,6 +41,12 @@ class Sequence:
     # with sampling.prompt_logprobs: entries of the prompt tokens scored so far (the first has no
     # logprob), handed out with the first generated token
     prompt_logprobs: list | None = None
+    # prefix caching: what keys this sequence's KV (version digest and salt), the hashes of its full
+    # blocks so far, how many of them are registered, and the prompt tokens found cached when it started
+    cache_key: bytes = b""
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
+    cached_tokens: int | None = None
 
     @property
     def num_generated(self) -> int:

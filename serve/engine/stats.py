@@ -42,6 +42,8 @@ class EngineStats:
     requests_rejected: dict[str, int] = field(default_factory=dict)  # error class name -> count
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens of started requests
+    prefix_cache_hits: int = 0  # of those, tokens whose KV came from the prefix cache
     steps: int = 0
     adapter_hits: dict[str, int] = field(default_factory=dict)  # tier ("device", "host", "disk") -> count
     adapter_evictions: dict[str, int] = field(default_factory=dict)  # tier -> count
@@ -52,6 +54,7 @@ class EngineStats:
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    kv_blocks_cached: int = 0  # registered for prefix reuse (in use or evictable)
     lora_bytes_used: int = 0
     lora_bytes_capacity: int = 0
     host_cache_bytes_used: int = 0

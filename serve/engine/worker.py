@@ -50,7 +50,7 @@ class Worker:
         num_blocks = max(1, config.kv_cache_bytes // block_bytes)
         # one block more than the manager hands out: padded rows of bucketed decode steps write there
         self.kv = KVCache(r.num_layers, num_blocks + 1, config.kv_block_size, r.num_kv_heads, r.head_dim, dtype, device)
-        self.blocks = BlockManager(num_blocks, config.kv_block_size)
+        self.blocks = BlockManager(num_blocks, config.kv_block_size, caching=config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batch_tokens, config.max_running)
         self.max_model_len = min(config.max_model_len or min(r.max_positions, MAX_CONTEXT), r.max_positions)
         self.device = device
@@ -86,6 +86,7 @@ class Worker:
         logits = logits[:num_sampled]
         for seq, n in plan:
             seq.num_computed += n
+            self.scheduler.register_computed(seq)
         sampled = [seq for seq, _ in plan if seq.num_computed == len(seq.token_ids)]
         asking = [i for i, s in enumerate(sampled) if s.sampling.logprobs is not None]
         # before sampling, which masks banned tokens in place: the model's own distribution

@@ -92,3 +92,21 @@ def test_residency_cache_and_queue_figures(client):
     assert value(s, "hotswap_queue_depth") == 0 and value(s, "hotswap_requests_running") == 0
     assert value(s, "hotswap_ready") == 1
     assert value(s, "hotswap_kv_blocks", state="total") > 0
+
+
+def test_prefix_cache_figures(client):
+    before = scrape(client)
+    prompt = "select name from users where id = 1; " * 6
+    usages = []
+    for _ in range(2):
+        response = client.post("/v1/completions", headers=ADMIN, json={
+            "model": "acme-sql@1", "prompt": prompt, "max_tokens": 2, "cache_salt": "metrics-test"})
+        assert response.status_code == 200, response.text
+        usages.append(response.json()["usage"])
+    s = scrape(client)
+    delta = lambda name, **labels: value(s, name, **labels) - value(before, name, **labels)  # noqa: E731
+    cached = usages[1]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0 and usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert delta("hotswap_prefix_cache_queries_total") == sum(u["prompt_tokens"] for u in usages)
+    assert delta("hotswap_prefix_cache_hits_total") == cached
+    assert value(s, "hotswap_kv_blocks", state="cached") >= cached // 16

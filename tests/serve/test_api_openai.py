@@ -151,3 +151,22 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client):
         "logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
         **GREEDY, **neutral})
     assert chat.status_code == 200, chat.text
+
+
+def test_a_repeated_conversation_reports_its_cached_prompt_tokens(client):
+    messages = [{"role": "system", "content": "answer in sql, " * 8}, {"role": "user", "content": "count the orders"}]
+    body = {"model": "acme-chat", "messages": messages, **GREEDY, "cache_salt": "test-tenant-1"}
+    first, second = (client.post("/v1/chat/completions", headers=ACME, json=body).json() for _ in range(2))
+    prompt = first["usage"]["prompt_tokens"]
+    assert prompt > 32
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": (prompt - 1) // 16 * 16}
+    assert first["choices"][0]["message"] == second["choices"][0]["message"]
+    other = client.post("/v1/chat/completions", headers=ACME, json={**body, "cache_salt": "test-tenant-2"}).json()
+    assert other["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    streamed = client.post("/v1/chat/completions", headers=ACME, json={
+        **body, "stream": True, "stream_options": {"include_usage": True}})
+    last = [line for line in streamed.text.splitlines() if line.startswith("data: {")][-1]
+    assert '"prompt_tokens_details":{"cached_tokens":' in last.replace(" ", "")
+    refused = client.post("/v1/chat/completions", headers=ACME, json={**body, "cache_salt": ""})
+    assert refused.status_code == 400 and "cache_salt" in refused.text

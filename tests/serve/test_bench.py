@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from hotswap.serve.bench import BenchSettings, format_table, run, to_json
+from hotswap.serve.bench import BenchSettings, run
+from hotswap.serve.bench_report import format_table, to_json
 
 
 def test_bench_measures_every_configuration_and_agrees_with_peft():
@@ -23,6 +24,17 @@ def test_bench_measures_every_configuration_and_agrees_with_peft():
     assert "| engine, 2 adapters mixed |" in table and "| mixed_vs_peft_mixed |" in table
     assert f"| {min(rounds):.2f} to {max(rounds):.2f} |" in table
     assert json.loads(to_json(result))["settings"]["shape"] == "tiny"
+    assert result.cached_tokens == {"engine_base": 0, "engine_mixed": 0}  # every round computes its prompts
+
+
+def test_bench_times_a_shared_prefix_computed_and_reused():
+    result = run(BenchSettings(base=None, shape="tiny", batch=3, prompt=8, new_tokens=4, adapters=2, rank=4,
+                               repeat=1, device="cpu", skip_hf=True, shared_prefix=40))
+    assert {"prefix_cold", "prefix_warm"} <= set(result.tok_s) and result.ratios["prefix_warm_vs_cold"] > 0
+    # 48 tokens per prompt: the warm run finds the prefix's two full blocks of 16 cached, the cold one none
+    assert result.cached_tokens == {"engine_base": 0, "engine_mixed": 0, "prefix_cold": 0, "prefix_warm": 32}
+    table = format_table(result)
+    assert "| engine, 2 adapters mixed, after a shared 40-token prefix: from the prefix cache |" in table
 
 
 def test_bench_in_bfloat16_runs_the_engine_at_that_dtype():
@@ -42,3 +54,5 @@ def test_bench_command_refuses_an_unknown_dtype_or_shape():
     assert out.exit_code == 2 and "unknown dtype 'fp8'" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "huge"])
     assert out.exit_code == 2 and "unknown shape 'huge'" in out.output
+    out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--shared-prefix", "-1"])
+    assert out.exit_code == 2 and "--shared-prefix" in out.output

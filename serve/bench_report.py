@@ -1,0 +1,42 @@
+"""The tables `hotswap bench` prints (Markdown) or its JSON, from a ``BenchResult`` (serve/bench.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .bench import BenchResult
+
+
+def format_table(r: BenchResult) -> str:
+    s = r.settings
+    lines = [f"hotswap bench: {s['shape'] or s['base']}, batch {s['batch']}, prompt {s['prompt']}, "
+             f"{s['new_tokens']} new tokens, {s['adapters']} adapters of rank {s['rank']} on all linear modules",
+             f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
+             f"load average at start {r.machine['load_avg']:.2f}", "",
+             "| configuration | tokens/s |", "|---|---|"]
+    shared = f"engine, {s['adapters']} adapters mixed, after a shared {s.get('shared_prefix', 0)}-token prefix"
+    labels = {"engine_base": "engine, base only", "engine_mixed": f"engine, {s['adapters']} adapters mixed",
+              "peft_mixed": f"HF PEFT mixed batch, {s['adapters']} adapters", "hf_base": "HF generate, base",
+              "prefix_cold": f"{shared}: computed", "prefix_warm": f"{shared}: from the prefix cache"}
+    lines += [f"| {labels[k]} | {v:,.1f} |" for k, v in r.tok_s.items()]
+    lines += ["", "| adapter cold load | ms |", "|---|---|"]
+    load_labels = {"engine_registry_to_slot": "engine, registry -> device slot",
+                   "engine_adapter_load_hist_mean": "engine, load histogram mean",
+                   "peft_load_adapter": "PEFT load_adapter", "adapter_file_mb": "adapter file (MB)"}
+    lines += [f"| {load_labels[k]} | {v:,.1f} |" for k, v in r.load_ms.items()]
+    lines += ["", "| ratio | median | rounds, lowest to highest | target |", "|---|---|---|---|"]
+    targets = {"mixed_vs_engine_base": ">= 0.9", "mixed_vs_peft_mixed": ">= 3",
+               "engine_base_vs_hf_base": ">= 1", "peft_load_vs_engine_load": "", "prefix_warm_vs_cold": ""}
+    for k, v in r.ratios.items():
+        spread = r.ratio_rounds.get(k)
+        spread = f"{min(spread):.2f} to {max(spread):.2f}" if spread else ""
+        lines.append(f"| {k} | {v:.2f} | {spread} | {targets.get(k, '')} |")
+    lines += [f"\n{k}: {v}" for k, v in r.parity.items()]
+    return "\n".join(lines)
+
+
+def to_json(r: BenchResult) -> str:
+    return json.dumps(asdict(r), indent=2)
