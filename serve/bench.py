@@ -11,6 +11,7 @@ Adapters are random rank-R LoRA on all seven linear modules, published into a th
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import shutil
@@ -173,13 +174,14 @@ def run(s: BenchSettings) -> BenchResult:
 
             for name in set(names):  # steady state: adapters resident, as under traffic
                 engine.load_future(name).result()
+
             def warm_prefix_run(salt: str) -> float:  # untimed: the prefix sent once to each adapter
                 engine.generate_sync([GenerationRequest(prompt_token_ids=prefix, model=m, cache_salt=salt,
                                                         sampling=SamplingParams(max_tokens=1)) for m in set(names)])
                 return engine_run(names, salt, prefix)
 
             # a new cache salt per round and configuration: every prompt is computed, as HF computes it
-            salt = iter(range(1 << 62))
+            salt = itertools.count()
             runs = {"engine_base": lambda: engine_run([None] * s.batch, f"r{next(salt)}"),
                     "engine_mixed": lambda: engine_run(names, f"r{next(salt)}")}
             if s.shared_prefix:
