@@ -72,3 +72,15 @@ def test_model_over_the_budget_is_refused(world, models):
             engine.submit(GenerationRequest(prompt="hi", model="full-a"))
     finally:
         engine.stop_sync()
+
+
+def test_full_model_reuses_its_own_prefixes_never_the_bases(world, models):
+    ids = tiny_tokenizer()(" ".join(PROMPTS))["input_ids"]
+    engine = start_engine(world.home, model_memory_bytes=64 << 20)
+    try:
+        run = lambda m: engine.generate_sync([GenerationRequest(  # noqa: E731
+            prompt_token_ids=ids, model=m, sampling=SamplingParams(max_tokens=6))])[0]
+        assert [run(m).usage.cached_tokens for m in (None, "full-a", "full-a", None)] == [0, 0, 80, 80]
+        assert list(run("full-a").token_ids) == hf_greedy(models["full-a"], ids, 6)
+    finally:
+        engine.stop_sync()

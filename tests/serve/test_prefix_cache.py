@@ -202,3 +202,21 @@ def test_caching_off_computes_every_prompt(world):
         assert engine._base.blocks.num_cached == 0
     finally:
         engine.stop_sync()
+
+
+def test_bucketed_decode_steps_read_shared_blocks(world):
+    """The decode path of CUDA graphs (run eagerly on the CPU): block tables that share blocks."""
+    ids = tiny_tokenizer()(LONG)["input_ids"]
+    engine = start_engine(world.home, decode_graphs=True)
+    try:
+        preload(engine, ["chat", "mlp"])
+        run(engine, "chat", ids)
+        run(engine, "mlp", ids)
+        sp = SamplingParams(max_tokens=8)
+        outs = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, model=m, sampling=sp)
+                                     for m in ("chat", "mlp", "chat")])
+        assert [o.usage.cached_tokens for o in outs] == [80, 80, 80]
+        for out, m in zip(outs, ("chat", "mlp", "chat")):
+            assert list(out.token_ids) == peft_greedy(world.base_dir, world.adapter_dirs[m], ids, 8)
+    finally:
+        engine.stop_sync()
