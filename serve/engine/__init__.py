@@ -25,6 +25,7 @@ from .requests import (
     Target,
     TokenEvent,
     TokenLogprobs,
+    Tokenized,
     Usage,
 )
 from .intake import MAX_LOGPROBS
@@ -35,5 +36,5 @@ __all__ = [
     "AdapterNotFound", "AdapterResidency", "CapacityExceeded", "Completion", "Engine", "EngineConfig",
     "EngineError", "EngineNotReady", "EngineStats", "FinishReason", "GenerationRequest", "Histogram",
     "IncompatibleAdapter", "InvalidRequest", "Logprob", "MAX_LOGPROBS", "PromptTooLong", "QueueFull", "RequestStream",
-    "SamplingParams", "Target", "TokenEvent", "TokenLogprobs", "Usage",
+    "SamplingParams", "Target", "TokenEvent", "TokenLogprobs", "Tokenized", "Usage",
 ]

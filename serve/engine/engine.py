@@ -18,10 +18,10 @@ from . import loaders
 from .config import EngineConfig
 from .detok import Detokenizer
 from .core import Core
-from .errors import EngineError, EngineNotReady, PromptTooLong, QueueFull
+from .errors import EngineError, EngineNotReady, InvalidRequest, PromptTooLong, QueueFull
 from .intake import check_logit_bias, check_sampling, prompt_ids
 from .models import ModelPool
-from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, TokenLogprobs
+from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, Tokenized, TokenLogprobs
 from .residency_commands import ResidencyCommands
 from .resolve import Resolver
 from .sampler import token_piece
@@ -171,6 +171,33 @@ class Engine(ResidencyCommands):
         """Resolve a reference through the registry now (aliases are read at call time)."""
         self._require_ready()
         return self.resolver.resolve(model)
+
+    def tokenize(self, request: GenerationRequest) -> Tokenized:
+        """The prompt of ``request`` (text, chat messages rendered with the template, or ids) as the
+        model it names would read it; nothing is queued and sampling is not looked at."""
+        self._require_ready()
+        target = self.resolver.resolve(request.model)
+        tokenizer, limit = self._tokenizer_of(target)
+        ids = prompt_ids(tokenizer, request, len(tokenizer))
+        return Tokenized(target, tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)), limit)
+
+    def detokenize(self, model: str | None, token_ids: list[int]) -> tuple[Target, str]:
+        """The text of ``token_ids`` under the tokenizer of the model ``model`` names."""
+        self._require_ready()
+        target = self.resolver.resolve(model)
+        tokenizer, _ = self._tokenizer_of(target)
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < len(tokenizer)]
+        if bad:
+            raise InvalidRequest(f"token ids outside [0, {len(tokenizer)}): {bad[:5]}")
+        return target, tokenizer.decode(token_ids)
+
+    def _tokenizer_of(self, target: Target):
+        """(tokenizer, context length) of what serves ``target``: the base's for the base and its
+        adapters, a full model's own."""
+        if target.kind == "model":
+            info = self.resolver.model_info(target, self.config)
+            return info.tokenizer, info.max_model_len
+        return self._base.tokenizer, self._base.max_model_len
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate, resolve and queue a request; returns at once. Raises the engine's typed errors.

@@ -77,6 +77,17 @@ class Target:
 
 
 @dataclass(slots=True, frozen=True)
+class Tokenized:
+    """What ``Engine.tokenize`` returns: the ids, their vocabulary strings, and the context length of
+    the model that would read them."""
+
+    target: Target
+    token_ids: tuple[int, ...]
+    token_strs: tuple[str, ...]
+    max_model_len: int
+
+
+@dataclass(slots=True, frozen=True)
 class Logprob:
     """A token, its text alone (``tokenizer.decode([token_id])``) and its log-probability (None only
     for a prompt's first token, which nothing predicts)."""
