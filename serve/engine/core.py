@@ -109,6 +109,7 @@ class Core:
             plan, sampled = worker.step(try_start, self._unpin)
         except Exception as exc:  # the step's KV writes are in doubt: end its sequences, keep serving
             log.exception("engine step failed")
+            worker.blocks.forget_cached()
             for seq in list(worker.scheduler.running):
                 self.fail(seq, EngineError(f"the engine step failed: {type(exc).__name__}: {exc}"))
             return True

@@ -102,12 +102,20 @@ class BlockManager:
 
     def register(self, table: list[int], hashes: list[bytes], start: int) -> None:
         """Offer ``table[i]`` under ``hashes[i]`` for ``start <= i < len(hashes)`` (blocks whose
-        tokens are all computed). A hash already cached keeps its first block."""
+        tokens are all computed by the end of the step being planned). A hash already cached keeps
+        its first block."""
         if not self.caching:
             return
         for block, h in zip(table[start:len(hashes)], hashes[start:]):
             if h not in self._by_hash and block not in self._hash_of:
                 self._by_hash[h], self._hash_of[block] = block, h
+
+    def forget_cached(self) -> None:
+        """Unregister every block: after a failed step, the KV of blocks offered for it is in doubt."""
+        self._by_hash.clear()
+        self._hash_of.clear()
+        self._free.extend(self._evictable)
+        self._evictable.clear()
 
     def free(self, table: list[int]) -> None:
         """Drop a reference on each block; the last block of a table is the first evicted."""

@@ -4,8 +4,8 @@ Per step a token budget (``max_batch_tokens``) is filled in that order, so runni
 decoding while long prompts are prefilled in chunks beside them, and a request that cannot start yet
 (its adapter still loading, no free rows) does not block those behind it. When KV blocks run out
 mid-decode the newest running sequence is preempted (its blocks freed, recomputed later). A starting
-sequence takes the KV of its longest cached prefix (full blocks with the same tokens and key) and
-computes only the rest.
+sequence takes the KV of its longest cached prefix (full blocks with the same tokens and key, those
+computed earlier or in this very step) and computes only the rest.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue
             self.blocks.grow(seq.block_table, seq.num_computed + 1)
-            plan.append((seq, 1))
+            self._plan(plan, seq, 1)
             budget -= 1
         # 2. prefill chunks of running sequences admitted earlier
         for seq in self.running:
@@ -62,7 +62,7 @@ class Scheduler:
                 break
             if seq.num_pending > 1:
                 n = min(seq.num_pending, budget)
-                plan.append((seq, n))
+                self._plan(plan, seq, n)
                 budget -= n
         # 3. admit waiting sequences; their whole prompt's blocks are reserved now
         skipped: list[Sequence] = []
@@ -83,7 +83,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_pending, budget)
-            plan.append((seq, n))
+            self._plan(plan, seq, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return plan
@@ -98,13 +98,16 @@ class Scheduler:
         extend_block_hashes(seq.block_hashes, seq.token_ids, usable // bs * bs, bs, seq.cache_key)
         return seq.block_hashes[:usable // bs]
 
-    def register_computed(self, seq: Sequence) -> None:
-        """Offer the sequence's blocks whose tokens are all computed now to the prefix cache."""
-        bs = self.blocks.block_size
-        if seq.num_computed // bs > seq.num_registered:
-            extend_block_hashes(seq.block_hashes, seq.token_ids, seq.num_computed, bs, seq.cache_key)
+    def _plan(self, plan: list[tuple[Sequence, int]], seq: Sequence, n: int) -> None:
+        """Plan ``n`` tokens of ``seq`` and offer the blocks they fill to the prefix cache at once, so
+        a sequence admitted later in this step (an equal prompt sent beside it, another sample of
+        it) shares them: each layer writes the step's K/V before its attention reads them."""
+        plan.append((seq, n))
+        bs, upto = self.blocks.block_size, seq.num_computed + n
+        if upto // bs > seq.num_registered:
+            extend_block_hashes(seq.block_hashes, seq.token_ids, upto, bs, seq.cache_key)
             self.blocks.register(seq.block_table, seq.block_hashes, seq.num_registered)
-            seq.num_registered = seq.num_computed // bs
+            seq.num_registered = upto // bs
 
     def _preempt(self, seq: Sequence, on_preempt: Callable[[Sequence], None]) -> None:
         self.running.remove(seq)

@@ -86,7 +86,6 @@ class Worker:
         logits = logits[:num_sampled]
         for seq, n in plan:
             seq.num_computed += n
-            self.scheduler.register_computed(seq)
         sampled = [seq for seq, _ in plan if seq.num_computed == len(seq.token_ids)]
         asking = [i for i, s in enumerate(sampled) if s.sampling.logprobs is not None]
         # before sampling, which masks banned tokens in place: the model's own distribution

@@ -220,3 +220,35 @@ def test_bucketed_decode_steps_read_shared_blocks(world):
             assert list(out.token_ids) == peft_greedy(world.base_dir, world.adapter_dirs[m], ids, 8)
     finally:
         engine.stop_sync()
+
+
+@pytest.mark.parametrize("budget", [64, 512])
+def test_requests_sent_together_share_the_prefix_their_step_computes(world, budget):
+    """With a 64-token budget the first prompt is computed over two steps and the others start in the
+    second; with 512 all three start in the first. Either way the prefix is computed once."""
+    ids = tiny_tokenizer()(LONG)["input_ids"]
+    engine = start_engine(world.home, max_batch_tokens=budget)
+    try:
+        preload(engine, ["chat"])
+        outs = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, model="chat",
+                                                       sampling=SamplingParams(max_tokens=8)) for _ in range(3)])
+        assert [o.usage.cached_tokens for o in outs] == [0, 80, 80]
+        want = peft_greedy(world.base_dir, world.adapter_dirs["chat"], ids, 8)
+        assert all(list(o.token_ids) == want for o in outs)
+    finally:
+        engine.stop_sync()
+
+
+def test_a_failed_step_leaves_no_cached_block_behind(engine, world, monkeypatch):
+    ids = tiny_tokenizer()(LONG)["input_ids"]
+    run(engine, None, ids)
+    runner = engine._base.runner
+    real = runner.forward
+    monkeypatch.setattr(runner, "forward", lambda meta, kv: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(Exception, match="boom"):
+        run(engine, None, ids[:40] + ids[:41])  # its blocks were offered for the step that failed
+    monkeypatch.setattr(runner, "forward", real)
+    assert engine._base.blocks.num_cached == 0
+    again = run(engine, None, ids)
+    assert again.usage.cached_tokens == 0
+    assert list(again.token_ids) == peft_greedy(world.base_dir, None, ids, 8)
