@@ -4,7 +4,7 @@ Measures tokens/s for the engine with the bare base, the engine with N distinct 
 in one batch, HF PEFT's mixed batch (``generate(adapter_names=...)``) and HF ``generate`` on the
 base; and the cold-load time of an adapter, registry -> device slot, against PEFT ``load_adapter``
 (median of three adapters never loaded before). With ``shared_prefix``, also the mixed batch with a
-prompt prefix common to its requests, its KV computed (a new cache salt) against reused from the prefix
+prompt prefix common to its requests, its KV computed (a cache salt per request) against reused from the prefix
 cache (that prefix already sent to each adapter).
 Adapters are random rank-R LoRA on all seven linear modules, published into a throwaway registry.
 """
@@ -161,10 +161,10 @@ def run(s: BenchSettings) -> BenchResult:
         engine = Engine(registry, base_name, cfg)
         engine.start_sync()
         try:
-            def engine_run(models, salt: str, head: list[int] | None = None) -> float:
+            def engine_run(models, salts: list[str], head: list[int] | None = None) -> float:
                 sp = SamplingParams(max_tokens=s.new_tokens, min_tokens=s.new_tokens)
                 reqs = [GenerationRequest(prompt_token_ids=(head or []) + p, model=m, sampling=sp, cache_salt=salt)
-                        for p, m in zip(prompts, models)]
+                        for p, m, salt in zip(prompts, models, salts)]
                 start = time.perf_counter()
                 outs = engine.generate_sync(reqs)
                 elapsed = time.perf_counter() - start
@@ -178,15 +178,17 @@ def run(s: BenchSettings) -> BenchResult:
             def warm_prefix_run(salt: str) -> float:  # untimed: the prefix sent once to each adapter
                 engine.generate_sync([GenerationRequest(prompt_token_ids=prefix, model=m, cache_salt=salt,
                                                         sampling=SamplingParams(max_tokens=1)) for m in set(names)])
-                return engine_run(names, salt, prefix)
+                return engine_run(names, [salt] * s.batch, prefix)
 
-            # a new cache salt per round and configuration: every prompt is computed, as HF computes it
-            salt = itertools.count()
-            runs = {"engine_base": lambda: engine_run([None] * s.batch, f"r{next(salt)}"),
-                    "engine_mixed": lambda: engine_run(names, f"r{next(salt)}")}
+            # a cache salt of its own for every request of every run: each prompt is computed, as HF
+            # computes it (without, later rounds would reuse earlier rounds' prompts)
+            fresh = itertools.count()
+            own = lambda: [f"r{next(fresh)}" for _ in range(s.batch)]  # noqa: E731
+            runs = {"engine_base": lambda: engine_run([None] * s.batch, own()),
+                    "engine_mixed": lambda: engine_run(names, own())}
             if s.shared_prefix:
-                runs.update(prefix_cold=lambda: engine_run(names, f"r{next(salt)}", prefix),
-                            prefix_warm=lambda: warm_prefix_run(f"r{next(salt)}"))
+                runs.update(prefix_cold=lambda: engine_run(names, own(), prefix),
+                            prefix_warm=lambda: warm_prefix_run(f"r{next(fresh)}"))
             hf = None if s.skip_hf else engine.call_on_step_thread(
                 lambda: _HF(s, base_dir, adapter_dirs, prompts, names, device, dtype))
             if hf is not None:
