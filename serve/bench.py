@@ -53,6 +53,7 @@ class BenchSettings:
     device: str = "auto"
     dtype: str | None = None  # None: the engine's default (bfloat16 on a GPU, float32 on the CPU)
     skip_hf: bool = False
+    dora: bool = False  # the adapters are DoRA (with random magnitudes); engine only (PEFT mixes no DoRA)
     shared_prefix: int = 0  # > 0: tokens of a prefix common to the requests, timed with the prefix cache cold and warm
 
 
@@ -116,14 +117,16 @@ def _make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry) -> li
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=MODULES, init_lora_weights=False)
+    cfg = LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=MODULES, init_lora_weights=False, use_dora=s.dora)
     peft_model = get_peft_model(model, cfg, adapter_name="a0")
     dirs = []
     for i in range(s.adapters + COLD):  # the last ones are kept cold for the load timing
         torch.manual_seed(100 + i)
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
-                if "lora_" in n:
+                if "lora_magnitude" in n:  # around the base's own row norms, as after training
+                    p.mul_(1 + 0.05 * torch.randn_like(p))
+                elif "lora_" in n:
                     p.normal_(0, 0.02)
         out = work / f"adapter{i}"
         peft_model.save_pretrained(out)

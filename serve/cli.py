@@ -30,6 +30,7 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"),
     skip_hf: bool = typer.Option(False, "--skip-hf", help="engine only (no HF / PEFT baselines)"),
+    dora: bool = typer.Option(False, "--dora", help="DoRA adapters instead of LoRA (with --skip-hf)"),
     shared_prefix: int = typer.Option(0, help="also time the mixed batch after a prefix of this many tokens "
                                               "common to its requests: computed, and reused from the prefix cache"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
@@ -46,8 +47,10 @@ def bench(
         raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
     if shared_prefix < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--shared-prefix")
+    if dora and not skip_hf:
+        raise typer.BadParameter("PEFT's mixed batch does not take DoRA adapters: add --skip-hf", param_hint="--dora")
     settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
                              adapters=adapters, rank=rank, repeat=repeat, device=device,
-                             dtype=dtype, skip_hf=skip_hf, shared_prefix=shared_prefix)
+                             dtype=dtype, skip_hf=skip_hf, shared_prefix=shared_prefix, dora=dora)
     result = run(settings)
     typer.echo(to_json(result) if json_out else format_table(result))

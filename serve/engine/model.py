@@ -126,6 +126,14 @@ class LlamaRunner:
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
+    def module_weight(self, layer: int, module: str) -> Tensor:
+        """The ``[out, in]`` weight of one adaptable module (a view of the fused group it sits in)."""
+        group = next(g for g, ms in GROUPS.items() if module in ms)
+        dims, start = self.module_dims(), 0
+        for m in GROUPS[group][:GROUPS[group].index(module)]:
+            start += dims[m][1]
+        return getattr(self.layers[layer], group)[start:start + dims[module][1]]
+
     @property
     def nbytes(self) -> int:
         tensors = [self.embed, self.norm, *(t for lw in self.layers for t in (lw.attn_norm, lw.qkv, lw.o, lw.mlp_norm, lw.gate_up, lw.down))]
@@ -156,7 +164,14 @@ class LlamaRunner:
         return project(last, self.lm_head).float()
 
     def _linear(self, x: Tensor, weight: Tensor, lora, layer: int, group: str, modules: tuple[str, ...]) -> Tensor:
-        """Base projection plus, when some token uses an adapter, its LoRA delta."""
+        """Base projection plus, when some token uses an adapter, its LoRA delta; a DoRA adapter's
+        tokens then scale their outputs (DoRA: ``scales * (W x + s B A x)``, see ``weights.dora_scales``)."""
+        y = self._lora_linear(x, weight, lora, layer, group, modules)
+        if lora is not None and lora.dora is not None:
+            y.mul_(lora.dora.tables[group][layer].index_select(0, lora.dora.index))
+        return y
+
+    def _lora_linear(self, x: Tensor, weight: Tensor, lora, layer: int, group: str, modules: tuple[str, ...]) -> Tensor:
         calls = None if lora is None else lora.kernel_calls
         if self._native is not None and x.shape[0] <= NATIVE_PROJECTION_TOKENS:
             # a few tokens (decode): the native projection, with the step's LoRA in the same pass

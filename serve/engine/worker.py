@@ -75,7 +75,8 @@ class Worker:
             return [], []
         scores = [self._prompt_scores(seq, n) for seq, n in plan]
         logits = None
-        if self.graphs is not None and not any(scores) and all(n == 1 and seq.num_pending == 1 for seq, n in plan):
+        if (self.graphs is not None and not any(scores) and all(n == 1 and seq.num_pending == 1 for seq, n in plan)
+                and not self._has_dora(plan)):  # the captured steps apply plain LoRA only
             logits = self.graphs.run([seq for seq, _ in plan])
             if logits is None:  # a capture failed on this device: eager from now on
                 self.graphs = None
@@ -97,6 +98,10 @@ class Worker:
         for row, i in enumerate(asking):
             found[i] = token_logprobs(raw[row], tokens[i], sampled[i].sampling.logprobs, self._describe)
         return plan, list(zip(sampled, tokens, found))
+
+    def _has_dora(self, plan: list[tuple[Sequence, int]]) -> bool:
+        pool = self.runner.lora
+        return pool is not None and any(seq.slot >= 0 and pool.slot(seq.slot).dora is not None for seq, _ in plan)
 
     @staticmethod
     def _prompt_scores(seq: Sequence, n: int) -> range:

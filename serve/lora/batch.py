@@ -20,6 +20,15 @@ _BLOCK_COST = 4
 
 
 @dataclass(slots=True)
+class DoraStep:
+    """The DoRA scales of a step: per group, ``tables[group][layer]`` ``[K + 1, outs]`` (row 0 ones,
+    row k the k-th DoRA adapter's scales) and ``index [T]``, each token's row in them."""
+
+    tables: dict[str, list[Tensor]]
+    index: Tensor
+
+
+@dataclass(slots=True)
 class LoraStep:
     """Shapes: T tokens in the step, T_lora of them with an adapter, NB blocks of L positions."""
 
@@ -38,6 +47,7 @@ class LoraStep:
     kernel_tok: Tensor | None = None
     scratch: Tensor | None = None  # [T_lora * max n*k] the kernel's rank activations
     kernel_calls: dict[str, GroupCall] | None = None  # group -> its calls, ``(layer, x, y)``; None: no kernels loaded
+    dora: DoraStep | None = None  # when a DoRA adapter is in the step: outputs are scaled per token after the LoRA
 
 
 def choose_block_len(lengths: list[int]) -> int:
@@ -67,7 +77,10 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
     slots = {s: pool.slot(s) for _, _, s in active}
     rank = max(info.rank for info in slots.values())
     if kernel:
-        return _kernel_step(active, num_tokens, pool, slots, rank, device)
+        step = _kernel_step(active, num_tokens, pool, slots, rank, device)
+        if step.dora is None:  # a kept decode step has it already
+            step.dora = _dora_step(active, num_tokens, slots, device)
+        return step
     block_len = choose_block_len([n for _, n, _ in active])
     token_index: list[int] = []
     block_pos: list[int] = []
@@ -101,7 +114,22 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
         token_index=None if identity else _t(token_index),
         block_pos=None if identity else _t(block_pos),
         token_ids=None if all_tokens else _t(token_ids),
-        rows=rows)
+        rows=rows, dora=_dora_step(active, num_tokens, slots, device))
+
+
+def _dora_step(active: list[tuple[int, int, int]], num_tokens: int, slots: dict, device: torch.device) -> DoraStep | None:
+    dora_slots = [s for s in dict.fromkeys(s for _, _, s in active) if slots[s].dora is not None]
+    if not dora_slots:
+        return None
+    row = {s: i + 1 for i, s in enumerate(dora_slots)}
+    index = [0] * num_tokens
+    for start, n, s in active:
+        index[start:start + n] = [row.get(s, 0)] * n
+    tables = {}
+    for group, first in slots[dora_slots[0]].dora.items():
+        stacked = torch.cat([torch.ones_like(first)[None], *(slots[s].dora[group][None] for s in dora_slots)])
+        tables[group] = list(stacked.transpose(0, 1).contiguous().unbind(0))  # per layer [K + 1, outs]
+    return DoraStep(tables, torch.tensor(index, dtype=torch.long).to(device, non_blocking=True))
 
 
 def _kernel_step(active: list[tuple[int, int, int]], num_tokens: int, pool: LoraPool, slots: dict, rank: int,

@@ -41,6 +41,9 @@ class Slot:
     rank: int
     nbytes: int
     generation: int  # changes whenever the slot's rows are (re)written
+    # DoRA: group -> [num_layers, sum of the group's outs], the scales of its outputs (1 where the
+    # adapter leaves a module or layer alone); None for plain LoRA
+    dora: dict[str, Tensor] | None = None
 
 
 class LoraPool:
@@ -125,10 +128,28 @@ class LoraPool:
             self.kernels.activate(items)
         slot = self._free_slots.pop() if self._free_slots else self._new_slot()
         self._generation += 1
+        dora = self._dora_scales(adapter)
         self._slots[slot] = Slot(rows=rows, rank=adapter.rank,
-                                 nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items()),
-                                 generation=self._generation)
+                                 nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items())
+                                 + sum(t.nbytes for t in (dora or {}).values()),
+                                 generation=self._generation, dora=dora)
         return slot
+
+    def _dora_scales(self, adapter: HostAdapter) -> dict[str, Tensor] | None:
+        if not adapter.dora_scales:
+            return None
+        device = self.a_stacked["qkv"].device
+        found = {}
+        for group, modules in GROUPS.items():
+            outs = [self.dims[m][1] for m in modules]
+            scales = torch.ones(self.num_layers, sum(outs), dtype=self.dtype, device=device)
+            for i, m in enumerate(modules):
+                for layer in range(self.num_layers):
+                    g = adapter.dora_scales.get((layer, m))
+                    if g is not None:
+                        scales[layer, sum(outs[:i]):sum(outs[:i + 1])] = g
+            found[group] = scales
+        return found
 
     def _write(self, adapter: HostAdapter, module: str, rows: list[int], a_pool: Tensor, b_pool: Tensor) -> None:
         first, count = rows[0], len(rows)

@@ -3,7 +3,8 @@
 The tensors in the file, not the config's ``target_modules``, say which (layer, module) pairs an
 adapter changes; the config supplies ranks' scaling (alpha, rsLoRA, per-module patterns). Anything
 that would change the forward in a way the batched LoRA math does not reproduce is refused with the
-reason: DoRA, biases, embedding or lm_head LoRA, modules_to_save, weight-modifying initialisations, ...
+reason: biases, embedding or lm_head LoRA, modules_to_save, weight-modifying initialisations, ...
+DoRA is applied: its magnitude vectors are read here and turned into per-output scales at load.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ _NEUTRAL = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_mode
             "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
             "lora_dropout", "fan_in_fan_out", "use_rslora", "layers_to_transform", "layers_pattern",
             "rank_pattern", "alpha_pattern", "runtime_config", "ensure_weight_tying", "megatron_core",
-            "qalora_group_size", "init_lora_weights", "eva_config"}
+            "qalora_group_size", "init_lora_weights", "eva_config", "use_dora"}
 # Fields that must be off, with the reason shown when they are not.
 _REFUSED = {
-    "use_dora": "DoRA (weight-decomposed LoRA) is not implemented by the batched LoRA path",
     "modules_to_save": "modules_to_save replaces whole base modules per adapter",
     "trainable_token_indices": "trainable tokens change the embedding per adapter",
     "layer_replication": "layer replication changes the base's layer stack",
@@ -49,7 +49,8 @@ _REFUSED = {
 # init_lora_weights values after which the trained adapter only fits a rewritten base.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+                  r"(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?)$")
 
 
 class AdapterRefused(ValueError):
@@ -63,6 +64,7 @@ class LoraSpec:
     ranks: dict[tuple[int, str], int]  # (layer, module) -> rank, only targeted pairs
     scales: dict[tuple[int, str], float]  # (layer, module) -> alpha/r or alpha/sqrt(r)
     keys: dict[tuple[int, str], tuple[str, str]]  # (layer, module) -> (lora_A key, lora_B key)
+    magnitudes: dict[tuple[int, str], str] | None = None  # DoRA: (layer, module) -> magnitude vector key
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -128,7 +130,7 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
         if match is None:
             what = "embedding/lm_head LoRA" if ("embed" in key or "lm_head" in key) else "a tensor outside the decoder's linear layers"
             raise AdapterRefused(f"{key}: {what} is not supported")
-        layer, parent, module, ab = int(match[1]), match[2], match[3], match[4]
+        layer, parent, module, ab = int(match[1]), match[2], match[3], match[4] or "M"
         if module not in PARENT or PARENT[module] != parent:
             raise AdapterRefused(f"{key}: target module {parent}.{module} is not one of {', '.join(MODULES)}")
         if layer >= num_layers:
@@ -136,13 +138,22 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
         pairs.setdefault((layer, module), {})[ab] = key
     if not pairs:
         raise AdapterRefused("the adapter file holds no LoRA tensors")
-    alpha, r0 = config.get("lora_alpha", 8), config.get("r", 8)
-    ranks, scales, keys = {}, {}, {}
+    alpha, r0, dora = config.get("lora_alpha", 8), config.get("r", 8), bool(config.get("use_dora"))
+    ranks, scales, keys, magnitudes = {}, {}, {}, {}
     for (layer, module), ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
+        if "M" in ab and not dora:
+            raise AdapterRefused(f"layer {layer} {module}: a DoRA magnitude vector, but the config does not set use_dora")
+        if not {"A", "B"} <= set(ab):
             raise AdapterRefused(f"layer {layer} {module}: lora_A and lora_B must both be present")
+        if dora and "M" not in ab:
+            raise AdapterRefused(f"layer {layer} {module}: use_dora is set but its lora_magnitude_vector is missing")
         a_shape, b_shape = tensor_shapes[ab["A"]], tensor_shapes[ab["B"]]
         d_in, d_out = dims[module]
+        if dora and tuple(tensor_shapes[ab["M"]]) != (d_out,):
+            raise AdapterRefused(f"layer {layer} {module}: DoRA magnitude {tuple(tensor_shapes[ab['M']])} does not fit "
+                                 f"the {d_out} outputs of the layer")
+        if dora:
+            magnitudes[(layer, module)] = ab["M"]
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != d_in or b_shape[0] != d_out or a_shape[0] != b_shape[1]:
             raise AdapterRefused(f"layer {layer} {module}: lora_A {tuple(a_shape)} / lora_B {tuple(b_shape)} "
                                  f"do not fit a {d_in}->{d_out} linear layer")
@@ -157,4 +168,4 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
         ranks[(layer, module)] = rank
         scales[(layer, module)] = a / math.sqrt(rank) if config.get("use_rslora") else a / rank
         keys[(layer, module)] = (ab["A"], ab["B"])
-    return LoraSpec(ranks=ranks, scales=scales, keys=keys)
+    return LoraSpec(ranks=ranks, scales=scales, keys=keys, magnitudes=magnitudes if dora else None)

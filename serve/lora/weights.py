@@ -34,10 +34,14 @@ class HostAdapter:
     a: dict[tuple[int, str], Tensor]  # (layer, module) -> lora_A [r, in], a view of ``buffer``
     b: dict[tuple[int, str], Tensor]  # (layer, module) -> lora_B [out, r], a view of ``buffer``
     ranks: dict[str, int]  # module -> rows it needs in that module's pool (highest rank over layers)
+    # DoRA: (layer, module) -> lora_magnitude_vector [out] (a view of ``buffer``), and the per-output
+    # scales magnitude / ||W + scale * B A|| that the loader derives from them and the base (float32)
+    magnitude: dict[tuple[int, str], Tensor] | None = None
+    dora_scales: dict[tuple[int, str], Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel()
+        return self.buffer.numel() + sum(t.nbytes for t in (self.dora_scales or {}).values())
 
     @property
     def rank(self) -> int:
@@ -116,5 +120,20 @@ def load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dic
     _check_finite(tensors)
     a = {pair: tensors[keys[0]] for pair, keys in spec.keys.items()}
     b = {pair: tensors[keys[1]] for pair, keys in spec.keys.items()}
+    magnitude = None if spec.magnitudes is None else {pair: tensors[k] for pair, k in spec.magnitudes.items()}
     return HostAdapter(digest=digest, ref=ref, spec=spec, buffer=buffer, a=a, b=b,
-                       ranks={m: spec.module_rank(m) for m in spec.modules})
+                       ranks={m: spec.module_rank(m) for m in spec.modules}, magnitude=magnitude)
+
+
+def dora_scales(adapter: HostAdapter, base_weight) -> dict[tuple[int, str], Tensor]:
+    """DoRA's per-output scales, ``magnitude / ||W + scale * B A||`` over each output row, as PEFT
+    computes them (float32, the norm of the merged weight, on the device of ``base_weight(layer,
+    module)``, the base's ``[out, in]`` weight); kept on the host like the file. A DoRA layer's output is then
+    ``scales * (W x + scale * B A x)``: the engine multiplies a step's outputs by them."""
+    found = {}
+    for pair, magnitude in (adapter.magnitude or {}).items():
+        w = base_weight(*pair)
+        a, b = (t.to(w.device, torch.float32) for t in (adapter.a[pair], adapter.b[pair]))
+        norm = torch.linalg.norm(w.float() + adapter.spec.scales[pair] * (b @ a), dim=1)
+        found[pair] = (magnitude.to(w.device, torch.float32) / norm).cpu()
+    return found

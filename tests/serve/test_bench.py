@@ -27,6 +27,13 @@ def test_bench_measures_every_configuration_and_agrees_with_peft():
     assert result.cached_tokens == {"engine_base": 0, "engine_mixed": 0}  # every round computes its prompts
 
 
+def test_bench_with_dora_adapters():
+    result = run(BenchSettings(base=None, shape="tiny", batch=2, prompt=8, new_tokens=3, adapters=2, rank=4,
+                               repeat=1, device="cpu", skip_hf=True, dora=True))
+    assert set(result.tok_s) == {"engine_base", "engine_mixed"} and all(v > 0 for v in result.tok_s.values())
+    assert "2 DoRA adapters of rank 4" in format_table(result)
+
+
 def test_bench_times_a_shared_prefix_computed_and_reused():
     result = run(BenchSettings(base=None, shape="tiny", batch=3, prompt=8, new_tokens=4, adapters=2, rank=4,
                                repeat=1, device="cpu", skip_hf=True, shared_prefix=40))
@@ -54,5 +61,7 @@ def test_bench_command_refuses_an_unknown_dtype_or_shape():
     assert out.exit_code == 2 and "unknown dtype 'fp8'" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "huge"])
     assert out.exit_code == 2 and "unknown shape 'huge'" in out.output
+    out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--dora"])
+    assert out.exit_code == 2 and "--skip-hf" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--shared-prefix", "-1"])
     assert out.exit_code == 2 and "--shared-prefix" in out.output

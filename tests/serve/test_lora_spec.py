@@ -21,7 +21,6 @@ BASE_CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": 
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"use_dora": True}, "DoRA"),
     ({"bias": "all"}, "bias='all'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"lora_bias": True}, "bias on lora_B"),
@@ -50,7 +49,7 @@ def test_plain_config_passes_and_neutral_fields_are_ignored():
     ({f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": (8, 60),
       f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": (64, 8)}, "do not fit a 64->64"),
     (shapes(r=4), "tensors have rank 4 but the config says 8"),
-    ({f"{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector": (64,)}, "outside the decoder's linear layers"),
+    ({f"{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector": (64,), **shapes()}, "does not set use_dora"),
     ({}, "no LoRA tensors"),
 ])
 def test_tensor_refusals(tensors, reason):
@@ -66,3 +65,15 @@ def test_scales_follow_alpha_rslora_and_patterns():
     assert spec.module_rank("q_proj") == 8 and spec.module_rank("down_proj") == 2
     rs = build_spec({**BASE_CONFIG, "use_rslora": True}, shapes(r=8), num_layers=2, dims=DIMS, max_rank=64)
     assert rs.scales[(0, "q_proj")] == pytest.approx(16 / 8 ** 0.5)
+
+
+def test_dora_needs_one_magnitude_per_output_of_every_targeted_layer():
+    dora = {**BASE_CONFIG, "use_dora": True}
+    magnitude = f"{PREFIX}.0.self_attn.q_proj.lora_magnitude_vector"
+    spec = build_spec(dora, {**shapes(), magnitude: (64,)}, num_layers=2, dims=DIMS, max_rank=64)
+    assert spec.magnitudes == {(0, "q_proj"): magnitude}
+    assert build_spec(BASE_CONFIG, shapes(), num_layers=2, dims=DIMS, max_rank=64).magnitudes is None
+    with pytest.raises(AdapterRefused, match="lora_magnitude_vector is missing"):
+        build_spec(dora, shapes(), num_layers=2, dims=DIMS, max_rank=64)
+    with pytest.raises(AdapterRefused, match=r"DoRA magnitude \(32,\) does not fit the 64 outputs"):
+        build_spec(dora, {**shapes(), magnitude: (32,)}, num_layers=2, dims=DIMS, max_rank=64)
