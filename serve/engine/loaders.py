@@ -38,7 +38,7 @@ def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: Lor
     except AdapterRefused as exc:
         raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
     if host.magnitude is not None:
-        host.dora_scales = dora_scales(host, runner.module_weight)
+        host.dora_scales = dora_scales(host, runner.module_weight, runner.module_norm_sq)
     if not pool.fits_empty(host):
         need = max(host.ranks.values())
         raise CapacityExceeded(f"adapter {ref} needs {need} rows per module but the device pool has "

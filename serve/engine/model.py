@@ -103,6 +103,7 @@ class LlamaRunner:
         self.lora: LoraPool | None = None
         self._kernels: CpuKernels | None = None
         self._native: dict[str, BaseLayers] | None = None
+        self._norms_sq: dict[tuple[int, str], Tensor] = {}  # see module_norm_sq
 
     @property
     def kernels(self) -> CpuKernels | None:
@@ -133,6 +134,14 @@ class LlamaRunner:
         for m in GROUPS[group][:GROUPS[group].index(module)]:
             start += dims[m][1]
         return getattr(self.layers[layer], group)[start:start + dims[module][1]]
+
+    def module_norm_sq(self, layer: int, module: str) -> Tensor:
+        """Squared norms of the rows of ``module_weight`` (float32), computed once (DoRA adapters'
+        loads need them; loads run on several threads, and a race only computes one twice)."""
+        found = self._norms_sq.get((layer, module))
+        if found is None:
+            found = self._norms_sq[(layer, module)] = self.module_weight(layer, module).float().square().sum(1)
+        return found
 
     @property
     def nbytes(self) -> int:

@@ -125,15 +125,19 @@ def load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dic
                        ranks={m: spec.module_rank(m) for m in spec.modules}, magnitude=magnitude)
 
 
-def dora_scales(adapter: HostAdapter, base_weight) -> dict[tuple[int, str], Tensor]:
-    """DoRA's per-output scales, ``magnitude / ||W + scale * B A||`` over each output row, as PEFT
-    computes them (float32, the norm of the merged weight, on the device of ``base_weight(layer,
-    module)``, the base's ``[out, in]`` weight); kept on the host like the file. A DoRA layer's output is then
-    ``scales * (W x + scale * B A x)``: the engine multiplies a step's outputs by them."""
+def dora_scales(adapter: HostAdapter, base_weight, base_norm_sq) -> dict[tuple[int, str], Tensor]:
+    """DoRA's per-output scales, ``magnitude / ||W + s B A||`` over each output row, as PEFT defines
+    them (float32). ``base_weight(layer, module)`` is the base's ``[out, in]`` weight and
+    ``base_norm_sq(layer, module)`` its squared row norms (the same for every adapter, so computed
+    once). The norm is expanded, ``||W||^2 + 2 s (W A^T . B) + s^2 ||B A||^2``, so that no ``[out, in]``
+    matrix is formed: one product with W per module instead of three passes. Kept on the host like
+    the file. A DoRA layer's output is then ``scales * (W x + s B A x)``."""
     found = {}
     for pair, magnitude in (adapter.magnitude or {}).items():
-        w = base_weight(*pair)
+        w, s = base_weight(*pair), adapter.spec.scales[pair]
         a, b = (t.to(w.device, torch.float32) for t in (adapter.a[pair], adapter.b[pair]))
-        norm = torch.linalg.norm(w.float() + adapter.spec.scales[pair] * (b @ a), dim=1)
+        cross = ((w.float() @ a.T) * b).sum(1)
+        lora_sq = ((b @ (a @ a.T)) * b).sum(1)
+        norm = (base_norm_sq(*pair) + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()
         found[pair] = (magnitude.to(w.device, torch.float32) / norm).cpu()
     return found

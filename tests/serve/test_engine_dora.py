@@ -85,3 +85,22 @@ def test_a_dora_file_without_its_magnitudes_is_refused(dora_world, tmp_path):
             engine.load_future("dora-broken").result(timeout=30)
     finally:
         engine.stop_sync()
+
+
+def test_expanded_dora_norm_equals_the_merged_weights_norm(dora_world):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from hotswap.serve.lora.spec import PARENT
+    from hotswap.serve.lora.weights import dora_scales, load_adapter
+
+    model = LlamaForCausalLM.from_pretrained(dora_world.base_dir)
+    weight = lambda layer, m: getattr(getattr(model.model.layers[layer], PARENT[m]), m).weight.detach()  # noqa: E731
+    dims = {m: tuple(reversed(weight(0, m).shape)) for m in ALL}
+    host = load_adapter(dora_world.adapter_dirs["dora-qv"], "d", "dora-qv@1", 3, dims, max_rank=32)
+    scales = dora_scales(host, weight, lambda layer, m: weight(layer, m).square().sum(1))
+    assert set(scales) == set(host.magnitude) and len(scales) == 9
+    for (layer, m), g in scales.items():
+        merged = weight(layer, m) + host.spec.scales[(layer, m)] * (host.b[(layer, m)] @ host.a[(layer, m)])
+        torch.testing.assert_close(g, host.magnitude[(layer, m)] / torch.linalg.norm(merged, dim=1),
+                                   rtol=1e-5, atol=0)
