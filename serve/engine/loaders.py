@@ -9,6 +9,7 @@ import torch
 from ..lora.pool import LoraPool
 from ..lora.spec import AdapterRefused
 from ..lora.weights import HostAdapter, dora_scales, load_adapter as read_adapter
+from ..threads import one_cpu_thread
 from .config import EngineConfig
 from .errors import CapacityExceeded, IncompatibleAdapter
 from .model import LlamaRunner, check_architecture
@@ -38,7 +39,8 @@ def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: Lor
     except AdapterRefused as exc:
         raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
     if host.magnitude is not None:
-        host.dora_scales = dora_scales(host, runner.module_weight, runner.module_norm_sq)
+        with one_cpu_thread():
+            host.dora_scales = dora_scales(host, runner.module_weight, runner.module_norm_sq)
     if not pool.fits_empty(host):
         need = max(host.ranks.values())
         raise CapacityExceeded(f"adapter {ref} needs {need} rows per module but the device pool has "

@@ -140,7 +140,9 @@ class LlamaRunner:
         loads need them; loads run on several threads, and a race only computes one twice)."""
         found = self._norms_sq.get((layer, module))
         if found is None:
-            found = self._norms_sq[(layer, module)] = self.module_weight(layer, module).float().square().sum(1)
+            weight = self.module_weight(layer, module).float()
+            # a reduction, so no [out, in] square is allocated (the first DoRA load computes them all)
+            found = self._norms_sq[(layer, module)] = torch.linalg.vector_norm(weight, dim=1).square()
         return found
 
     @property

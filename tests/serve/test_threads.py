@@ -6,8 +6,10 @@ import threading
 import time
 
 import pytest
+import torch
 
-from hotswap.serve.threads import FreshThreads, run_in_fresh_thread
+from hotswap.serve import threads as threads_module
+from hotswap.serve.threads import FreshThreads, one_cpu_thread, run_in_fresh_thread
 
 from .engine_support import world, start_engine  # noqa: F401  (fixture)
 
@@ -22,6 +24,23 @@ def test_run_in_fresh_thread_passes_results_and_errors_on():
     with pytest.raises(ValueError, match="bad"):
         run_in_fresh_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
     assert _alive("hotswap-setup") == []
+
+
+def test_one_cpu_thread_limits_only_the_calling_thread_and_restores_it():
+    main_count = torch.get_num_threads()
+
+    def body() -> tuple[int, int, int, int]:
+        before = torch.get_num_threads()
+        with one_cpu_thread():
+            inside = torch.get_num_threads()
+            started_meanwhile = run_in_fresh_thread(torch.get_num_threads)  # its own count, not ours
+            torch.ones(1 << 20).sum()  # torch's ops run under the limit without complaint
+        return before, inside, started_meanwhile, torch.get_num_threads()
+
+    before, inside, started_meanwhile, after = run_in_fresh_thread(body)
+    assert inside == (1 if threads_module._OPENMP is not None else before)
+    assert started_meanwhile == before and after == before
+    assert torch.get_num_threads() == main_count
 
 
 def test_fresh_threads_cap_concurrency_and_exit_when_idle():
