@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -26,10 +27,19 @@ T = TypeVar("T")
 
 
 def _load_openmp() -> ctypes.CDLL | None:
-    try:  # torch has loaded it already, so this finds torch's own runtime by its soname
-        return ctypes.CDLL("libgomp.so.1")
-    except OSError:
+    """The GNU OpenMP runtime torch has loaded (wheels may name it with a hash), or None."""
+    torch_dir = str(Path(torch.__file__).parent.parent)
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line}
+    except OSError:  # not Linux
         return None
+    for path in sorted(p for p in paths if p.startswith(torch_dir)) or sorted(paths):
+        try:
+            return ctypes.CDLL(path)  # already loaded: this only looks its symbols up
+        except OSError:
+            continue
+    return None
 
 
 _OPENMP = _load_openmp()
