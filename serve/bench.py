@@ -75,7 +75,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
+def prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
     """Publish the base into the throwaway registry; returns (its name, folder, HF config)."""
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
@@ -111,8 +111,9 @@ def _word_tokenizer(vocab_size: int, eos_id: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"<{eos_id}>", unk_token="<0>")
 
 
-def _make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry) -> list[Path]:
-    """N random adapters (B non-zero so each changes the output), saved by PEFT and published."""
+def make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry, count: int | None = None) -> list[Path]:
+    """``count`` random adapters (B non-zero so each changes the output), saved by PEFT and published
+    as ``bench-a0``, ``bench-a1``, ...; by default the mixed batch's and the cold-load timing's."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -120,7 +121,7 @@ def _make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry) -> li
     cfg = LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=MODULES, init_lora_weights=False, use_dora=s.dora)
     peft_model = get_peft_model(model, cfg, adapter_name="a0")
     dirs = []
-    for i in range(s.adapters + COLD):  # the last ones are kept cold for the load timing
+    for i in range(s.adapters + COLD if count is None else count):  # the last COLD: for the load timing
         torch.manual_seed(100 + i)
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
@@ -153,8 +154,8 @@ def run(s: BenchSettings) -> BenchResult:
         # torch work outside the engine runs where it leaves no OpenMP workers behind to slow the
         # engine's step thread (see serve/threads.py): set-up on a thread that exits, the HF and
         # PEFT baselines on the step thread itself, between the engine's runs
-        base_name, base_dir, hf_config = run_in_fresh_thread(lambda: _prepare_base(s, work, registry, device, dtype))
-        adapter_dirs = run_in_fresh_thread(lambda: _make_adapters(s, work, base_dir, registry))
+        base_name, base_dir, hf_config = run_in_fresh_thread(lambda: prepare_base(s, work, registry, device, dtype))
+        adapter_dirs = run_in_fresh_thread(lambda: make_adapters(s, work, base_dir, registry))
         gen = torch.Generator().manual_seed(0)
         prompts = torch.randint(5, hf_config.vocab_size, (s.batch, s.prompt), generator=gen).tolist()
         prefix = torch.randint(5, hf_config.vocab_size, (s.shared_prefix,), generator=gen).tolist()

@@ -33,9 +33,16 @@ def bench(
     dora: bool = typer.Option(False, "--dora", help="DoRA adapters instead of LoRA (with --skip-hf)"),
     shared_prefix: int = typer.Option(0, help="also time the mixed batch after a prefix of this many tokens "
                                               "common to its requests: computed, and reused from the prefix cache"),
+    traffic: int = typer.Option(0, help="instead: this many requests arriving as a Poisson process, each for "
+                                        "an adapter drawn by popularity, run on the bare base and on their "
+                                        "adapters (engine only; --prompt and --new-tokens are mean lengths)"),
+    rate: float = typer.Option(4.0, help="with --traffic: mean arrivals per second"),
+    zipf: float = typer.Option(1.0, help="with --traffic: adapter k is drawn with weight 1/(k+1)^zipf"),
+    slots: int = typer.Option(0, help="with --traffic: adapters the device pool holds (0: half of --adapters)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Tokens/s of the engine (base only, N adapters mixed) beside HF generate and PEFT's mixed batch."""
+    """Tokens/s of the engine (base only, N adapters mixed) beside HF generate and PEFT's mixed batch;
+    with --traffic, an open-loop workload over more adapters than device slots."""
     from .bench import SHAPES, BenchSettings, run
     from .bench_report import format_table, to_json
 
@@ -47,6 +54,11 @@ def bench(
         raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
     if shared_prefix < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--shared-prefix")
+    if traffic:
+        _traffic(traffic, rate, zipf, slots, shared_prefix, json_out, base=base, home=home, shape=shape, prompt=prompt,
+                 new_tokens=new_tokens, adapters=adapters, rank=rank, repeat=repeat, device=device, dtype=dtype,
+                 dora=dora)
+        return
     if dora and not skip_hf:
         raise typer.BadParameter("PEFT's mixed batch does not take DoRA adapters: add --skip-hf", param_hint="--dora")
     settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
@@ -54,3 +66,21 @@ def bench(
                              dtype=dtype, skip_hf=skip_hf, shared_prefix=shared_prefix, dora=dora)
     result = run(settings)
     typer.echo(to_json(result) if json_out else format_table(result))
+
+
+def _traffic(requests: int, rate: float, zipf: float, slots: int, shared_prefix: int, json_out: bool, **common) -> None:
+    import json
+    from dataclasses import asdict
+
+    from .bench_traffic import TrafficSettings, format_traffic, run_traffic
+
+    if requests < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--traffic")
+    if rate <= 0:
+        raise typer.BadParameter("must be > 0", param_hint="--rate")
+    if zipf < 0 or slots < 0:
+        raise typer.BadParameter("--zipf and --slots must be >= 0")
+    if shared_prefix:
+        raise typer.BadParameter("the traffic workload has no shared prefix", param_hint="--shared-prefix")
+    result = run_traffic(TrafficSettings(requests=requests, rate=rate, zipf=zipf, slots=slots, skip_hf=True, **common))
+    typer.echo(json.dumps(asdict(result), indent=2) if json_out else format_traffic(result))
