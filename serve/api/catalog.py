@@ -12,6 +12,7 @@ from collections import defaultdict
 from hotswap.hub import InvalidName, NotFoundError, Ref, Registry, Version, parse_ref
 
 from ..engine import AdapterNotFound, AdapterResidency, Engine, EngineNotReady, Target
+from ..lora.compose import is_composite, parse_composite
 from .admin_schemas import AdapterInfo, Residency
 from .auth import Principal
 from .exceptions import ApiProblem, Forbidden, UnknownModel
@@ -40,17 +41,20 @@ class Catalog:
     async def resolve(self, model: str, principal: Principal, param: str = "model") -> Target:
         """The exact version `model` names now, if this caller may use it."""
         self._require_ready()
-        ref = checked_ref(model, param)
-        if ref.name != self.base_name() and not principal.may_use(ref.name):
-            raise Forbidden(f"key {principal.name!r} may not use {ref.name!r}", param)
+        refs = [checked_ref(part, param) for part in _parts(model, param)]  # a combination: each adapter
+        for ref in refs:
+            if ref.name != self.base_name() and not principal.may_use(ref.name):
+                raise Forbidden(f"key {principal.name!r} may not use {ref.name!r}", param)
         try:
             return self.engine.resolve(model)
         except AdapterNotFound as exc:
             names = await self.hub.run(_entry_names)
-            if ref.name in names:  # the name exists: the message is about its versions or aliases
+            missing = next((ref for ref in refs if ref.name not in names), None)
+            if missing is None:  # the names exist: the message is about versions or aliases
                 raise UnknownModel(str(exc), param=param) from None
             visible = principal.visible([n for n in names if n != self.base_name()]) + [self.base_name()]
-            raise UnknownModel(f"no model named {ref.name!r}", principal.nearest(ref.name, visible), param) from None
+            raise UnknownModel(f"no model named {missing.name!r}", principal.nearest(missing.name, visible),
+                               param) from None
 
     # --- listing ---------------------------------------------------------------------------------
     async def model_cards(self, principal: Principal) -> list[ModelCard]:
@@ -90,6 +94,16 @@ class Catalog:
             if info.ref == version.ref:
                 return info
         raise ApiProblem(f"{version.ref} is a {version.kind}, not an adapter or a full model", "ref")
+
+
+def _parts(model: str, param: str) -> list[str]:
+    """The references ``model`` names: itself, or each adapter of a combination (``"a*0.7+b*0.3"``)."""
+    if not isinstance(model, str) or not is_composite(model):
+        return [model]
+    try:
+        return [ref for ref, _ in parse_composite(model)]
+    except ValueError as exc:
+        raise ApiProblem(f"{param}: {exc}", param) from None
 
 
 def checked_ref(text: str, param: str) -> Ref:

@@ -13,9 +13,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..engine import AdapterResidency, EngineStats, Histogram
+from ..lora.compose import is_composite
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_MODEL = "none"  # label of errors that happened before `model` was resolved
+# label of every per-request combination of adapters ("a*0.7+b*0.3"): callers choose their weights
+# freely, so one series each would grow without bound
+COMBINATION = "combination"
 MODEL_SCOPE_KEY = "hotswap_model"  # where a request keeps its resolved ref, for the error metrics
 
 Labels = dict[str, str]
@@ -42,7 +46,7 @@ class ApiMetrics:
 
     def finished(self, model: str, endpoint: str, finish: str, prompt_tokens: int, generated: int,
                  ttft: float | None, duration: float) -> None:
-        figures = self.by_model[model]
+        figures = self.by_model[_label(model)]
         figures.requests[(endpoint, finish)] += 1
         figures.prompt_tokens += prompt_tokens
         figures.generated_tokens += generated
@@ -53,7 +57,11 @@ class ApiMetrics:
                 figures.tpot.observe((duration - ttft) / (generated - 1))
 
     def failed(self, model: str | None, status: int) -> None:
-        self.by_model[model or NO_MODEL].errors[str(status)] += 1
+        self.by_model[_label(model) if model else NO_MODEL].errors[str(status)] += 1
+
+
+def _label(model: str) -> str:
+    return COMBINATION if is_composite(model) else model
 
 
 def render(api: ApiMetrics, stats: EngineStats, residency: list[AdapterResidency], ready: bool) -> str:

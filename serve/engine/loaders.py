@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..lora.compose import combine, composite_digest, is_composite, parse_composite
 from ..lora.pool import LoraPool
 from ..lora.spec import AdapterRefused
 from ..lora.weights import HostAdapter, dora_scales, load_adapter as read_adapter
@@ -29,15 +30,10 @@ def load_hf(path: Path, dtype: torch.dtype):
 
 def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: LoraPool,
                  cfg: EngineConfig) -> HostAdapter:
-    # the registry checks the files first (re-hashing any whose status changed since their last hash)
-    snap = resolver.open(ref)  # "name@version" is immutable; the digest check guards against reuse
-    if snap.version.digest != digest:
-        raise IncompatibleAdapter(f"{ref} now has digest {snap.version.digest[:12]}, expected {digest[:12]}")
-    try:
-        host = read_adapter(snap.path, digest, ref, runner.num_layers, runner.module_dims(), cfg.max_rank,
-                            pin_memory=cfg.torch_device().type == "cuda")
-    except AdapterRefused as exc:
-        raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
+    if is_composite(ref):  # "name@3*0.7+other@1*0.3", as the resolver wrote it
+        host = _load_combination(resolver, ref, digest, runner, cfg)
+    else:
+        host = _read(resolver, ref, digest, runner, cfg)
     if host.magnitude is not None:
         with one_cpu_thread():
             host.dora_scales = dora_scales(host, runner.module_weight, runner.module_norm_sq)
@@ -46,6 +42,29 @@ def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: Lor
         raise CapacityExceeded(f"adapter {ref} needs {need} rows per module but the device pool has "
                                f"{pool.max_rows} (raise lora_capacity_bytes)")
     return host
+
+
+def _read(resolver, ref: str, digest: str | None, runner: LlamaRunner, cfg: EngineConfig) -> HostAdapter:
+    # the registry checks the files first (re-hashing any whose status changed since their last hash)
+    snap = resolver.open(ref)  # "name@version" is immutable; the digest check guards against reuse
+    if digest is not None and snap.version.digest != digest:
+        raise IncompatibleAdapter(f"{ref} now has digest {snap.version.digest[:12]}, expected {digest[:12]}")
+    try:
+        return read_adapter(snap.path, snap.version.digest, ref, runner.num_layers, runner.module_dims(),
+                            cfg.max_rank, pin_memory=cfg.torch_device().type == "cuda")
+    except AdapterRefused as exc:
+        raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
+
+
+def _load_combination(resolver, ref: str, digest: str, runner: LlamaRunner, cfg: EngineConfig) -> HostAdapter:
+    parts = [(_read(resolver, part, None, runner, cfg), weight) for part, weight in parse_composite(ref)]
+    found = composite_digest([(host.digest, weight) for host, weight in parts])
+    if found != digest:
+        raise IncompatibleAdapter(f"{ref} now has digest {found[:12]}, expected {digest[:12]}")
+    try:
+        return combine(parts, digest, ref, cfg.max_rank, pin_memory=cfg.torch_device().type == "cuda")
+    except AdapterRefused as exc:
+        raise IncompatibleAdapter(f"adapters {ref} cannot be combined: {exc}") from None
 
 
 def load_model(resolver, ref: str, digest: str, cfg: EngineConfig) -> Worker:

@@ -14,6 +14,7 @@ from typing import Callable
 
 from hotswap.hub import HubError, NotFoundError
 
+from ..lora.compose import composite_digest, composite_ref, is_composite, parse_composite
 from .config import EngineConfig
 from .errors import AdapterNotFound, EngineError, IncompatibleAdapter, InvalidRequest
 from .kv_cache import KVCache
@@ -71,6 +72,8 @@ class Resolver:
             return Target("base", base.ref, base.digest)
         if not isinstance(model, str):
             raise InvalidRequest(f"model must be a registry reference string, got {type(model).__name__}")
+        if is_composite(model):
+            return self._combination(model)
         version = self._resolve(model)
         if version.kind == "base":
             if version.digest != base.digest:
@@ -78,6 +81,25 @@ class Resolver:
             return Target("base", version.ref, version.digest)
         if version.kind == "model":
             return Target("model", version.ref, version.digest)
+        return self._adapter(version)
+
+    def _combination(self, model: str) -> Target:
+        """``"a*0.7+b@2*0.3"``: every part an adapter of this base; keyed by their digests and weights."""
+        try:
+            parts = parse_composite(model)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        targets = []
+        for ref, weight in parts:
+            version = self._resolve(ref)
+            if version.kind != "adapter":
+                raise InvalidRequest(f"{model!r}: {version.ref} is a {version.kind}; only adapters can be combined")
+            targets.append((self._adapter(version), weight))
+        return Target("adapter", composite_ref([(t.ref, w) for t, w in targets]),
+                      composite_digest([(t.digest, w) for t, w in targets]))
+
+    def _adapter(self, version) -> Target:
+        base = self.base_version
         meta = version.metadata
         if meta.base_fingerprint != base.metadata.fingerprint:
             raise IncompatibleAdapter(f"adapter {version.ref} was made for base {meta.base or 'unknown'}, "

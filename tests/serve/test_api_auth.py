@@ -65,6 +65,18 @@ def test_a_tenant_uses_only_its_adapters(client):
     assert complete(client, "globex-sql", ADMIN).status_code == 200
 
 
+def test_a_combination_needs_every_adapter_it_names(client):
+    response = complete(client, "acme-sql@prod*0.5+acme-chat*0.5", ACME)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "acme-sql@1*0.5+acme-chat@1*0.5"  # the exact versions and weights
+    response = complete(client, "acme-sql+globex-sql*0.5", ACME)
+    assert response.status_code == 403 and "'globex-sql'" in response.json()["error"]["message"]
+    response = complete(client, "acme-sql*half", ACME)
+    assert response.status_code == 400 and "'half' of 'acme-sql' is not a number" in response.json()["error"]["message"]
+    response = complete(client, "acme-sql+acme-nothing", ACME)
+    assert response.status_code == 404 and "acme-nothing" in response.json()["error"]["message"]
+
+
 def test_a_tenant_lists_only_its_adapters(client):
     ids = {m["id"] for m in client.get("/v1/models", headers=ACME).json()["data"]}
     assert BASE in ids and {"acme-sql", "acme-sql@prod", "acme-chat"} <= ids

@@ -75,6 +75,17 @@ def test_per_model_request_token_and_latency_figures(client):
         assert buckets[-1] == (float("inf"), count)
 
 
+def test_combinations_share_one_label(client):
+    before = scrape(client)
+    for weight in (0.5, 0.25, 0.125):  # weights are the caller's to choose: no series per combination
+        complete(client, f"acme-sql*{weight}+acme-chat", 3)
+    s = scrape(client)
+    got = value(s, "hotswap_generation_tokens_total", model="combination")
+    assert got - value(before, "hotswap_generation_tokens_total", model="combination") == 9
+    assert not any("*" in dict(labels).get("model", "") for name, labels in s
+                   if name.startswith(("hotswap_requests", "hotswap_generation", "hotswap_time")))
+
+
 def test_residency_cache_and_queue_figures(client):
     before = scrape(client)
     complete(client, "globex-sql")  # cold: found on disk
