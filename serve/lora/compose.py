@@ -75,7 +75,7 @@ def combine(parts: list[tuple[HostAdapter, float]], digest: str, ref: str, max_r
     b_parts: dict[tuple[int, str], list[torch.Tensor]] = {pair: [] for pair in pairs}
     for host, weight in parts:
         for pair, a in host.a.items():
-            a_parts[pair].append(a.float() * (weight * host.spec.scales[pair]))
+            a_parts[pair].append(a.float() * weight * host.spec.scales[pair])  # PEFT's order: the same values
             b_parts[pair].append(host.b[pair].float())
     total = sum(t.numel() for group in (a_parts, b_parts) for ts in group.values() for t in ts)
     # one allocation, as for a file: the host tier counts its bytes; a GPU copies from pinned memory fastest

@@ -41,6 +41,31 @@ def test_parse_and_digest():
             parse_composite(bad)
 
 
+def test_combined_rows_equal_peft_cat_bit_for_bit(world):
+    from hotswap.serve.lora.compose import combine
+    from hotswap.serve.lora.weights import load_adapter
+
+    config = LlamaForCausalLM.from_pretrained(world.base_dir).config
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    parts = [("odd", 1.5), ("chat", -0.4)]
+    hosts = [(load_adapter(world.adapter_dirs[n], n, n, config.num_hidden_layers, dims, 32), w) for n, w in parts]
+    ours = combine(hosts, "digest", "odd*1.5+chat*-0.4", 32)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(world.base_dir), world.adapter_dirs["odd"],
+                                      adapter_name="odd")
+    model.load_adapter(world.adapter_dirs["chat"], adapter_name="chat")
+    model.add_weighted_adapter(["odd", "chat"], [1.5, -0.4], "combined", combination_type="cat")
+    for (layer, module), a in ours.a.items():
+        peft_layer = getattr(getattr(model.base_model.model.model.layers[layer], "self_attn" if module in
+                                     ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"), module)
+        rank = a.shape[0]  # PEFT pads to the sum of the configs' ranks with zero rows
+        assert torch.equal(peft_layer.lora_A["combined"].weight[:rank], a)
+        assert torch.equal(peft_layer.lora_B["combined"].weight[:, :rank], ours.b[(layer, module)])
+        assert not peft_layer.lora_A["combined"].weight[rank:].any() and peft_layer.scaling["combined"] == 1.0
+
+
 def test_combinations_in_a_mixed_batch_match_peft_cat(world):
     combos = {"sql*0.7+chat*-0.4": [("sql", 0.7), ("chat", -0.4)],
               "odd*1.5+mlp+attn*0.25": [("odd", 1.5), ("mlp", 1.0), ("attn", 0.25)]}
