@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .bench import BenchResult
+    from .bench_traffic import TrafficResult
 
 
 def format_table(r: BenchResult) -> str:
@@ -39,5 +40,5 @@ def format_table(r: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def to_json(r: BenchResult) -> str:
+def to_json(r: BenchResult | TrafficResult) -> str:
     return json.dumps(asdict(r), indent=2)

@@ -69,9 +69,7 @@ def bench(
 
 
 def _traffic(requests: int, rate: float, zipf: float, slots: int, shared_prefix: int, json_out: bool, **common) -> None:
-    import json
-    from dataclasses import asdict
-
+    from .bench_report import to_json
     from .bench_traffic import TrafficSettings, format_traffic, run_traffic
 
     if requests < 1:
@@ -83,4 +81,4 @@ def _traffic(requests: int, rate: float, zipf: float, slots: int, shared_prefix:
     if shared_prefix:
         raise typer.BadParameter("the traffic workload has no shared prefix", param_hint="--shared-prefix")
     result = run_traffic(TrafficSettings(requests=requests, rate=rate, zipf=zipf, slots=slots, skip_hf=True, **common))
-    typer.echo(json.dumps(asdict(result), indent=2) if json_out else format_traffic(result))
+    typer.echo(to_json(result) if json_out else format_traffic(result))

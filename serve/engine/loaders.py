@@ -33,7 +33,7 @@ def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: Lor
     if is_composite(ref):  # "name@3*0.7+other@1*0.3", as the resolver wrote it
         host = _load_combination(resolver, ref, digest, runner, cfg)
     else:
-        host = _read(resolver, ref, digest, runner, cfg)
+        host = _read(resolver, ref, digest, runner, cfg, pin_memory=cfg.torch_device().type == "cuda")
     if host.magnitude is not None:
         with one_cpu_thread():
             host.dora_scales = dora_scales(host, runner.module_weight, runner.module_norm_sq)
@@ -44,19 +44,21 @@ def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: Lor
     return host
 
 
-def _read(resolver, ref: str, digest: str | None, runner: LlamaRunner, cfg: EngineConfig) -> HostAdapter:
+def _read(resolver, ref: str, digest: str | None, runner: LlamaRunner, cfg: EngineConfig,
+          pin_memory: bool = False) -> HostAdapter:
     # the registry checks the files first (re-hashing any whose status changed since their last hash)
     snap = resolver.open(ref)  # "name@version" is immutable; the digest check guards against reuse
     if digest is not None and snap.version.digest != digest:
         raise IncompatibleAdapter(f"{ref} now has digest {snap.version.digest[:12]}, expected {digest[:12]}")
     try:
         return read_adapter(snap.path, snap.version.digest, ref, runner.num_layers, runner.module_dims(),
-                            cfg.max_rank, pin_memory=cfg.torch_device().type == "cuda")
+                            cfg.max_rank, pin_memory=pin_memory)
     except AdapterRefused as exc:
         raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
 
 
 def _load_combination(resolver, ref: str, digest: str, runner: LlamaRunner, cfg: EngineConfig) -> HostAdapter:
+    # the parts are read into plain memory: only the combination is kept (pinned on a GPU)
     parts = [(_read(resolver, part, None, runner, cfg), weight) for part, weight in parse_composite(ref)]
     found = composite_digest([(host.digest, weight) for host, weight in parts])
     if found != digest:
