@@ -72,7 +72,8 @@ def check_adapter_fits(
         key = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
         part = _LORA_PART.search(key)
         module = key[: part.start()] if part else key.removesuffix(".weight")
-        module = module.replace(".modules_to_save", "").replace(".original_module", "")
+        # PEFT saves copies of the base weights it wraps as ".base_layer" (embed_tokens, lm_head)
+        module = module.replace(".modules_to_save", "").replace(".original_module", "").replace(".base_layer", "")
         base_shape = base_shapes.get(module + ".weight")
         if base_shape is None:
             raise IncompatibleAdapter(f"module {module!r} (tensor {name}) does not exist in base {base_ref}")

@@ -54,6 +54,7 @@ class BenchSettings:
     dtype: str | None = None  # None: the engine's default (bfloat16 on a GPU, float32 on the CPU)
     skip_hf: bool = False
     dora: bool = False  # the adapters are DoRA (with random magnitudes); engine only (PEFT mixes no DoRA)
+    edges: bool = False  # the adapters also target embed_tokens and lm_head
     shared_prefix: int = 0  # > 0: tokens of a prefix common to the requests, timed with the prefix cache cold and warm
 
 
@@ -118,7 +119,8 @@ def make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry, count:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(base_dir)
-    cfg = LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=MODULES, init_lora_weights=False, use_dora=s.dora)
+    targets = MODULES + (["embed_tokens", "lm_head"] if s.edges else [])
+    cfg = LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=targets, init_lora_weights=False, use_dora=s.dora)
     peft_model = get_peft_model(model, cfg, adapter_name="a0")
     dirs = []
     for i in range(s.adapters + COLD if count is None else count):  # the last COLD: for the load timing
@@ -130,7 +132,8 @@ def make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry, count:
                 elif "lora_" in n:
                     p.normal_(0, 0.02)
         out = work / f"adapter{i}"
-        peft_model.save_pretrained(out)
+        # without PEFT's copies of the embedding and lm_head (the vocabulary, twice, in every file)
+        peft_model.save_pretrained(out, save_embedding_layers=False)
         dirs.append(out / "a0" if (out / "a0").is_dir() else out)
         registry.publish(dirs[-1], name=f"bench-a{i}", kind="adapter", base="bench-base")
     return dirs
@@ -142,7 +145,8 @@ def run(s: BenchSettings) -> BenchResult:
 
     cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=max(512, s.batch * s.prompt),
                        max_running=max(32, s.batch),
-                       lora_capacity_bytes=1 << 30, host_cache_bytes=2 << 30, max_rank=max(64, s.rank))
+                       lora_capacity_bytes=1 << 30, host_cache_bytes=2 << 30, max_rank=max(64, s.rank),
+                       edge_lora_rows=(s.adapters + COLD) * s.rank if s.edges else 0)
     device, dtype = cfg.torch_device(), cfg.torch_dtype()
     result = BenchResult(settings=asdict(s), machine=dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",

@@ -15,7 +15,7 @@ def format_table(r: BenchResult) -> str:
     s = r.settings
     lines = [f"hotswap bench: {s['shape'] or s['base']}, batch {s['batch']}, prompt {s['prompt']}, "
              f"{s['new_tokens']} new tokens, {s['adapters']} {'DoRA' if s.get('dora') else 'LoRA'} adapters of rank "
-             f"{s['rank']} on all linear modules",
+             f"{s['rank']} on all linear modules{', embed_tokens and lm_head' if s.get('edges') else ''}",
              f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
              f"load average at start {r.machine['load_avg']:.2f}", "",
              "| configuration | tokens/s |", "|---|---|"]

@@ -145,7 +145,8 @@ def run_traffic(s: TrafficSettings) -> TrafficResult:
         result.adapters_used = len({r.adapter for r in workload})
         cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=512, max_running=32,
                            lora_capacity_bytes=s.device_slots * _adapter_bytes(hf_config, s.rank, dtype),
-                           host_cache_bytes=4 << 30, max_rank=max(64, s.rank))
+                           host_cache_bytes=4 << 30, max_rank=max(64, s.rank),
+                           edge_lora_rows=s.device_slots * s.rank if s.edges else 0)  # as many slots at the edges
         runs = {"base": [None] * len(workload), "adapters": [f"bench-a{r.adapter}" for r in workload]}
         stats: dict[str, list[RunStats]] = {k: [] for k in runs}
         events: dict[str, int] = {}
@@ -199,7 +200,8 @@ def format_traffic(r: TrafficResult) -> str:
     lines = [f"hotswap bench --traffic: {s['shape'] or s['base']}, {s['requests']} requests at {s['rate']:g}/s "
              f"(Poisson), prompts {max(1, s['prompt'] // 2)}-{s['prompt'] + s['prompt'] // 2} tokens, outputs "
              f"{max(1, s['new_tokens'] // 2)}-{s['new_tokens'] + s['new_tokens'] // 2} tokens; {s['adapters']} "
-             f"{'DoRA' if s.get('dora') else 'LoRA'} adapters of rank {s['rank']} (popularity 1/k^{s['zipf']:g}, "
+             f"{'DoRA' if s.get('dora') else 'LoRA'} adapters{' (also on embed_tokens, lm_head)' if s.get('edges') else ''} "
+             f"of rank {s['rank']} (popularity 1/k^{s['zipf']:g}, "
              f"{r.adapters_used} used), {_slots(s['device_slots'])} on the device",
              f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
              f"load average at start {r.machine['load_avg']:.2f}; medians of {s['repeat']} rounds", "",

@@ -31,6 +31,7 @@ def bench(
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"),
     skip_hf: bool = typer.Option(False, "--skip-hf", help="engine only (no HF / PEFT baselines)"),
     dora: bool = typer.Option(False, "--dora", help="DoRA adapters instead of LoRA (with --skip-hf)"),
+    edges: bool = typer.Option(False, "--edges", help="the adapters also target embed_tokens and lm_head"),
     shared_prefix: int = typer.Option(0, help="also time the mixed batch after a prefix of this many tokens "
                                               "common to its requests: computed, and reused from the prefix cache"),
     traffic: int = typer.Option(0, help="instead: this many requests arriving as a Poisson process, each for "
@@ -57,13 +58,13 @@ def bench(
     if traffic:
         _traffic(traffic, rate, zipf, slots, shared_prefix, json_out, base=base, home=home, shape=shape, prompt=prompt,
                  new_tokens=new_tokens, adapters=adapters, rank=rank, repeat=repeat, device=device, dtype=dtype,
-                 dora=dora)
+                 dora=dora, edges=edges)
         return
     if dora and not skip_hf:
         raise typer.BadParameter("PEFT's mixed batch does not take DoRA adapters: add --skip-hf", param_hint="--dora")
     settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
                              adapters=adapters, rank=rank, repeat=repeat, device=device,
-                             dtype=dtype, skip_hf=skip_hf, shared_prefix=shared_prefix, dora=dora)
+                             dtype=dtype, skip_hf=skip_hf, shared_prefix=shared_prefix, dora=dora, edges=edges)
     result = run(settings)
     typer.echo(to_json(result) if json_out else format_table(result))
 

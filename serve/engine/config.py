@@ -25,6 +25,10 @@ class EngineConfig:
     kv_cache_bytes: int = 512 * MiB  # KV pool of the base (and of each full model)
     max_rank: int = 64  # highest LoRA rank accepted
     lora_capacity_bytes: int = 256 * MiB  # device rows for adapters (rank x modules x dims)
+    # rows of the embed_tokens and of the lm_head LoRA pools (rank x adapters resident at once), beside
+    # lora_capacity_bytes: a row is a vocabulary long (SmolLM2, float32: 64 rows of both, 26 MB); 0
+    # refuses adapters that target them
+    edge_lora_rows: int = 64
     host_cache_bytes: int = 1024 * MiB  # host (CPU) LRU cache of loaded adapters
     # torch path: a batch's adapter rows kept gathered across decode steps (the CPU kernel reads the
     # pools); None: 256 MiB on the CPU, 2 GiB on a GPU (a 1B base's batch of 32 needs about 1.1 GB)
@@ -41,6 +45,7 @@ class EngineConfig:
         assert self.max_batch_tokens > 0 and self.max_running > 0 and self.max_queue > 0
         assert self.kv_block_size > 0 and self.kv_cache_bytes > 0
         assert self.max_rank > 0 and self.lora_capacity_bytes >= 0 and self.host_cache_bytes >= 0
+        assert self.edge_lora_rows >= 0
         assert self.lora_batch_cache_bytes is None or self.lora_batch_cache_bytes >= 0
         assert self.dtype in (None, "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"
 

@@ -85,7 +85,8 @@ class Engine(ResidencyCommands):
         runner = base.runner
         dims = runner.module_dims()
         rows = LoraPool.rows_for_bytes(cfg.lora_capacity_bytes, runner.num_layers, dims, cfg.torch_dtype())
-        pool = runner.lora = LoraPool(runner.num_layers, dims, rows, cfg.torch_dtype(), cfg.torch_device())
+        pool = runner.lora = LoraPool(runner.num_layers, dims, rows, cfg.torch_dtype(), cfg.torch_device(),
+                                      runner.edge_dims(), cfg.edge_lora_rows)
         pool.kernels = runner.kernels
         residency = Residency(
             lambda ref, digest: loaders.load_adapter(self.resolver, ref, digest, runner, pool, cfg),

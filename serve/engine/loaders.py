@@ -8,8 +8,8 @@ import torch
 
 from ..lora.compose import combine, composite_digest, is_composite, parse_composite
 from ..lora.pool import LoraPool
-from ..lora.spec import AdapterRefused
-from ..lora.weights import HostAdapter, dora_scales, load_adapter as read_adapter
+from ..lora.spec import EDGES, AdapterRefused
+from ..lora.weights import HostAdapter, dora_scales, drop_base_copies, load_adapter as read_adapter
 from ..threads import one_cpu_thread
 from .config import EngineConfig
 from .errors import CapacityExceeded, IncompatibleAdapter
@@ -37,10 +37,11 @@ def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: Lor
     if host.magnitude is not None:
         with one_cpu_thread():
             host.dora_scales = dora_scales(host, runner.module_weight, runner.module_norm_sq)
-    if not pool.fits_empty(host):
-        need = max(host.ranks.values())
-        raise CapacityExceeded(f"adapter {ref} needs {need} rows per module but the device pool has "
-                               f"{pool.max_rows} (raise lora_capacity_bytes)")
+    for module, need in host.ranks.items():
+        if need > pool.rows_of(module):
+            setting = "edge_lora_rows" if module in EDGES else "lora_capacity_bytes"
+            raise CapacityExceeded(f"adapter {ref} needs {need} rows in the {module} pool but the device pool has "
+                                   f"{pool.rows_of(module)} (raise {setting})")
     return host
 
 
@@ -51,8 +52,9 @@ def _read(resolver, ref: str, digest: str | None, runner: LlamaRunner, cfg: Engi
     if digest is not None and snap.version.digest != digest:
         raise IncompatibleAdapter(f"{ref} now has digest {snap.version.digest[:12]}, expected {digest[:12]}")
     try:
-        return read_adapter(snap.path, snap.version.digest, ref, runner.num_layers, runner.module_dims(),
-                            cfg.max_rank, pin_memory=pin_memory)
+        host = read_adapter(snap.path, snap.version.digest, ref, runner.num_layers,
+                            {**runner.module_dims(), **runner.edge_dims()}, cfg.max_rank, pin_memory=pin_memory)
+        return host if host.base_copies is None else drop_base_copies(host, runner.edge_weight)
     except AdapterRefused as exc:
         raise IncompatibleAdapter(f"adapter {ref} cannot be applied exactly: {exc}") from None
 

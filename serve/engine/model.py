@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..lora import ops
+from ..lora.edges import embed_delta, head_delta
 from ..lora.native import BaseLayers, CpuKernels
 from ..lora.pool import GROUPS, LoraPool
 from .errors import IncompatibleAdapter
@@ -127,6 +128,15 @@ class LlamaRunner:
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
+    def edge_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of the edges LoRA may target: the embedding maps token ids, lm_head makes logits."""
+        vocab = self.embed.shape[0]
+        return {"embed_tokens": (vocab, self.hidden), "lm_head": (self.hidden, vocab)}
+
+    def edge_weight(self, module: str) -> Tensor:
+        """The ``[vocab, hidden]`` weight of ``embed_tokens`` or ``lm_head`` (one tensor when tied)."""
+        return {"embed_tokens": self.embed, "lm_head": self.lm_head}[module]
+
     def module_weight(self, layer: int, module: str) -> Tensor:
         """The ``[out, in]`` weight of one adaptable module (a view of the fused group it sits in)."""
         group = next(g for g, ms in GROUPS.items() if module in ms)
@@ -156,11 +166,15 @@ class LlamaRunner:
     def forward(self, meta: StepMetadata, kv: KVCache) -> Tensor:
         """Run one step; returns float32 logits ``[N, vocab]`` for ``meta.logits_index``."""
         x = F.embedding(meta.input_ids, self.embed)
+        lora = meta.lora if self.lora is not None else None
+        edges = None if lora is None else lora.edges
+        if edges is not None and "embed_tokens" in edges:
+            x += embed_delta(meta.input_ids, edges["embed_tokens"], self.lora.edge_a["embed_tokens"],
+                             self.lora.edge_b["embed_tokens"])
         cos, sin = self.rotary(x, meta.positions[None])
         half = self.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * sin with its first half negated
         cos, sin = cos[0, :, None, :], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)[:, None, :]
-        lora = meta.lora if self.lora is not None else None
         for index, lw in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), lw.attn_norm, self.eps)
             attn = self._attention(index, lw, h, cos, sin, meta, kv, lora)
@@ -171,8 +185,13 @@ class LlamaRunner:
             x = x + self._linear(F.silu(gate) * up, lw.down, lora, index, "down", ("down_proj",))
         last = F.rms_norm(x.index_select(0, meta.logits_index), (self.hidden,), self.norm, self.eps)
         if self._native is not None and last.shape[0] <= NATIVE_PROJECTION_TOKENS:
-            return self._kernels.project(self._native["lm_head"], 0, last)
-        return project(last, self.lm_head).float()
+            logits = self._kernels.project(self._native["lm_head"], 0, last)
+        else:
+            logits = project(last, self.lm_head).float()
+        if edges is not None and "lm_head" in edges:
+            mask = edges["lm_head"].index_select(0, meta.logits_index)
+            logits += head_delta(last, mask, self.lora.edge_a["lm_head"], self.lora.edge_b["lm_head"]).float()
+        return logits
 
     def _linear(self, x: Tensor, weight: Tensor, lora, layer: int, group: str, modules: tuple[str, ...]) -> Tensor:
         """Base projection plus, when some token uses an adapter, its LoRA delta; a DoRA adapter's

@@ -76,7 +76,7 @@ class Worker:
         scores = [self._prompt_scores(seq, n) for seq, n in plan]
         logits = None
         if (self.graphs is not None and not any(scores) and all(n == 1 and seq.num_pending == 1 for seq, n in plan)
-                and not self._has_dora(plan)):  # the captured steps apply plain LoRA only
+                and not self._needs_eager(plan)):  # the captured steps apply the layers' plain LoRA only
             logits = self.graphs.run([seq for seq, _ in plan])
             if logits is None:  # a capture failed on this device: eager from now on
                 self.graphs = None
@@ -99,9 +99,13 @@ class Worker:
             found[i] = token_logprobs(raw[row], tokens[i], sampled[i].sampling.logprobs, self._describe)
         return plan, list(zip(sampled, tokens, found))
 
-    def _has_dora(self, plan: list[tuple[Sequence, int]]) -> bool:
+    def _needs_eager(self, plan: list[tuple[Sequence, int]]) -> bool:
+        """Whether a DoRA adapter or an edge (embed_tokens, lm_head) LoRA is in the step."""
         pool = self.runner.lora
-        return pool is not None and any(seq.slot >= 0 and pool.slot(seq.slot).dora is not None for seq, _ in plan)
+        if pool is None:
+            return False
+        slots = [pool.slot(seq.slot) for seq, _ in plan if seq.slot >= 0]
+        return any(slot.dora is not None or any(m in slot.rows for m in pool.edge_dims) for slot in slots)
 
     @staticmethod
     def _prompt_scores(seq: Sequence, n: int) -> range:

@@ -48,6 +48,9 @@ class LoraStep:
     scratch: Tensor | None = None  # [T_lora * max n*k] the kernel's rank activations
     kernel_calls: dict[str, GroupCall] | None = None  # group -> its calls, ``(layer, x, y)``; None: no kernels loaded
     dora: DoraStep | None = None  # when a DoRA adapter is in the step: outputs are scaled per token after the LoRA
+    # edge LoRA (see edges.py): module -> [T, top], 1 where a token's adapter owns the row (top: the
+    # highest row in use + 1; the step reads only those first rows of the edge pools)
+    edges: dict[str, Tensor] | None = None
 
 
 def choose_block_len(lengths: list[int]) -> int:
@@ -77,10 +80,7 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
     slots = {s: pool.slot(s) for _, _, s in active}
     rank = max(info.rank for info in slots.values())
     if kernel:
-        step = _kernel_step(active, num_tokens, pool, slots, rank, device)
-        if step.dora is None:  # a kept decode step has it already
-            step.dora = _dora_step(active, num_tokens, slots, device)
-        return step
+        return _kernel_step(active, num_tokens, pool, slots, rank, device)
     block_len = choose_block_len([n for _, n, _ in active])
     token_index: list[int] = []
     block_pos: list[int] = []
@@ -114,7 +114,24 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
         token_index=None if identity else _t(token_index),
         block_pos=None if identity else _t(block_pos),
         token_ids=None if all_tokens else _t(token_ids),
-        rows=rows, dora=_dora_step(active, num_tokens, slots, device))
+        rows=rows, dora=_dora_step(active, num_tokens, slots, device),
+        edges=_edge_masks(active, num_tokens, slots, pool, device))
+
+
+def _edge_masks(active: list[tuple[int, int, int]], num_tokens: int, slots: dict, pool: LoraPool,
+                device: torch.device) -> dict[str, Tensor] | None:
+    """Per edge module some token's adapter targets: which of the edge pool's rows each token uses,
+    up to the highest row in use (rows are handed out low first, so the step reads a short prefix
+    of the pool, not all of it)."""
+    masks = {}
+    for module in pool.edge_dims:
+        spans = [(start, n, slots[s].rows[module]) for start, n, s in active if slots[s].rows.get(module)]
+        if spans:
+            mask = torch.zeros(num_tokens, max(max(rows) for _, _, rows in spans) + 1, dtype=pool.dtype)
+            for start, n, rows in spans:
+                mask[start:start + n, rows] = 1
+            masks[module] = mask.to(device, non_blocking=True)
+    return masks or None
 
 
 def _dora_step(active: list[tuple[int, int, int]], num_tokens: int, slots: dict, device: torch.device) -> DoraStep | None:
@@ -156,7 +173,8 @@ def _kernel_step(active: list[tuple[int, int, int]], num_tokens: int, pool: Lora
         for g, (a, b) in kernel_rows.items()}
     step = LoraStep(num_blocks=len(active), block_len=1, rank=rank, token_index=None, block_pos=None,
                     token_ids=None, rows=None, gathered=None, kernel_rows=kernel_rows, kernel_tok=tok,
-                    scratch=scratch, kernel_calls=calls)
+                    scratch=scratch, kernel_calls=calls, dora=_dora_step(active, num_tokens, slots, device),
+                    edges=_edge_masks(active, num_tokens, slots, pool, device))
     return pool.keep_step(key, step) if decode else step
 
 

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .spec import MODULES, AdapterRefused, LoraSpec
+from .spec import EDGES, MODULES, AdapterRefused, LoraSpec
 from .weights import HostAdapter
 
 MAX_PARTS = 8  # a combination's rank is the sum of its parts' ranks: keep it bounded
@@ -65,7 +65,7 @@ def combine(parts: list[tuple[HostAdapter, float]], digest: str, ref: str, max_r
     for host, _ in parts:
         if host.magnitude is not None:
             raise AdapterRefused(f"{host.ref} is a DoRA adapter: DoRA updates do not add up linearly")
-    pairs = sorted({pair for host, _ in parts for pair in host.a}, key=lambda p: (p[0], MODULES.index(p[1])))
+    pairs = sorted({pair for host, _ in parts for pair in host.a}, key=lambda p: (p[0], (MODULES + EDGES).index(p[1])))
     ranks = {pair: sum(host.spec.ranks.get(pair, 0) for host, _ in parts) for pair in pairs}
     worst = max(ranks, key=ranks.get)
     if ranks[worst] > max_rank:
@@ -90,4 +90,4 @@ def combine(parts: list[tuple[HostAdapter, float]], digest: str, ref: str, max_r
             found[pair], offset = view, offset + view.numel()
     spec = LoraSpec(ranks=ranks, scales={pair: 1.0 for pair in pairs}, keys={})
     return HostAdapter(digest=digest, ref=ref, spec=spec, buffer=buffer.view(torch.uint8), a=a, b=b,
-                       ranks={m: spec.module_rank(m) for m in spec.modules})
+                       ranks={m: spec.module_rank(m) for m in spec.targets})

@@ -5,6 +5,8 @@ module pool it targets, and nothing elsewhere; row 0 of every pool holds zeros a
 capacity is in bytes (rank x modules x dims), adapters of any rank and targets share a batch, and
 activation is a copy into rows that already exist, never an allocation. The pools of modules that
 read the same input (q/k/v, gate/up) are slices of one tensor so a single gather serves them.
+LoRA on the edges (embed_tokens, lm_head) has pools of its own, ``edge_rows`` rows each: their rows
+are a vocabulary long, so they are not sized like the layers'.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from .native import CpuKernels, PoolLayers
 from .ops import gather_rows
-from .spec import MODULES
+from .spec import EDGES, MODULES
 from .weights import HostAdapter
 
 # Modules sharing an input, in the order their A rows are stacked.
@@ -50,18 +52,25 @@ class LoraPool:
     """Stacked adapter rows for every layer; plain-Python bookkeeping of rows and slots.
 
     ``a_stacked[group]``: ``[num_layers, len(group) * (max_rows + 1), in]``;
-    ``b_stacked[module]``: ``[num_layers, max_rows + 1, out]``.
+    ``b_stacked[module]``: ``[num_layers, max_rows + 1, out]``;
+    ``edge_a[edge]``: ``[edge_rows + 1, in]``, ``edge_b[edge]``: ``[edge_rows + 1, out]`` (``edge_dims``:
+    embed_tokens ``(vocab, hidden)``, lm_head ``(hidden, vocab)``).
     """
 
     def __init__(self, num_layers: int, dims: dict[str, tuple[int, int]], max_rows: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        assert max_rows >= 0
-        self.num_layers, self.dims, self.max_rows = num_layers, dims, max_rows
+                 dtype: torch.dtype, device: torch.device, edge_dims: dict[str, tuple[int, int]] | None = None,
+                 edge_rows: int = 0) -> None:
+        assert max_rows >= 0 and edge_rows >= 0
+        self.num_layers, self.dims, self.max_rows, self.edge_rows = num_layers, dims, max_rows, edge_rows
+        self.edge_dims = dict(edge_dims or {}) if edge_rows else {}
         n = max_rows + 1
         self.a_stacked = {g: torch.zeros(num_layers, len(ms) * n, dims[ms[0]][0], dtype=dtype, device=device)
                           for g, ms in GROUPS.items()}
         self.b_stacked = {m: torch.zeros(num_layers, n, dims[m][1], dtype=dtype, device=device) for m in MODULES}
+        self.edge_a = {m: torch.zeros(edge_rows + 1, i, dtype=dtype, device=device) for m, (i, _) in self.edge_dims.items()}
+        self.edge_b = {m: torch.zeros(edge_rows + 1, o, dtype=dtype, device=device) for m, (_, o) in self.edge_dims.items()}
         self._free = {m: list(range(max_rows, 0, -1)) for m in MODULES}  # pop() hands out low rows first
+        self._free.update({m: list(range(edge_rows, 0, -1)) for m in self.edge_dims})
         self._slots: dict[int, Slot] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -84,11 +93,19 @@ class LoraPool:
         return capacity_bytes // per_row
 
     def row_bytes(self, module: str) -> int:
+        if module in self.edge_dims:
+            return sum(self.edge_dims[module]) * self._elem
         return self.num_layers * sum(self.dims[module]) * self._elem
+
+    def rows_of(self, module: str) -> int:
+        """How many rows ``module``'s pool has for adapters (0: adapters on it are refused)."""
+        if module in EDGES:
+            return self.edge_rows if module in self.edge_dims else 0
+        return self.max_rows
 
     @property
     def capacity_bytes(self) -> int:
-        return sum(self.row_bytes(m) * self.max_rows for m in MODULES)
+        return sum(self.row_bytes(m) * self.rows_of(m) for m in (*MODULES, *self.edge_dims))
 
     @property
     def used_bytes(self) -> int:
@@ -96,7 +113,7 @@ class LoraPool:
 
     def fits_empty(self, adapter: HostAdapter) -> bool:
         """Whether the adapter could ever be placed (with every other slot evicted)."""
-        return all(r <= self.max_rows for r in adapter.ranks.values())
+        return all(r <= self.rows_of(m) for m, r in adapter.ranks.items())
 
     def fits_now(self, adapter: HostAdapter) -> bool:
         return all(r <= len(self._free[m]) for m, r in adapter.ranks.items())
@@ -126,6 +143,9 @@ class LoraPool:
                     self._write(adapter, m, rows[m], a_pool, b_pool)
         if items:
             self.kernels.activate(items)
+        for m in EDGES:
+            if m in rows:
+                self._write_edge(adapter, m, rows[m])
         slot = self._free_slots.pop() if self._free_slots else self._new_slot()
         self._generation += 1
         dora = self._dora_scales(adapter)
@@ -172,15 +192,26 @@ class LoraPool:
                 a_pool[layer].index_fill_(0, unused, 0)
                 b_pool[layer].index_fill_(0, unused, 0)
 
+    def _write_edge(self, adapter: HostAdapter, module: str, rows: list[int]) -> None:
+        a, b = adapter.a[(0, module)], adapter.b[(0, module)]
+        dest = torch.tensor(rows, device=self.edge_a[module].device)
+        scaled = b.T.float() * adapter.spec.scales[(0, module)]  # [r, out], float32 math as in the layers
+        self.edge_a[module].index_copy_(0, dest, a.to(dest.device, self.dtype, non_blocking=True))
+        self.edge_b[module].index_copy_(0, dest, scaled.to(dest.device, self.dtype, non_blocking=True))
+
     def _new_slot(self) -> int:
         self._next_slot += 1
         return self._next_slot - 1
 
     def release(self, slot: int) -> None:
-        """Give the slot's rows back. Rows keep stale values: no step reads a row that no slot lists."""
+        """Give the slot's rows back. Layer rows keep stale values: no step reads a row that no slot lists."""
         info = self._slots.pop(slot)
         for m, rows in info.rows.items():
             self._free[m].extend(reversed(rows))
+            if m in self.edge_a:  # steps read every edge row (masked), so a free one holds zeros
+                index = torch.tensor(rows, device=self.edge_a[m].device)
+                self.edge_a[m].index_fill_(0, index, 0)
+                self.edge_b[m].index_fill_(0, index, 0)
         self._free_slots.append(slot)
 
     def slot(self, slot: int) -> Slot:

@@ -3,8 +3,10 @@
 The tensors in the file, not the config's ``target_modules``, say which (layer, module) pairs an
 adapter changes; the config supplies ranks' scaling (alpha, rsLoRA, per-module patterns). Anything
 that would change the forward in a way the batched LoRA math does not reproduce is refused with the
-reason: biases, embedding or lm_head LoRA, modules_to_save, weight-modifying initialisations, ...
+reason: biases, modules_to_save, weight-modifying initialisations, ...
 DoRA is applied: its magnitude vectors are read here and turned into per-output scales at load.
+LoRA on the token embedding and on lm_head (the "edges" of the model) is applied too; PEFT then
+also saves a copy of those base weights, which must equal the base's (see ``weights.load_adapter``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pathlib import Path
 # The seven linear module types of a Llama decoder layer, in the engine's order, with the
 # sub-module that holds them.
 MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Modules outside the layer stack that LoRA may target: an Embedding and the output Linear. Their
+# pairs use layer 0. embed_tokens' A is ``lora_embedding_A [r, vocab]``, its B ``[hidden, r]``.
+EDGES: tuple[str, ...] = ("embed_tokens", "lm_head")
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -25,7 +30,7 @@ PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "
 _NEUTRAL = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
             "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
             "lora_dropout", "fan_in_fan_out", "use_rslora", "layers_to_transform", "layers_pattern",
-            "rank_pattern", "alpha_pattern", "runtime_config", "ensure_weight_tying", "megatron_core",
+            "rank_pattern", "alpha_pattern", "runtime_config", "megatron_core",
             "qalora_group_size", "init_lora_weights", "eva_config", "use_dora"}
 # Fields that must be off, with the reason shown when they are not.
 _REFUSED = {
@@ -51,6 +56,8 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?)$")
+_EDGE_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.(embed_tokens)\.lora_embedding_([AB])"
+                       r"|(lm_head)\.lora_([AB])\.weight|(?:model\.)?(embed_tokens|lm_head)\.base_layer\.(weight))$")
 
 
 class AdapterRefused(ValueError):
@@ -65,11 +72,20 @@ class LoraSpec:
     scales: dict[tuple[int, str], float]  # (layer, module) -> alpha/r or alpha/sqrt(r)
     keys: dict[tuple[int, str], tuple[str, str]]  # (layer, module) -> (lora_A key, lora_B key)
     magnitudes: dict[tuple[int, str], str] | None = None  # DoRA: (layer, module) -> magnitude vector key
+    # edge module -> key of the copy of its base weight that PEFT saves beside an edge LoRA
+    base_copies: dict[str, str] | None = None
 
     @property
     def modules(self) -> tuple[str, ...]:
+        """Targeted modules of the layer stack, in the engine's order."""
         present = {m for _, m in self.ranks}
         return tuple(m for m in MODULES if m in present)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every targeted module: those of the layer stack, then the edges."""
+        present = {m for _, m in self.ranks}
+        return self.modules + tuple(m for m in EDGES if m in present)
 
     def module_rank(self, module: str) -> int:
         """Rows this adapter needs in ``module``'s pool: the highest rank over layers."""
@@ -100,13 +116,23 @@ def check_config(config: dict, max_rank: int) -> None:
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         raise AdapterRefused(f"init_lora_weights={init!r} trains against a rewritten base; "
                              "convert it to a plain LoRA adapter before publishing")
+    if config.get("ensure_weight_tying") and _targets_edges(config):
+        raise AdapterRefused("ensure_weight_tying=True ties an lm_head LoRA to the embedding's; "
+                             "train the edges with separate adapters (ensure_weight_tying=False)")
     unknown = sorted(k for k, v in config.items() if k not in _NEUTRAL and k not in _REFUSED
-                     and k != "bias" and v not in (None, False, {}, [], "", 0))
+                     and k not in ("bias", "ensure_weight_tying") and v not in (None, False, {}, [], "", 0))
     if unknown:
         raise AdapterRefused(f"unknown adapter config fields {unknown}: cannot tell whether they change the forward")
     ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
     if max(ranks) > max_rank:
         raise AdapterRefused(f"rank {max(ranks)} is above the engine's max_rank {max_rank}")
+
+
+def _targets_edges(config: dict) -> bool:
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        return any(re.fullmatch(targets, name) for name in ("model.embed_tokens", "lm_head"))
+    return any(t in EDGES for t in targets)
 
 
 def _pattern_value(patterns: dict, key: str, default):
@@ -125,11 +151,19 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
     """
     check_config(config, max_rank)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
+    base_copies: dict[str, str] = {}
     for key in tensor_shapes:
+        edge = _EDGE_KEY.match(key)
+        if edge is not None and edge[6]:  # PEFT's copy of the base weight: checked against the base at load
+            base_copies[edge[5]] = key
+            continue
+        if edge is not None:
+            pairs.setdefault((0, edge[1] or edge[3]), {})[edge[2] or edge[4]] = key
+            continue
         match = _KEY.match(key)
         if match is None:
-            what = "embedding/lm_head LoRA" if ("embed" in key or "lm_head" in key) else "a tensor outside the decoder's linear layers"
-            raise AdapterRefused(f"{key}: {what} is not supported")
+            raise AdapterRefused(f"{key}: a tensor outside the decoder's linear layers, embed_tokens and lm_head "
+                                 "is not supported")
         layer, parent, module, ab = int(match[1]), match[2], match[3], match[4] or "M"
         if module not in PARENT or PARENT[module] != parent:
             raise AdapterRefused(f"{key}: target module {parent}.{module} is not one of {', '.join(MODULES)}")
@@ -141,13 +175,17 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
     alpha, r0, dora = config.get("lora_alpha", 8), config.get("r", 8), bool(config.get("use_dora"))
     ranks, scales, keys, magnitudes = {}, {}, {}, {}
     for (layer, module), ab in sorted(pairs.items()):
+        if dora and module in EDGES:
+            raise AdapterRefused(f"{module}: DoRA on embed_tokens or lm_head is not supported")
         if "M" in ab and not dora:
             raise AdapterRefused(f"layer {layer} {module}: a DoRA magnitude vector, but the config does not set use_dora")
         if not {"A", "B"} <= set(ab):
-            raise AdapterRefused(f"layer {layer} {module}: lora_A and lora_B must both be present")
+            raise AdapterRefused(f"{_where(layer, module)}: lora_A and lora_B must both be present")
         if dora and "M" not in ab:
             raise AdapterRefused(f"layer {layer} {module}: use_dora is set but its lora_magnitude_vector is missing")
         a_shape, b_shape = tensor_shapes[ab["A"]], tensor_shapes[ab["B"]]
+        if module not in dims:
+            raise AdapterRefused(f"{module}: the base has no such module")
         d_in, d_out = dims[module]
         if dora and tuple(tensor_shapes[ab["M"]]) != (d_out,):
             raise AdapterRefused(f"layer {layer} {module}: DoRA magnitude {tuple(tensor_shapes[ab['M']])} does not fit "
@@ -155,17 +193,36 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
         if dora:
             magnitudes[(layer, module)] = ab["M"]
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != d_in or b_shape[0] != d_out or a_shape[0] != b_shape[1]:
-            raise AdapterRefused(f"layer {layer} {module}: lora_A {tuple(a_shape)} / lora_B {tuple(b_shape)} "
-                                 f"do not fit a {d_in}->{d_out} linear layer")
+            raise AdapterRefused(f"{_where(layer, module)}: lora_A {tuple(a_shape)} / lora_B {tuple(b_shape)} "
+                                 f"do not fit a {d_in}->{d_out} {'embedding' if module == 'embed_tokens' else 'linear layer'}")
         rank = a_shape[0]
         if rank > max_rank:
-            raise AdapterRefused(f"layer {layer} {module}: rank {rank} is above the engine's max_rank {max_rank}")
-        name = f"model.layers.{layer}.{PARENT[module]}.{module}"
+            raise AdapterRefused(f"{_where(layer, module)}: rank {rank} is above the engine's max_rank {max_rank}")
+        name = _module_path(layer, module)
         expected = _pattern_value(config.get("rank_pattern") or {}, name, r0)
         if rank != expected:
-            raise AdapterRefused(f"layer {layer} {module}: tensors have rank {rank} but the config says {expected}")
+            raise AdapterRefused(f"{_where(layer, module)}: tensors have rank {rank} but the config says {expected}")
         a = _pattern_value(config.get("alpha_pattern") or {}, name, alpha)
         ranks[(layer, module)] = rank
         scales[(layer, module)] = a / math.sqrt(rank) if config.get("use_rslora") else a / rank
         keys[(layer, module)] = (ab["A"], ab["B"])
-    return LoraSpec(ranks=ranks, scales=scales, keys=keys, magnitudes=magnitudes if dora else None)
+    for module, key in base_copies.items():
+        if (0, module) not in ranks:
+            raise AdapterRefused(f"{key}: a copy of the base's {module} weight, but no LoRA on {module}")
+        want = dims[module] if module == "embed_tokens" else dims[module][::-1]  # both [vocab, hidden]
+        if tuple(tensor_shapes[key]) != want:
+            raise AdapterRefused(f"{key}: shape {tuple(tensor_shapes[key])}, but the base's {module} weight is {want}")
+    return LoraSpec(ranks=ranks, scales=scales, keys=keys, magnitudes=magnitudes if dora else None,
+                    base_copies=base_copies or None)
+
+
+def _module_path(layer: int, module: str) -> str:
+    if module == "embed_tokens":
+        return "model.embed_tokens"
+    if module == "lm_head":
+        return "lm_head"
+    return f"model.layers.{layer}.{PARENT[module]}.{module}"
+
+
+def _where(layer: int, module: str) -> str:
+    return module if module in EDGES else f"layer {layer} {module}"

@@ -38,6 +38,8 @@ class HostAdapter:
     # scales magnitude / ||W + scale * B A|| that the loader derives from them and the base (float32)
     magnitude: dict[tuple[int, str], Tensor] | None = None
     dora_scales: dict[tuple[int, str], Tensor] | None = None
+    # edge module -> PEFT's copy of its base weight (a view of ``buffer``), until ``drop_base_copies``
+    base_copies: dict[str, Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -121,8 +123,39 @@ def load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dic
     a = {pair: tensors[keys[0]] for pair, keys in spec.keys.items()}
     b = {pair: tensors[keys[1]] for pair, keys in spec.keys.items()}
     magnitude = None if spec.magnitudes is None else {pair: tensors[k] for pair, k in spec.magnitudes.items()}
+    copies = None if spec.base_copies is None else {m: tensors[k] for m, k in spec.base_copies.items()}
     return HostAdapter(digest=digest, ref=ref, spec=spec, buffer=buffer, a=a, b=b,
-                       ranks={m: spec.module_rank(m) for m in spec.modules}, magnitude=magnitude)
+                       ranks={m: spec.module_rank(m) for m in spec.targets}, magnitude=magnitude,
+                       base_copies=copies)
+
+
+def drop_base_copies(adapter: HostAdapter, base_weight) -> HostAdapter:
+    """Check the copies of edge base weights that PEFT saves beside an embed_tokens or lm_head LoRA
+    against the base (``base_weight(module)``, in the dtype it is served in) and keep only the LoRA
+    tensors: the host tier then holds the adapter's own bytes, not another copy of the vocabulary.
+    A copy that differs (a resized or retrained vocabulary) is refused: only the LoRA is served."""
+    for module, copy in (adapter.base_copies or {}).items():
+        weight = base_weight(module)
+        if not torch.equal(copy.to(weight.device, weight.dtype), weight):
+            raise AdapterRefused(f"its copy of the base's {module} weight differs from the base's (a resized or "
+                                 f"retrained vocabulary?); only a LoRA update of {module} can be served")
+    kept = [*adapter.a.values(), *adapter.b.values(), *(adapter.magnitude or {}).values()]
+    offsets, size = [], 0
+    for t in kept:
+        size = -(-size // t.element_size()) * t.element_size()  # each tensor aligned to its element size
+        offsets.append(size)
+        size += t.nbytes
+    buffer = torch.empty(size, dtype=torch.uint8, pin_memory=adapter.buffer.is_pinned())
+    views = []
+    for t, offset in zip(kept, offsets):
+        view = buffer[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
+        views.append(view.copy_(t))
+    found = iter(views)
+    a = {pair: next(found) for pair in adapter.a}
+    b = {pair: next(found) for pair in adapter.b}
+    magnitude = None if adapter.magnitude is None else {pair: next(found) for pair in adapter.magnitude}
+    return HostAdapter(digest=adapter.digest, ref=adapter.ref, spec=adapter.spec, buffer=buffer, a=a, b=b,
+                       ranks=adapter.ranks, magnitude=magnitude)
 
 
 def dora_scales(adapter: HostAdapter, base_weight, base_norm_sq) -> dict[tuple[int, str], Tensor]:

@@ -60,6 +60,21 @@ def test_incompatible_shapes_refused_naming_module(registry, make_adapter, tmp_p
     assert registry.list(kind="adapter") == []
 
 
+def test_edge_lora_with_peft_base_copies_is_published_and_copies_are_shape_checked(registry, make_adapter):
+    """PEFT saves the base's embedding and lm_head (``...base_layer.weight``) beside their LoRA."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_adapter(targets=("embed_tokens", "lm_head", "q_proj"))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    copy = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert copy in tensors
+    assert registry.publish(folder, name="edges").created
+    tensors[copy] = tensors[copy][:, :8].contiguous()
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(IncompatibleAdapter, match=r"module 'model\.embed_tokens'.*a replacement must have shape"):
+        registry.publish(folder, name="edges2")
+
+
 def test_unknown_target_module_refused(registry, make_adapter):
     folder = make_adapter()
     config = json.loads((folder / "adapter_config.json").read_text())

@@ -34,6 +34,14 @@ def test_bench_with_dora_adapters():
     assert "2 DoRA adapters of rank 4" in format_table(result)
 
 
+def test_bench_with_edge_adapters_agrees_with_peft():
+    """``--edges``: LoRA on embed_tokens and lm_head too; PEFT's mixed batch takes them, rows agree."""
+    result = run(BenchSettings(base=None, shape="tiny", batch=3, prompt=8, new_tokens=4, adapters=2, rank=4,
+                               repeat=1, device="cpu", edges=True))
+    assert result.parity["engine_mixed_vs_peft_mixed_greedy"] == "3/3 rows identical"
+    assert "rank 4 on all linear modules, embed_tokens and lm_head" in format_table(result)
+
+
 def test_bench_times_a_shared_prefix_computed_and_reused():
     result = run(BenchSettings(base=None, shape="tiny", batch=3, prompt=8, new_tokens=4, adapters=2, rank=4,
                                repeat=1, device="cpu", skip_hf=True, shared_prefix=40))

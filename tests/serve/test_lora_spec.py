@@ -7,7 +7,11 @@ import pytest
 from hotswap.serve.lora.spec import AdapterRefused, build_spec, check_config
 
 DIMS = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
-        "gate_proj": (64, 96), "up_proj": (64, 96), "down_proj": (96, 64)}
+        "gate_proj": (64, 96), "up_proj": (64, 96), "down_proj": (96, 64),
+        "embed_tokens": (100, 64), "lm_head": (64, 100)}  # vocab 100
+EMBED, HEAD = "base_model.model.model.embed_tokens", "base_model.model.lm_head"
+EDGE_TENSORS = {f"{EMBED}.lora_embedding_A": (8, 100), f"{EMBED}.lora_embedding_B": (64, 8),
+                f"{HEAD}.lora_A.weight": (8, 64), f"{HEAD}.lora_B.weight": (100, 8)}
 PREFIX = "base_model.model.model.layers"
 
 
@@ -41,8 +45,14 @@ def test_plain_config_passes_and_neutral_fields_are_ignored():
 
 
 @pytest.mark.parametrize("tensors, reason", [
-    ({"base_model.model.model.embed_tokens.lora_embedding_A": (8, 100)}, "embedding/lm_head"),
-    ({"base_model.model.lm_head.lora_A.weight": (8, 64)}, "embedding/lm_head"),
+    ({f"{EMBED}.lora_embedding_A": (8, 100)}, "embed_tokens: lora_A and lora_B must both be present"),
+    ({f"{EMBED}.lora_embedding_A": (8, 90), f"{EMBED}.lora_embedding_B": (64, 8)},
+     r"embed_tokens: .* do not fit a 100->64 embedding"),
+    ({f"{HEAD}.lora_A.weight": (8, 64), f"{HEAD}.lora_B.weight": (99, 8)}, "lm_head: .* do not fit a 64->100 linear"),
+    ({f"{EMBED}.lora_A.weight": (8, 100), f"{EMBED}.lora_B.weight": (64, 8)}, "outside the decoder's linear layers"),
+    ({**EDGE_TENSORS, f"{EMBED}.base_layer.weight": (100, 32)}, r"shape \(100, 32\), but the base's embed_tokens"),
+    ({**shapes(), f"{HEAD}.base_layer.weight": (100, 64)}, "a copy of the base's lm_head weight, but no LoRA"),
+    ({"base_model.model.model.norm.weight": (64,)}, "outside the decoder's linear layers"),
     (shapes("q_proj", parent="mlp"), "not one of"),
     (shapes(layer=7), "layer 7 does not exist"),
     ({f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": (8, 64)}, "must both be present"),
@@ -77,3 +87,30 @@ def test_dora_needs_one_magnitude_per_output_of_every_targeted_layer():
         build_spec(dora, shapes(), num_layers=2, dims=DIMS, max_rank=64)
     with pytest.raises(AdapterRefused, match=r"DoRA magnitude \(32,\) does not fit the 64 outputs"):
         build_spec(dora, {**shapes(), magnitude: (32,)}, num_layers=2, dims=DIMS, max_rank=64)
+
+
+def test_edge_lora_is_read_with_its_base_copies():
+    """LoRA on embed_tokens and lm_head: pairs at layer 0, scales from the patterns, and PEFT's
+    copies of the base weights listed for the check against the base."""
+    copies = {f"{EMBED}.base_layer.weight": (100, 64), f"{HEAD}.base_layer.weight": (100, 64)}
+    config = {**BASE_CONFIG, "target_modules": ["embed_tokens", "lm_head", "q_proj"], "alpha_pattern": {"lm_head": 4}}
+    spec = build_spec(config, {**EDGE_TENSORS, **copies, **shapes()}, num_layers=2, dims=DIMS, max_rank=64)
+    assert spec.ranks == {(0, "q_proj"): 8, (0, "embed_tokens"): 8, (0, "lm_head"): 8}
+    assert spec.scales[(0, "embed_tokens")] == 2.0 and spec.scales[(0, "lm_head")] == 0.5
+    assert spec.modules == ("q_proj",) and spec.targets == ("q_proj", "embed_tokens", "lm_head")
+    assert spec.keys[(0, "embed_tokens")] == (f"{EMBED}.lora_embedding_A", f"{EMBED}.lora_embedding_B")
+    assert spec.base_copies == {"embed_tokens": f"{EMBED}.base_layer.weight", "lm_head": f"{HEAD}.base_layer.weight"}
+    assert build_spec(BASE_CONFIG, EDGE_TENSORS, num_layers=2, dims=DIMS, max_rank=64).base_copies is None
+
+
+@pytest.mark.parametrize("config, reason", [
+    ({**BASE_CONFIG, "use_dora": True}, "DoRA on embed_tokens or lm_head is not supported"),
+    ({**BASE_CONFIG, "target_modules": ["embed_tokens"], "ensure_weight_tying": True}, "ensure_weight_tying"),
+])
+def test_edge_refusals(config, reason):
+    with pytest.raises(AdapterRefused, match=reason):
+        build_spec(config, EDGE_TENSORS, num_layers=2, dims=DIMS, max_rank=64)
+
+
+def test_weight_tying_alone_does_not_refuse_a_layers_only_adapter():
+    build_spec({**BASE_CONFIG, "ensure_weight_tying": True}, shapes(), num_layers=2, dims=DIMS, max_rank=64)

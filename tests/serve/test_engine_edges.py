@@ -1,0 +1,152 @@
+"""LoRA on embed_tokens and lm_head (PEFT's ``lora_embedding_A/B`` and an lm_head ``lora_A/B``):
+greedy output token-identical to PEFT in mixed batches, through the native kernels, the torch path
+and the bucketed decode steps; combined like any adapter; PEFT's copies of the base weights checked."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hotswap.hub import Registry
+from hotswap.serve.engine import CapacityExceeded, IncompatibleAdapter
+from hotswap.serve.lora.edges import embed_delta, head_delta
+
+from .engine_support import (  # noqa: F401
+    BASE, AdapterSpec, peft_rows, preload, prompt_requests, save_adapter, start_engine, world)
+from .test_engine_compose import peft_combined
+
+EDGE = [AdapterSpec("edge-all", 4, ("embed_tokens", "lm_head", "q_proj", "down_proj"), seed=41),
+        AdapterSpec("edge-embed", 8, ("embed_tokens", "v_proj"), alpha=8, seed=42),
+        AdapterSpec("edge-head", 6, ("lm_head",), alpha=12, seed=43, rslora=True)]
+MIXED = [None, "edge-all", "chat", "edge-embed", "edge-head", "sql", "edge-all"]
+
+
+@pytest.fixture(scope="module")
+def edge_world(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("edges")
+    registry = Registry(world.home)
+    for spec in EDGE:
+        folder = save_adapter(world.base_dir, root / spec.name, spec)
+        world.adapter_dirs[spec.name] = folder
+        registry.publish(folder, name=spec.name, kind="adapter", base=BASE)
+    registry.close()
+    return world
+
+
+def test_deltas_follow_peft_per_token():
+    """The masked whole-pool products equal each token's own adapter terms (PEFT's formulas)."""
+    torch.manual_seed(0)
+    vocab, hidden = 30, 8
+    a_pool, b_pool = torch.randn(7, vocab), torch.randn(7, hidden)  # rows 1-3 adapter x, 4-6 adapter y
+    a_pool[0] = b_pool[0] = 0
+    rows = [[1, 2, 3], [4, 5, 6], []]
+    ids = torch.tensor([5, 29, 5])
+    mask = torch.zeros(3, 7)
+    for t, r in enumerate(rows):
+        mask[t, r] = 1
+    want = torch.stack([b_pool[r].T @ a_pool[r][:, i] if r else torch.zeros(hidden) for r, i in zip(rows, ids)])
+    torch.testing.assert_close(embed_delta(ids, mask, a_pool, b_pool), want)
+    h = torch.randn(3, hidden)
+    a_head, b_head = torch.randn(7, hidden), torch.randn(7, vocab)
+    want = torch.stack([b_head[r].T @ (a_head[r] @ h[t]) if r else torch.zeros(vocab) for t, r in enumerate(rows)])
+    torch.testing.assert_close(head_delta(h, mask, a_head, b_head), want)
+    # only the rows up to the mask's width are read: whatever lies beyond (here NaN) never matters
+    nan_rows = torch.full((2, hidden), float("nan"))
+    torch.testing.assert_close(head_delta(h, mask, torch.cat([a_head, nan_rows]), torch.cat([b_head, b_head[:2]])), want)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"native_kernels": False}, {"decode_graphs": True}],
+                         ids=["native", "torch", "bucketed"])
+def test_edge_rows_in_a_mixed_batch_match_peft(edge_world, overrides):
+    prompts = list(range(len(MIXED)))
+    want = peft_rows(edge_world, MIXED, prompts=prompts, new=10)
+    engine = start_engine(edge_world.home, **overrides)
+    try:
+        preload(engine, [m for m in MIXED if m])
+        outs = engine.generate_sync(prompt_requests(MIXED, prompts=prompts, new=10))
+        assert [list(o.token_ids) for o in outs] == want
+    finally:
+        engine.stop_sync()
+
+
+def test_each_edge_changes_the_output(edge_world):
+    """An lm_head-only and an embedding-heavy adapter give other tokens than the bare base."""
+    base = peft_rows(edge_world, [None, None], prompts=[3, 4], new=10)
+    adapted = peft_rows(edge_world, ["edge-embed", "edge-head"], prompts=[3, 4], new=10)
+    assert base[0] != adapted[0] and base[1] != adapted[1]
+
+
+def test_edge_adapters_combine_like_peft_cat(edge_world):
+    combo = "edge-all*0.6+edge-head*-0.5+sql"
+    want = peft_combined(edge_world, [("edge-all", 0.6), ("edge-head", -0.5), ("sql", 1.0)], 2, 10)
+    engine = start_engine(edge_world.home)
+    try:
+        outs = engine.generate_sync(prompt_requests([None, "edge-embed", combo], new=10))
+        assert list(outs[2].token_ids) == want
+    finally:
+        engine.stop_sync()
+
+
+def test_more_edge_adapters_than_edge_rows_evict_and_reload(edge_world):
+    """8 edge rows hold edge-all (4 rows in each edge pool) or edge-embed (8) but not both: the
+    pool evicts between requests, and every output still matches PEFT's."""
+    order = ["edge-all", "edge-embed", "edge-all", "edge-head", "edge-embed"]
+    want = peft_rows(edge_world, order, prompts=[0, 1, 2, 3, 4], new=6)
+    engine = start_engine(edge_world.home, edge_lora_rows=8)
+    try:
+        for i, name in enumerate(order):
+            [out] = engine.generate_sync(prompt_requests([name], prompts=[i], new=6))
+            assert list(out.token_ids) == want[i], name
+        pool = engine._core.residency.pool
+        assert all(torch.count_nonzero(pool.edge_a[m][~_owned(pool, m)]) == 0 for m in pool.edge_dims)
+    finally:
+        engine.stop_sync()
+
+
+def _owned(pool, module: str) -> torch.Tensor:
+    owned = torch.zeros(pool.edge_rows + 1, dtype=torch.bool)
+    for slot in list(pool._slots.values()):
+        owned[slot.rows.get(module, [])] = True
+    return owned
+
+
+def test_no_edge_rows_refuses_edge_adapters_with_the_setting(edge_world):
+    engine = start_engine(edge_world.home, edge_lora_rows=0)
+    try:
+        with pytest.raises(CapacityExceeded, match=r"8 rows in the embed_tokens pool .* \(raise edge_lora_rows\)"):
+            engine.load_future("edge-embed").result(timeout=30)
+        [out] = engine.generate_sync(prompt_requests(["sql"], new=4))  # everything else is still served
+        assert len(out.token_ids) == 4
+    finally:
+        engine.stop_sync()
+
+
+def test_base_copies_are_checked_then_dropped(edge_world, tmp_path):
+    """PEFT saves the base's embedding and lm_head beside an edge LoRA: equal copies are dropped
+    from the host tier; a changed copy (a retrained vocabulary) is refused with the reason."""
+    folder = edge_world.adapter_dirs["edge-all"]
+    tensors = load_file(folder / "adapter_model.safetensors")
+    copies = [k for k in tensors if k.endswith("base_layer.weight")]
+    assert sorted(k.split(".")[-3] for k in copies) == ["embed_tokens", "lm_head"]
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    tensors[copies[0]][3] += 0.5
+    save_file(tensors, changed / "adapter_model.safetensors")
+    registry = Registry(edge_world.home)
+    registry.publish(changed, name="edge-changed", kind="adapter", base=BASE)
+    registry.close()
+    engine = start_engine(edge_world.home)
+    try:
+        with pytest.raises(IncompatibleAdapter, match="copy of the base's .* weight differs from the base's"):
+            engine.load_future("edge-changed").result(timeout=30)
+        engine.load_future("edge-all").result(timeout=30)
+        [view] = [v for v in engine._core.residency.views() if v.ref.startswith("edge-all")]
+        lora_bytes = sum(t.nbytes for k, t in load_file(folder / "adapter_model.safetensors").items() if "lora_" in k)
+        assert view.host_bytes == lora_bytes < (folder / "adapter_model.safetensors").stat().st_size
+        [entry] = [r for r in engine.residency() if r.ref.startswith("edge-all")]
+        assert entry.target_modules == ("q_proj", "down_proj", "embed_tokens", "lm_head")
+    finally:
+        engine.stop_sync()
