@@ -48,8 +48,7 @@ class LoraStep:
     scratch: Tensor | None = None  # [T_lora * max n*k] the kernel's rank activations
     kernel_calls: dict[str, GroupCall] | None = None  # group -> its calls, ``(layer, x, y)``; None: no kernels loaded
     dora: DoraStep | None = None  # when a DoRA adapter is in the step: outputs are scaled per token after the LoRA
-    # edge LoRA (see edges.py): module -> [T, top], 1 where a token's adapter owns the row (top: the
-    # highest row in use + 1; the step reads only those first rows of the edge pools)
+    # edge LoRA (see edges.py): module -> [T, edge_rows + 1], 1 where a token's adapter owns the row
     edges: dict[str, Tensor] | None = None
 
 
@@ -120,16 +119,17 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
 
 def _edge_masks(active: list[tuple[int, int, int]], num_tokens: int, slots: dict, pool: LoraPool,
                 device: torch.device) -> dict[str, Tensor] | None:
-    """Per edge module some token's adapter targets: which of the edge pool's rows each token uses,
-    up to the highest row in use (rows are handed out low first, so the step reads a short prefix
-    of the pool, not all of it)."""
+    """Per edge module some token's adapter targets: which of the edge pool's rows each token uses."""
     masks = {}
     for module in pool.edge_dims:
-        spans = [(start, n, slots[s].rows[module]) for start, n, s in active if slots[s].rows.get(module)]
-        if spans:
-            mask = torch.zeros(num_tokens, max(max(rows) for _, _, rows in spans) + 1, dtype=pool.dtype)
-            for start, n, rows in spans:
+        mask = None
+        for start, n, s in active:
+            rows = slots[s].rows.get(module)
+            if rows:
+                if mask is None:
+                    mask = torch.zeros(num_tokens, pool.edge_rows + 1, dtype=pool.dtype)
                 mask[start:start + n, rows] = 1
+        if mask is not None:
             masks[module] = mask.to(device, non_blocking=True)
     return masks or None
 

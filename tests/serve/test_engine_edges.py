@@ -40,22 +40,18 @@ def test_deltas_follow_peft_per_token():
     """The masked whole-pool products equal each token's own adapter terms (PEFT's formulas)."""
     torch.manual_seed(0)
     vocab, hidden = 30, 8
-    a_pool, b_pool = torch.randn(7, vocab), torch.randn(7, hidden)  # rows 1-3 adapter x, 4-6 adapter y
-    a_pool[0] = b_pool[0] = 0
-    rows = [[1, 2, 3], [4, 5, 6], []]
+    a_pool, b_cols = torch.randn(7, vocab), torch.randn(hidden, 7)  # rows 1-3: adapter x, 4-6: adapter y
+    rows = [[1, 2, 3], [4, 5, 6], []]  # the third token has no adapter
     ids = torch.tensor([5, 29, 5])
     mask = torch.zeros(3, 7)
     for t, r in enumerate(rows):
         mask[t, r] = 1
-    want = torch.stack([b_pool[r].T @ a_pool[r][:, i] if r else torch.zeros(hidden) for r, i in zip(rows, ids)])
-    torch.testing.assert_close(embed_delta(ids, mask, a_pool, b_pool), want)
+    want = torch.stack([b_cols[:, r] @ a_pool[r][:, i] if r else torch.zeros(hidden) for r, i in zip(rows, ids)])
+    torch.testing.assert_close(embed_delta(ids, mask, a_pool, b_cols), want)
     h = torch.randn(3, hidden)
-    a_head, b_head = torch.randn(7, hidden), torch.randn(7, vocab)
-    want = torch.stack([b_head[r].T @ (a_head[r] @ h[t]) if r else torch.zeros(vocab) for t, r in enumerate(rows)])
+    a_head, b_head = torch.randn(7, hidden), torch.randn(vocab, 7)
+    want = torch.stack([b_head[:, r] @ (a_head[r] @ h[t]) if r else torch.zeros(vocab) for t, r in enumerate(rows)])
     torch.testing.assert_close(head_delta(h, mask, a_head, b_head), want)
-    # only the rows up to the mask's width are read: whatever lies beyond (here NaN) never matters
-    nan_rows = torch.full((2, hidden), float("nan"))
-    torch.testing.assert_close(head_delta(h, mask, torch.cat([a_head, nan_rows]), torch.cat([b_head, b_head[:2]])), want)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"native_kernels": False}, {"decode_graphs": True}],
@@ -101,7 +97,9 @@ def test_more_edge_adapters_than_edge_rows_evict_and_reload(edge_world):
             [out] = engine.generate_sync(prompt_requests([name], prompts=[i], new=6))
             assert list(out.token_ids) == want[i], name
         pool = engine._core.residency.pool
-        assert all(torch.count_nonzero(pool.edge_a[m][~_owned(pool, m)]) == 0 for m in pool.edge_dims)
+        for m in pool.edge_dims:  # rows given back hold zeros: steps read the whole pool, masked
+            free = ~_owned(pool, m)
+            assert torch.count_nonzero(pool.edge_a[m][free]) == torch.count_nonzero(pool.edge_b[m][:, free]) == 0
     finally:
         engine.stop_sync()
 
@@ -148,5 +146,26 @@ def test_base_copies_are_checked_then_dropped(edge_world, tmp_path):
         assert view.host_bytes == lora_bytes < (folder / "adapter_model.safetensors").stat().st_size
         [entry] = [r for r in engine.residency() if r.ref.startswith("edge-all")]
         assert entry.target_modules == ("q_proj", "down_proj", "embed_tokens", "lm_head")
+    finally:
+        engine.stop_sync()
+
+
+def test_prompt_logprobs_of_an_edge_adapter_match_peft_across_chunks(edge_world):
+    """Scored prompt rows take the lm_head LoRA too, chunk after chunk (64-token steps), beside a base row."""
+    from hotswap.serve.engine import GenerationRequest, SamplingParams
+
+    from .engine_support import PROMPTS, tiny_tokenizer
+    from .test_engine_logprobs import reference_logprobs
+
+    prompt = tiny_tokenizer()(" ".join(PROMPTS) * 2)["input_ids"][:100]
+    engine = start_engine(edge_world.home)
+    try:
+        preload(engine, ["edge-all"])
+        outs = engine.generate_sync([
+            GenerationRequest(prompt_token_ids=prompt, model="edge-all", sampling=SamplingParams(max_tokens=2, prompt_logprobs=1)),
+            GenerationRequest(prompt_token_ids=prompt[:30], sampling=SamplingParams(max_tokens=3))])
+        ref = reference_logprobs(edge_world, "edge-all", prompt[:1], prompt[1:])
+        got = [entry.chosen.logprob for entry in outs[0].prompt_logprobs[1:]]
+        assert got == pytest.approx([float(ref[pos, t]) for pos, t in enumerate(prompt[1:])], abs=1e-3)
     finally:
         engine.stop_sync()
