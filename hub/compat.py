@@ -75,9 +75,20 @@ def check_adapter_fits(
         # PEFT saves copies of the base weights it wraps as ".base_layer" (embed_tokens, lm_head)
         module = module.replace(".modules_to_save", "").replace(".original_module", "").replace(".base_layer", "")
         base_shape = base_shapes.get(module + ".weight")
+        if module == "score" and str(adapter_config.get("task_type") or "").upper() == "SEQ_CLS":
+            _check_classifier_head(name, shape, base_shapes, base_ref)
+            continue
         if base_shape is None:
             raise IncompatibleAdapter(f"module {module!r} (tensor {name}) does not exist in base {base_ref}")
         _check_shape(name, module, part.group(1) if part else None, shape, base_shape, base_ref)
+
+
+def _check_classifier_head(name: str, shape: list[int], base_shapes: dict[str, list[int]], base_ref: str) -> None:
+    """A sequence-classification adapter's own head: ``score [labels, hidden]`` over the base's hidden size."""
+    hidden = next((v[1] for k, v in base_shapes.items() if k.endswith("embed_tokens.weight")), None)
+    if len(shape) != 2 or shape[0] < 1 or (hidden is not None and shape[1] != hidden):
+        raise IncompatibleAdapter(f"classification head {name} has shape {shape}, but base {base_ref} needs "
+                                  f"[labels, {hidden}]")
 
 
 def _check_shape(

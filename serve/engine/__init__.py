@@ -16,6 +16,7 @@ from .errors import (
     QueueFull,
 )
 from .requests import (
+    Classification,
     Completion,
     FinishReason,
     GenerationRequest,
@@ -33,7 +34,7 @@ from .residency_commands import AdapterResidency
 from .stats import EngineStats, Histogram
 
 __all__ = [
-    "AdapterNotFound", "AdapterResidency", "CapacityExceeded", "Completion", "Engine", "EngineConfig",
+    "AdapterNotFound", "AdapterResidency", "CapacityExceeded", "Classification", "Completion", "Engine", "EngineConfig",
     "EngineError", "EngineNotReady", "EngineStats", "FinishReason", "GenerationRequest", "Histogram",
     "IncompatibleAdapter", "InvalidRequest", "Logprob", "MAX_LOGPROBS", "PromptTooLong", "QueueFull", "RequestStream",
     "SamplingParams", "Target", "TokenEvent", "TokenLogprobs", "Tokenized", "Usage",

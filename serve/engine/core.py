@@ -13,6 +13,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
+from .classify import head_mismatch
 from .errors import EngineError, EngineNotReady
 from .requests import TokenEvent, TokenLogprobs, Usage
 from .sequence import Sequence, Status
@@ -102,6 +103,11 @@ class Core:
             if slot is None:
                 return False
             seq.slot, seq.pinned = slot, True
+            info = self.residency.pool.slot(slot)
+            mismatch = head_mismatch(seq.target.ref, seq.classify, info.head)
+            if mismatch is not None:  # failed below, which gives the pin back
+                failed.append((seq, mismatch))
+                return False
             return True
 
         start = time.perf_counter()
@@ -128,7 +134,7 @@ class Core:
         self.recorder.observe("step_time", time.perf_counter() - start)
         self.recorder.incr("steps")
         for seq, token, logprobs in sampled:
-            if seq.sampling.max_tokens == 0:  # the prompt alone was asked for: scored, nothing generated
+            if seq.sampling.max_tokens == 0:  # the prompt alone was asked for: scored or classified, nothing generated
                 self.finish(seq, "length", prompt_logprobs=tuple(seq.prompt_logprobs or ()))
             else:
                 self._emit(seq, token, logprobs)
@@ -213,7 +219,8 @@ class Core:
                logprobs: tuple[TokenLogprobs, ...] = (), prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         self._detach(seq)
         usage = Usage(seq.prompt_len, seq.num_generated, seq.cached_tokens or 0)
-        seq.stream._push(TokenEvent(seq.request_id, tokens, delta, reason, usage, logprobs, prompt_logprobs))
+        seq.stream._push(TokenEvent(seq.request_id, tokens, delta, reason, usage, logprobs, prompt_logprobs,
+                                    seq.classification))
         now = time.monotonic()
         self.recorder.incr("requests_finished", reason)
         self.recorder.observe("e2e", now - seq.arrival)

@@ -15,6 +15,7 @@ from ..lora.pool import LoraPool
 from ..lora.residency import Residency
 from ..threads import run_in_fresh_thread
 from . import loaders
+from .classify import CLASSIFY_SAMPLING, pooled_prompt
 from .config import EngineConfig
 from .detok import Detokenizer
 from .core import Core
@@ -242,15 +243,21 @@ class Engine(ResidencyCommands):
     def _prepare(self, request: GenerationRequest) -> Sequence:
         self._require_ready()
         cfg = self.config
-        check_sampling(request.sampling, cfg.max_tokens_limit)
+        p = CLASSIFY_SAMPLING if request.classify else request.sampling
+        if not request.classify:
+            check_sampling(p, cfg.max_tokens_limit)
         target = self.resolver.resolve(request.model)
+        if request.classify and target.kind != "adapter":
+            raise InvalidRequest(f"{target.ref} is a {target.kind}: classification needs an adapter trained for "
+                                 "sequence classification (PEFT task_type SEQ_CLS)")
         tokenizer, limit, fits_kv = self._base.tokenizer, self._base.max_model_len, self._base.fits_kv
         if target.kind == "model":
             info = self.resolver.model_info(target, cfg)
             self._core.models.check_fits(target.ref, info.estimate_bytes)
             tokenizer, limit, fits_kv = info.tokenizer, info.max_model_len, info.fits_kv
         ids = prompt_ids(tokenizer, request, len(tokenizer))
-        p = request.sampling
+        if request.classify:
+            ids = pooled_prompt(ids, self._base.runner.config.pad_token_id)
         check_logit_bias(p, len(tokenizer))
         total = len(ids) + p.max_tokens
         if total > limit:
@@ -273,7 +280,7 @@ class Engine(ResidencyCommands):
             scored = [TokenLogprobs(Logprob(ids[0], text, None, raw), ())]
         return Sequence(request_id=rid, target=target, prompt_len=len(ids), token_ids=ids, sampling=p,
                         stream=stream, detok=Detokenizer(tokenizer, p.stop), eos_ids=frozenset(),
-                        generator=generator, prompt_logprobs=scored,
+                        generator=generator, prompt_logprobs=scored, classify=request.classify,
                         cache_key=f"{target.digest}\0{request.cache_salt or ''}".encode())
 
     def _unqueue(self) -> None:

@@ -164,8 +164,9 @@ class LlamaRunner:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
-    def forward(self, meta: StepMetadata, kv: KVCache) -> Tensor:
-        """Run one step; returns float32 logits ``[N, vocab]`` for ``meta.logits_index``."""
+    def forward(self, meta: StepMetadata, kv: KVCache, hidden_out: list[Tensor] | None = None) -> Tensor:
+        """Run one step; returns float32 logits ``[N, vocab]`` for ``meta.logits_index``. ``hidden_out``
+        receives those rows' final-norm hidden states ``[N, hidden]`` (classification heads read them)."""
         x = F.embedding(meta.input_ids, self.embed)
         lora = meta.lora if self.lora is not None else None
         edges = None if lora is None else lora.edges
@@ -185,6 +186,8 @@ class LlamaRunner:
             gate, up = gu.split(self.intermediate, dim=-1)
             x = x + self._linear(F.silu(gate) * up, lw.down, lora, index, "down", ("down_proj",))
         last = F.rms_norm(x.index_select(0, meta.logits_index), (self.hidden,), self.norm, self.eps)
+        if hidden_out is not None:
+            hidden_out.append(last)
         if self._native is not None and last.shape[0] <= NATIVE_PROJECTION_TOKENS:
             logits = self._kernels.project(self._native["lm_head"], 0, last)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,6 +55,30 @@ class GenerationRequest:
     # prefix caching: requests share KV of equal prompt prefixes only when their salts are equal too, so
     # a tenant's salt keeps others from timing which prompts it sent (vLLM's cache_salt)
     cache_salt: str | None = None
+    # classify the prompt with the adapter's classification head (a PEFT SEQ_CLS adapter) instead of
+    # generating: the completion carries ``classification`` and no tokens; sampling is ignored
+    classify: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class Classification:
+    """A classification request's result: the head's logits over the adapter's labels, read at the
+    prompt's last token that is not padding (as transformers' sequence classifiers pool)."""
+
+    logits: tuple[float, ...]
+    labels: tuple[str, ...]
+
+    @property
+    def probs(self) -> tuple[float, ...]:
+        top = max(self.logits)
+        weights = [math.exp(v - top) for v in self.logits]
+        total = sum(weights)
+        return tuple(w / total for w in weights)
+
+    @property
+    def label(self) -> str:
+        """The most likely label (the first of equals)."""
+        return self.labels[self.logits.index(max(self.logits))]
 
 
 @dataclass(slots=True, frozen=True)
@@ -120,6 +145,7 @@ class TokenEvent:
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
     # on the first event, when the request asked for them: one per prompt token (the first: no logprob)
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    classification: Classification | None = None  # on the only event of a classification request
 
 
 @dataclass(slots=True, frozen=True)
@@ -134,6 +160,7 @@ class Completion:
     usage: Usage
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # one per prompt token (the first: no logprob)
+    classification: Classification | None = None  # a classification request's result
 
 
 class RequestStream:
@@ -224,7 +251,8 @@ class RequestStream:
             token_ids=tuple(t for e in events for t in e.token_ids),
             finish_reason=last.finish_reason, usage=last.usage,
             logprobs=tuple(lp for e in events for lp in e.logprobs),
-            prompt_logprobs=tuple(lp for e in events for lp in e.prompt_logprobs))
+            prompt_logprobs=tuple(lp for e in events for lp in e.prompt_logprobs),
+            classification=last.classification)
 
     async def collect(self) -> Completion:
         """Wait for the end of the request and return it whole."""

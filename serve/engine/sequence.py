@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .detok import Detokenizer
-from .requests import RequestStream, SamplingParams, Target
+from .requests import Classification, RequestStream, SamplingParams, Target
 
 
 class Status(enum.Enum):
@@ -47,6 +47,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
     cached_tokens: int | None = None
+    classify: bool = False  # a classification request (see classify.py)
+    classification: Classification | None = None  # its result, once its prompt is computed
 
     @property
     def num_generated(self) -> int:

@@ -8,6 +8,7 @@ import torch
 
 from ..lora import native
 from ..lora.batch import build_lora_step
+from .classify import classify_rows
 from .config import EngineConfig
 from .decode_graphs import DecodeGraphs
 from .kv_cache import BlockManager, KVCache
@@ -80,14 +81,20 @@ class Worker:
             logits = self.graphs.run([seq for seq, _ in plan])
             if logits is None:  # a capture failed on this device: eager from now on
                 self.graphs = None
+        hidden = [] if any(seq.classify for seq, _ in plan) else None
         if logits is None:
-            logits = self._forward(plan, scores)
+            logits = self._forward(plan, scores, hidden)
         num_sampled = sum(seq.num_computed + n == len(seq.token_ids) for seq, n in plan)
         self._keep_prompt_logprobs(plan, scores, logits[num_sampled:])
         logits = logits[:num_sampled]
         for seq, n in plan:
             seq.num_computed += n
         sampled = [seq for seq, _ in plan if seq.num_computed == len(seq.token_ids)]
+        if hidden:
+            pool = self.runner.lora
+            heads = [(pool.slot(s.slot).head, pool.slot(s.slot).labels) if s.classify else None for s in sampled]
+            for seq, found in zip(sampled, classify_rows(hidden[0], heads)):
+                seq.classification = found
         asking = [i for i, s in enumerate(sampled) if s.sampling.logprobs is not None]
         # before sampling, which masks banned tokens in place: the model's own distribution
         raw = logits[asking].log_softmax(-1).cpu() if asking else None
@@ -100,10 +107,12 @@ class Worker:
         return plan, list(zip(sampled, tokens, found))
 
     def _needs_eager(self, plan: list[tuple[Sequence, int]]) -> bool:
-        """Whether a DoRA adapter or an edge (embed_tokens, lm_head) LoRA is in the step."""
+        """Whether a DoRA adapter, an edge (embed_tokens, lm_head) LoRA or a classification is in the step."""
         pool = self.runner.lora
         if pool is None:
             return False
+        if any(seq.classify for seq, _ in plan):
+            return True
         slots = [pool.slot(seq.slot) for seq, _ in plan if seq.slot >= 0]
         return any(slot.dora is not None or any(m in slot.rows for m in pool.edge_dims) for slot in slots)
 
@@ -139,7 +148,8 @@ class Worker:
             found = self._pieces[token_id] = token_piece(self.tokenizer, token_id)
         return found
 
-    def _forward(self, plan: list[tuple[Sequence, int]], scores: list[range]) -> torch.Tensor:
+    def _forward(self, plan: list[tuple[Sequence, int]], scores: list[range],
+                 hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The step eagerly, at its own shapes: logits of the sequences whose step ends at their last
         token, then those of the prompt positions in ``scores``."""
         spans, segments, first = [], [], 0
@@ -154,5 +164,5 @@ class Worker:
             lora = build_lora_step(segments, first, self.runner.lora, self.device, self.lora_batch_cache_bytes,
                                    kernel=self.runner.kernels is not None)
         meta = build_metadata(spans, self.blocks.block_size, self.device, lora)
-        return self.runner.forward(meta, self.kv)
+        return self.runner.forward(meta, self.kv, hidden)
 

@@ -65,6 +65,8 @@ def combine(parts: list[tuple[HostAdapter, float]], digest: str, ref: str, max_r
     for host, _ in parts:
         if host.magnitude is not None:
             raise AdapterRefused(f"{host.ref} is a DoRA adapter: DoRA updates do not add up linearly")
+        if host.head is not None:
+            raise AdapterRefused(f"{host.ref} is a classification adapter: its head does not combine with others")
     pairs = sorted({pair for host, _ in parts for pair in host.a}, key=lambda p: (p[0], (MODULES + EDGES).index(p[1])))
     ranks = {pair: sum(host.spec.ranks.get(pair, 0) for host, _ in parts) for pair in pairs}
     worst = max(ranks, key=ranks.get)

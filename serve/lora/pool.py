@@ -46,6 +46,8 @@ class Slot:
     # DoRA: group -> [num_layers, sum of the group's outs], the scales of its outputs (1 where the
     # adapter leaves a module or layer alone); None for plain LoRA
     dora: dict[str, Tensor] | None = None
+    head: Tensor | None = None  # a classification adapter's ``score [labels, hidden]``, on the device
+    labels: tuple[str, ...] | None = None  # and its labels' names
 
 
 class LoraPool:
@@ -149,10 +151,11 @@ class LoraPool:
         slot = self._free_slots.pop() if self._free_slots else self._new_slot()
         self._generation += 1
         dora = self._dora_scales(adapter)
+        head = None if adapter.head is None else adapter.head.to(self.a_stacked["qkv"].device, self.dtype, copy=True)
         self._slots[slot] = Slot(rows=rows, rank=adapter.rank,
                                  nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items())
-                                 + sum(t.nbytes for t in (dora or {}).values()),
-                                 generation=self._generation, dora=dora)
+                                 + sum(t.nbytes for t in (dora or {}).values()) + (0 if head is None else head.nbytes),
+                                 generation=self._generation, dora=dora, head=head, labels=adapter.labels)
         return slot
 
     def _dora_scales(self, adapter: HostAdapter) -> dict[str, Tensor] | None:

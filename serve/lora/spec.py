@@ -7,6 +7,9 @@ reason: biases, modules_to_save, weight-modifying initialisations, ...
 DoRA is applied: its magnitude vectors are read here and turned into per-output scales at load.
 LoRA on the token embedding and on lm_head (the "edges" of the model) is applied too; PEFT then
 also saves a copy of those base weights, which must equal the base's (see ``weights.load_adapter``).
+A sequence-classification adapter (``task_type`` SEQ_CLS) brings its own head, ``score [labels,
+hidden]`` (PEFT's ``modules_to_save``, the only one accepted), applied to a classification
+request's last token (see ``engine/classify.py``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?)$")
+_HEAD_KEY = re.compile(r"^(?:base_model\.model\.)?score(?:\.modules_to_save(?:\.default)?)?\.weight$")
+# what PEFT puts in modules_to_save of a SEQ_CLS adapter by itself: a Llama's head is named score
+_CLASSIFIER_NAMES = {"classifier", "score"}
 _EDGE_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.(embed_tokens)\.lora_embedding_([AB])"
                        r"|(lm_head)\.lora_([AB])\.weight|(?:model\.)?(embed_tokens|lm_head)\.base_layer\.(weight))$")
 
@@ -74,6 +80,7 @@ class LoraSpec:
     magnitudes: dict[tuple[int, str], str] | None = None  # DoRA: (layer, module) -> magnitude vector key
     # edge module -> key of the copy of its base weight that PEFT saves beside an edge LoRA
     base_copies: dict[str, str] | None = None
+    head: str | None = None  # SEQ_CLS: key of the classification head ``score [labels, hidden]``
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -110,6 +117,8 @@ def check_config(config: dict, max_rank: int) -> None:
     if config.get("bias", "none") != "none":
         raise AdapterRefused(f"bias={config['bias']!r}: trained biases change base modules; only 'none' is supported")
     for field, reason in _REFUSED.items():
+        if field == "modules_to_save" and _is_classifier(config):
+            continue
         if config.get(field):
             raise AdapterRefused(f"{field}={config[field]!r}: {reason}")
     init = config.get("init_lora_weights", True)
@@ -126,6 +135,16 @@ def check_config(config: dict, max_rank: int) -> None:
     ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
     if max(ranks) > max_rank:
         raise AdapterRefused(f"rank {max(ranks)} is above the engine's max_rank {max_rank}")
+
+
+def _is_classifier(config: dict) -> bool:
+    """A SEQ_CLS adapter whose modules_to_save holds no more than its classification head."""
+    if str(config.get("task_type") or "").upper() != "SEQ_CLS":
+        return False
+    if not set(config.get("modules_to_save") or ()) <= _CLASSIFIER_NAMES:
+        raise AdapterRefused(f"modules_to_save={config['modules_to_save']!r}: a classification adapter may save "
+                             f"only its head ({', '.join(sorted(_CLASSIFIER_NAMES))})")
+    return True
 
 
 def _targets_edges(config: dict) -> bool:
@@ -152,7 +171,11 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
     check_config(config, max_rank)
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     base_copies: dict[str, str] = {}
+    head = None
     for key in tensor_shapes:
+        if _HEAD_KEY.match(key) and _is_classifier(config):
+            head = key
+            continue
         edge = _EDGE_KEY.match(key)
         if edge is not None and edge[6]:  # PEFT's copy of the base weight: checked against the base at load
             base_copies[edge[5]] = key
@@ -212,8 +235,14 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
         want = dims[module] if module == "embed_tokens" else dims[module][::-1]  # both [vocab, hidden]
         if tuple(tensor_shapes[key]) != want:
             raise AdapterRefused(f"{key}: shape {tuple(tensor_shapes[key])}, but the base's {module} weight is {want}")
+    if _is_classifier(config):
+        if head is None:
+            raise AdapterRefused("task_type SEQ_CLS but the file holds no classification head (score.weight)")
+        shape = tuple(tensor_shapes[head])
+        if len(shape) != 2 or shape[0] < 1 or shape[1] != dims["q_proj"][0]:
+            raise AdapterRefused(f"{head}: shape {shape} is not [labels, {dims['q_proj'][0]}] (labels x hidden)")
     return LoraSpec(ranks=ranks, scales=scales, keys=keys, magnitudes=magnitudes if dora else None,
-                    base_copies=base_copies or None)
+                    base_copies=base_copies or None, head=head)
 
 
 def _module_path(layer: int, module: str) -> str:

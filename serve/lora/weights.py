@@ -40,6 +40,10 @@ class HostAdapter:
     dora_scales: dict[tuple[int, str], Tensor] | None = None
     # edge module -> PEFT's copy of its base weight (a view of ``buffer``), until ``drop_base_copies``
     base_copies: dict[str, Tensor] | None = None
+    # a classification adapter's head ``score [labels, hidden]`` (a view of ``buffer``) and its labels'
+    # names (``labels.json`` beside the weights, else LABEL_0, LABEL_1, ... as transformers names them)
+    head: Tensor | None = None
+    labels: tuple[str, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -124,9 +128,27 @@ def load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dic
     b = {pair: tensors[keys[1]] for pair, keys in spec.keys.items()}
     magnitude = None if spec.magnitudes is None else {pair: tensors[k] for pair, k in spec.magnitudes.items()}
     copies = None if spec.base_copies is None else {m: tensors[k] for m, k in spec.base_copies.items()}
+    head = None if spec.head is None else tensors[spec.head]
     return HostAdapter(digest=digest, ref=ref, spec=spec, buffer=buffer, a=a, b=b,
                        ranks={m: spec.module_rank(m) for m in spec.targets}, magnitude=magnitude,
-                       base_copies=copies)
+                       base_copies=copies, head=head, labels=None if head is None else read_labels(folder, head.shape[0]))
+
+
+def read_labels(folder: Path, count: int) -> tuple[str, ...]:
+    """The names of a classification adapter's ``count`` labels: ``labels.json`` (a list of distinct
+    strings, class 0 first) when the folder has one, else transformers' default names."""
+    path = folder / "labels.json"
+    if not path.is_file():
+        return tuple(f"LABEL_{i}" for i in range(count))
+    try:
+        names = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterRefused(f"labels.json is not valid JSON: {exc}") from None
+    if (not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != count):
+        raise AdapterRefused(f"labels.json must list {count} distinct non-empty names (one per row of the "
+                             f"classification head), not {str(names)[:80]}")
+    return tuple(names)
 
 
 def drop_base_copies(adapter: HostAdapter, base_weight) -> HostAdapter:
@@ -139,7 +161,8 @@ def drop_base_copies(adapter: HostAdapter, base_weight) -> HostAdapter:
         if not torch.equal(copy.to(weight.device, weight.dtype), weight):
             raise AdapterRefused(f"its copy of the base's {module} weight differs from the base's (a resized or "
                                  f"retrained vocabulary?); only a LoRA update of {module} can be served")
-    kept = [*adapter.a.values(), *adapter.b.values(), *(adapter.magnitude or {}).values()]
+    kept = [*adapter.a.values(), *adapter.b.values(), *(adapter.magnitude or {}).values(),
+            *(() if adapter.head is None else (adapter.head,))]
     offsets, size = [], 0
     for t in kept:
         size = -(-size // t.element_size()) * t.element_size()  # each tensor aligned to its element size
@@ -155,7 +178,7 @@ def drop_base_copies(adapter: HostAdapter, base_weight) -> HostAdapter:
     b = {pair: next(found) for pair in adapter.b}
     magnitude = None if adapter.magnitude is None else {pair: next(found) for pair in adapter.magnitude}
     return HostAdapter(digest=adapter.digest, ref=adapter.ref, spec=adapter.spec, buffer=buffer, a=a, b=b,
-                       ranks=adapter.ranks, magnitude=magnitude)
+                       ranks=adapter.ranks, magnitude=magnitude, head=next(found, None), labels=adapter.labels)
 
 
 def dora_scales(adapter: HostAdapter, base_weight, base_norm_sq) -> dict[tuple[int, str], Tensor]:

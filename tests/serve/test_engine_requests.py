@@ -201,7 +201,7 @@ def test_a_failing_step_ends_its_requests_and_serving_goes_on(engine, monkeypatc
 
     runner = engine._base.runner
     real = runner.forward
-    monkeypatch.setattr(runner, "forward", lambda meta, kv: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(runner, "forward", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
     stream = engine.submit(GenerationRequest(prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=4)))
     with pytest.raises(EngineError, match="step failed: RuntimeError: boom"):
         stream.result()

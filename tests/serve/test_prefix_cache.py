@@ -244,7 +244,7 @@ def test_a_failed_step_leaves_no_cached_block_behind(engine, world, monkeypatch)
     run(engine, None, ids)
     runner = engine._base.runner
     real = runner.forward
-    monkeypatch.setattr(runner, "forward", lambda meta, kv: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(runner, "forward", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(Exception, match="boom"):
         run(engine, None, ids[:40] + ids[:41])  # its blocks were offered for the step that failed
     monkeypatch.setattr(runner, "forward", real)
