@@ -26,6 +26,7 @@ from .errors import exception_handlers
 from .hub_access import HubAccess
 from .metrics import ApiMetrics
 from .routes_admin import AdaptersController, HubController
+from .routes_classify import ClassifyController
 from .routes_openai import OpenAIController
 from .routes_tokenize import TokenizeController
 from .routes_ops import health, metrics, ready
@@ -57,7 +58,7 @@ def create_app(engine: Engine, registry: Registry, settings: ServerSettings | No
             hub.close()
 
     # The schema says a key is needed exactly where this server will ask for one.
-    keyed = [OpenAIController, TokenizeController, AdaptersController, HubController] + ([] if settings.public_metrics else [metrics])
+    keyed = [OpenAIController, TokenizeController, ClassifyController, AdaptersController, HubController] + ([] if settings.public_metrics else [metrics])
     open_ = [health, ready] + ([metrics] if settings.public_metrics else [])
     security = [{"BearerAuth": []}] if settings.auth_enabled else None
     return Litestar(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from litestar import Request
 
-from ..engine import Engine, GenerationRequest, RequestStream, SamplingParams, Target, TokenEvent, TokenLogprobs, Usage
+from ..engine import Classification, Engine, GenerationRequest, RequestStream, SamplingParams, Target, TokenEvent, TokenLogprobs, Usage
 from .exceptions import ApiProblem, ClientGone
 from .metrics import ApiMetrics
 from .openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -85,6 +85,7 @@ class Choice:
     finish_reason: str | None = None
     usage: Usage | None = None
     first_token_at: float | None = None
+    classification: Classification | None = None  # a classification job's answer
 
 
 class Run:
@@ -154,6 +155,8 @@ class Run:
         choice.text.append(event.text)
         choice.logprobs.extend(event.logprobs)
         choice.prompt_logprobs.extend(event.prompt_logprobs)
+        if event.classification is not None:
+            choice.classification = event.classification
         if event.finish_reason is not None:
             choice.finish_reason, choice.usage = event.finish_reason, event.usage
             self._record(choice)

@@ -114,3 +114,25 @@ def test_edge_refusals(config, reason):
 
 def test_weight_tying_alone_does_not_refuse_a_layers_only_adapter():
     build_spec({**BASE_CONFIG, "ensure_weight_tying": True}, shapes(), num_layers=2, dims=DIMS, max_rank=64)
+
+
+CLS_CONFIG = {**BASE_CONFIG, "task_type": "SEQ_CLS", "modules_to_save": ["classifier", "score"]}
+
+
+def test_a_classification_adapter_brings_its_head():
+    spec = build_spec(CLS_CONFIG, {**shapes(), "base_model.model.score.weight": (3, 64)}, num_layers=2, dims=DIMS,
+                      max_rank=64)
+    assert spec.head == "base_model.model.score.weight" and spec.modules == ("q_proj",)
+    assert build_spec(BASE_CONFIG, shapes(), num_layers=2, dims=DIMS, max_rank=64).head is None
+
+
+@pytest.mark.parametrize("config, tensors, reason", [
+    (CLS_CONFIG, shapes(), "task_type SEQ_CLS but the file holds no classification head"),
+    (CLS_CONFIG, {**shapes(), "base_model.model.score.weight": (3, 32)}, r"shape \(3, 32\) is not \[labels, 64\]"),
+    ({**CLS_CONFIG, "modules_to_save": ["score", "lm_head"]}, shapes(), "a classification adapter may save only its head"),
+    ({**BASE_CONFIG, "modules_to_save": ["score"]}, shapes(), "modules_to_save replaces whole base modules"),
+    (BASE_CONFIG, {**shapes(), "base_model.model.score.weight": (3, 64)}, "outside the decoder's linear layers"),
+])
+def test_classification_refusals(config, tensors, reason):
+    with pytest.raises(AdapterRefused, match=reason):
+        build_spec(config, tensors, num_layers=2, dims=DIMS, max_rank=64)
