@@ -16,8 +16,9 @@ OPERATIONS = {
     ("post", "/v1/adapters/{ref}/unpin"), ("post", "/v1/hub/publish"), ("get", "/v1/hub/{name}"),
     ("put", "/v1/hub/{name}/aliases/{alias}"), ("delete", "/v1/hub/{name}/aliases/{alias}"),
     ("get", "/health"), ("get", "/ready"), ("get", "/metrics"), ("post", "/tokenize"), ("post", "/detokenize"),
+    ("post", "/classify"), ("post", "/v1/classify"),
 }
-KEYED = ("/metrics", "/tokenize", "/detokenize")
+KEYED = ("/metrics", "/tokenize", "/detokenize", "/classify")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ def test_every_operation_is_typed(schema):
     for path, media, model, required in [
         ("/v1/completions", "application/json", "CompletionRequest", {"model", "prompt"}),
         ("/v1/chat/completions", "application/json", "ChatCompletionRequest", {"model", "messages"}),
+        ("/v1/classify", "application/json", "ClassifyRequest", {"model", "input"}),
         ("/v1/hub/publish", "multipart/form-data", "PublishForm", {"name", "files"}),
         ("/v1/hub/{name}/aliases/{alias}", "application/json", "AliasMove", {"version"}),
     ]:
@@ -122,7 +124,9 @@ class Draw:
 @pytest.mark.parametrize("path, model, at_least", [("/v1/completions", "CompletionRequest", 10),
                                                    ("/v1/chat/completions", "ChatCompletionRequest", 10),
                                                    ("/tokenize", "TokenizeRequest", 5),
-                                                   ("/detokenize", "DetokenizeRequest", 10)])
+                                                   ("/detokenize", "DetokenizeRequest", 10),
+                                                   # no classification adapter in this store: each is refused
+                                                   ("/v1/classify", "ClassifyRequest", 0)])
 def test_schema_valid_bodies_never_cause_a_server_error(client, schema, path, model, at_least):
     draw = Draw(schema, seed=len(path))
     statuses = []
