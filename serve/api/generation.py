@@ -176,6 +176,16 @@ class Run:
                      sum(c.usage.cached_tokens for c in firsts if c.usage))
 
 
+async def drain(run: Run) -> None:
+    """Consume every job's events (recorded on the run's choices); cancel them all on any error."""
+    try:
+        async for _ in run.events():
+            pass
+    except BaseException:
+        run.cancel()
+        raise
+
+
 async def until_disconnect(request: Request) -> None:
     """Return when the client closes the connection (the body has been read by then)."""
     while True:

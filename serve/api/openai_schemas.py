@@ -40,7 +40,7 @@ def _bound(**schema: float) -> dict[str, Any]:
     return {"json_schema_extra": schema}
 
 
-def _exact(union: Any) -> dict[str, Any]:
+def union_schema(union: Any) -> dict[str, Any]:
     """The alternatives of a union as pydantic sees them, constraints included, for the OpenAPI schema
     (the generator drops the constraints inside union members, and fuzzers rely on them)."""
     return {"json_schema_extra": {"one_of": TypeAdapter(union).json_schema()["anyOf"]}}
@@ -74,7 +74,7 @@ class _SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
     stream: bool = Field(False, description="Answer with server-sent events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
-    stop: Stop = Field(None, description="Up to 16 stop strings; the matched string is not returned.", **_exact(Stop))
+    stop: Stop = Field(None, description="Up to 16 stop strings; the matched string is not returned.", **union_schema(Stop))
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same sample.", **_bound(minimum=0))
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
         "Subtracted once from the logit of every token already generated; default 0."))
@@ -103,11 +103,20 @@ class _SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def split_prompt(p: Any) -> list[str | list[int]]:
+    """A ``Prompt`` value as a list of single prompts (text, or token ids)."""
+    if isinstance(p, str):
+        return [p]
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    return list(p)
+
+
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
     prompt: Prompt = Field(description="A string, a list of strings, a list of token ids, or a list of token-id lists.",
-                           **_exact(Prompt))
+                           **union_schema(Prompt))
     max_tokens: int | None = Field(16, ge=0, description=(
         "Tokens to generate at most; default 16. 0 only with echo and logprobs: the prompt is scored, "
         "nothing generated."), **_bound(minimum=0))
@@ -119,12 +128,7 @@ class CompletionRequest(_SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of single prompts (text, or token ids)."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return split_prompt(self.prompt)
 
 
 class TextPart(BaseModel):

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import GenerationRequest
 from .auth import Principal, provide_principal, require_key
-from .generation import Run, unless_gone
+from .generation import Run, drain, unless_gone
 from .metrics import MODEL_SCOPE_KEY
-from .openai_schemas import ModelRef, Prompt, UsageInfo, _exact
+from .openai_schemas import ModelRef, Prompt, UsageInfo, split_prompt, union_schema
 from .responses import usage_info
 from .services import Services, error_responses
 
@@ -26,17 +26,12 @@ class ClassifyRequest(BaseModel):
 
     model: ModelRef
     input: Prompt = Field(description="A text, a list of texts, a list of token ids, or a list of token-id lists.",
-                          **_exact(Prompt))
+                          **union_schema(Prompt))
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description=(
         "Prefix caching: inputs share computed prefixes only with requests of the same salt."))
 
     def inputs(self) -> list[str | list[int]]:
-        p = self.input
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return split_prompt(self.input)
 
 
 class ClassifyResult(BaseModel):
@@ -75,18 +70,8 @@ class ClassifyController(Controller):
                 for x in data.inputs()]
         run = Run(services.engine, services.metrics, target, "classify")
         run.submit(jobs)
-        completions = await unless_gone(request, run, _collect(run))
+        await unless_gone(request, run, drain(run))
         results = [ClassifyResult(index=i, label=c.label, probs=list(c.probs), num_classes=len(c.labels))
-                   for i, c in enumerate(completions)]
+                   for i, c in enumerate(choice.classification for choice in run.choices)]
         return ClassifyResponse(id=f"classify-{run.id_suffix}", created=run.created, model=target.ref, data=results,
                                 usage=usage_info(run.usage()))
-
-
-async def _collect(run: Run) -> list:
-    try:
-        async for _ in run.events():
-            pass
-    except BaseException:
-        run.cancel()
-        raise
-    return [choice.classification for choice in run.choices]

@@ -12,7 +12,7 @@ from litestar.response import Stream
 
 from .auth import Principal, provide_principal, require_key
 from .errors import describe
-from .generation import Run, chat_jobs, completion_jobs, unless_gone
+from .generation import Run, chat_jobs, completion_jobs, drain, unless_gone
 from .metrics import MODEL_SCOPE_KEY
 from .openai_schemas import (
     REF_PATTERN,
@@ -53,7 +53,7 @@ class OpenAIController(Controller):
         run.submit(jobs, n=data.n, echoes=echoes)
         if data.stream:
             return await _stream(request, run, ChunkWriter(run, chat=False, include_usage=data.include_usage()), services)
-        await unless_gone(request, run, _drain(run))
+        await unless_gone(request, run, drain(run))
         return Response(completion_body(run))
 
     @post("/chat/completions", status_code=200, summary="Answer a conversation (the model's chat template)",
@@ -71,7 +71,7 @@ class OpenAIController(Controller):
         run.submit(chat_jobs(data, target, default), n=data.n)
         if data.stream:
             return await _stream(request, run, ChunkWriter(run, chat=True, include_usage=data.include_usage()), services)
-        await unless_gone(request, run, _drain(run))
+        await unless_gone(request, run, drain(run))
         return Response(chat_body(run))
 
     @get("/models", summary="List what `model` may name: the base, adapters (with versions and aliases), full models",
@@ -82,15 +82,6 @@ class OpenAIController(Controller):
     @get("/models/{model:str}", summary="Describe one model id", responses=error_responses(400, 401, 403, 404, 503))
     async def get_model(self, model: ModelPath, principal: Principal, services: Services) -> ModelCard:
         return await services.catalog.model_card(model, principal)
-
-
-async def _drain(run: Run) -> None:
-    try:
-        async for _ in run.events():
-            pass
-    except BaseException:
-        run.cancel()
-        raise
 
 
 async def _stream(request: Request, run: Run, writer: ChunkWriter, services: Services) -> Stream:

@@ -96,6 +96,22 @@ def save_adapter(base_dir: Path, folder: Path, spec: AdapterSpec) -> Path:
     return folder
 
 
+def publish(world: "World", folders: dict[str, Path]) -> None:
+    """Publish adapter folders for the tiny base under their names; they join ``world.adapter_dirs``."""
+    registry = Registry(world.home)
+    try:
+        for name, folder in folders.items():
+            registry.publish(folder, name=name, kind="adapter", base=BASE)
+            world.adapter_dirs[name] = folder
+    finally:
+        registry.close()
+
+
+def publish_specs(world: "World", root: Path, specs: list[AdapterSpec]) -> None:
+    """Save each spec's PEFT adapter under ``root`` and publish it."""
+    publish(world, {spec.name: save_adapter(world.base_dir, root / spec.name, spec) for spec in specs})
+
+
 def edit_config(folder: Path, **changes) -> Path:
     path = folder / "adapter_config.json"
     config = json.loads(path.read_text())

@@ -11,11 +11,10 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import LlamaForSequenceClassification
 
-from hotswap.hub import Registry
 from hotswap.serve.engine import GenerationRequest, IncompatibleAdapter, InvalidRequest
 
 from .engine_support import (  # noqa: F401
-    BASE, PROMPTS, peft_rows, preload, prompt_requests, start_engine, tiny_tokenizer, world)
+    BASE, PROMPTS, peft_rows, preload, prompt_requests, publish, start_engine, tiny_tokenizer, world)
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -39,11 +38,7 @@ def cls_world(world, tmp_path_factory):
     sentiment = save_classifier(world.base_dir, root / "sentiment", seed=51)
     (sentiment / "labels.json").write_text(json.dumps(LABELS))
     topic = save_classifier(world.base_dir, root / "topic", seed=52, labels=5, targets=("k_proj", "gate_proj"))
-    registry = Registry(world.home)
-    for name, folder in (("sentiment", sentiment), ("topic", topic)):
-        world.adapter_dirs[name] = folder
-        registry.publish(folder, name=name, kind="adapter", base=BASE)
-    registry.close()
+    publish(world, {"sentiment": sentiment, "topic": topic})
     return world
 
 
@@ -120,9 +115,7 @@ def test_bad_labels_file_is_refused(cls_world, tmp_path):
     folder = tmp_path / "badlabels"
     shutil.copytree(cls_world.adapter_dirs["sentiment"], folder)
     (folder / "labels.json").write_text(json.dumps(["a", "b"]))
-    registry = Registry(cls_world.home)
-    registry.publish(folder, name="badlabels", kind="adapter", base=BASE)
-    registry.close()
+    publish(cls_world, {"badlabels": folder})
     engine = start_engine(cls_world.home)
     try:
         with pytest.raises(IncompatibleAdapter, match="labels.json must list 3 distinct non-empty names"):

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from hotswap.hub import Registry
 from hotswap.serve.engine import IncompatibleAdapter
 
 from .engine_support import (  # noqa: F401
-    ALL, BASE, AdapterSpec, edit_config, peft_rows, preload, prompt_requests, save_adapter, start_engine, world)
+    ALL, AdapterSpec, edit_config, peft_rows, preload, prompt_requests, publish, publish_specs, start_engine, world)
 
 DORA = [AdapterSpec("dora-all", 8, tuple(ALL), alpha=16, seed=31, extra=(("use_dora", True),)),
         AdapterSpec("dora-qv", 4, ("q_proj", "v_proj", "down_proj"), alpha=8, seed=32, rslora=True,
@@ -18,13 +17,7 @@ DORA = [AdapterSpec("dora-all", 8, tuple(ALL), alpha=16, seed=31, extra=(("use_d
 
 @pytest.fixture(scope="module")
 def dora_world(world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dora")
-    registry = Registry(world.home)
-    for spec in DORA:
-        folder = save_adapter(world.base_dir, root / spec.name, spec)
-        world.adapter_dirs[spec.name] = folder
-        registry.publish(folder, name=spec.name, kind="adapter", base=BASE)
-    registry.close()
+    publish_specs(world, tmp_path_factory.mktemp("dora"), DORA)
     return world
 
 
@@ -53,9 +46,7 @@ def test_dora_scales_change_the_output(dora_world, tmp_path):
     tensors = {k: v for k, v in load_file(plain / "adapter_model.safetensors").items() if "magnitude" not in k}
     save_file(tensors, plain / "adapter_model.safetensors")
     edit_config(plain, use_dora=False)
-    registry = Registry(dora_world.home)
-    registry.publish(plain, name="dora-all-plain", kind="adapter", base=BASE)
-    registry.close()
+    publish(dora_world, {"dora-all-plain": plain})
     engine = start_engine(dora_world.home)
     try:
         preload(engine, ["dora-all", "dora-all-plain"])
@@ -76,9 +67,7 @@ def test_a_dora_file_without_its_magnitudes_is_refused(dora_world, tmp_path):
     dropped = next(k for k in tensors if "magnitude" in k)
     del tensors[dropped]
     save_file(tensors, broken / "adapter_model.safetensors")
-    registry = Registry(dora_world.home)
-    registry.publish(broken, name="dora-broken", kind="adapter", base=BASE)  # each tensor it holds fits the base
-    registry.close()
+    publish(dora_world, {"dora-broken": broken})  # each tensor it holds fits the base
     engine = start_engine(dora_world.home)
     try:
         with pytest.raises(IncompatibleAdapter, match="lora_magnitude_vector is missing"):

@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hotswap.hub import Registry
 from hotswap.serve.engine import CapacityExceeded, IncompatibleAdapter
 from hotswap.serve.lora.edges import embed_delta, head_delta
 
 from .engine_support import (  # noqa: F401
-    BASE, AdapterSpec, peft_rows, preload, prompt_requests, save_adapter, start_engine, world)
+    AdapterSpec, peft_rows, preload, prompt_requests, publish, publish_specs, start_engine, world)
 from .test_engine_compose import peft_combined
 
 EDGE = [AdapterSpec("edge-all", 4, ("embed_tokens", "lm_head", "q_proj", "down_proj"), seed=41),
@@ -26,13 +25,7 @@ MIXED = [None, "edge-all", "chat", "edge-embed", "edge-head", "sql", "edge-all"]
 
 @pytest.fixture(scope="module")
 def edge_world(world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("edges")
-    registry = Registry(world.home)
-    for spec in EDGE:
-        folder = save_adapter(world.base_dir, root / spec.name, spec)
-        world.adapter_dirs[spec.name] = folder
-        registry.publish(folder, name=spec.name, kind="adapter", base=BASE)
-    registry.close()
+    publish_specs(world, tmp_path_factory.mktemp("edges"), EDGE)
     return world
 
 
@@ -133,9 +126,7 @@ def test_base_copies_are_checked_then_dropped(edge_world, tmp_path):
     shutil.copytree(folder, changed)
     tensors[copies[0]][3] += 0.5
     save_file(tensors, changed / "adapter_model.safetensors")
-    registry = Registry(edge_world.home)
-    registry.publish(changed, name="edge-changed", kind="adapter", base=BASE)
-    registry.close()
+    publish(edge_world, {"edge-changed": changed})
     engine = start_engine(edge_world.home)
     try:
         with pytest.raises(IncompatibleAdapter, match="copy of the base's .* weight differs from the base's"):
