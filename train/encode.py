@@ -20,7 +20,8 @@ IGNORE_INDEX = -100
 @dataclass(frozen=True, slots=True)
 class Encoded:
     input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX on prompt tokens
+    labels: list[int]  # IGNORE_INDEX on prompt tokens; a classifier's example: [its class]
+    classify: bool = False  # a classifier's example: the loss is on the class, not on tokens
 
     @property
     def num_answer_tokens(self) -> int:
@@ -88,16 +89,22 @@ def encode_all(tokenizer, examples: list[Example], system: str | None, max_lengt
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: padding has attention 0 and label -100."""
+    """Right-padded batch: padding has attention 0 and label -100 (a classifier's batch: one class
+    per example, ``labels [B]``)."""
     width = max(len(e.input_ids) for e in batch)
+    classify = batch[0].classify
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
     attention = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
+    if classify:
+        labels = torch.tensor([e.labels[0] for e in batch], dtype=torch.long)  # [B]
+    else:
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
     for row, item in enumerate(batch):
         n = len(item.input_ids)
         input_ids[row, :n] = torch.tensor(item.input_ids)
-        labels[row, :n] = torch.tensor(item.labels)
         attention[row, :n] = 1
+        if not classify:
+            labels[row, :n] = torch.tensor(item.labels)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 

@@ -1,5 +1,5 @@
-"""Scoring a model on the held-out set: greedy generation from the chat-formatted prompt, then
-the recipe's metric on each answer. The same function scores the base (adapter disabled) and
+"""Scoring a model on the held-out set: greedy generation from the chat-formatted prompt (a
+classifier: its head's most likely label), then the recipe's metric on each answer. The same function scores the base (adapter disabled) and
 the trained result, so the two numbers are comparable."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .classify import predict
 from .data import Example
 from .encode import pad_id_of, render_prompt, token_ids
 from .metrics import METRICS, Scores, aggregate
@@ -67,6 +68,9 @@ def evaluate(model: nn.Module, tokenizer, examples: list[Example], recipe, place
     """Score `model` on `examples` with the recipe's metric, prompt and generation budget."""
     limit = recipe.eval.limit
     chosen = examples[:limit] if limit else examples
-    answers = generate(model, tokenizer, chosen, recipe.system, recipe.eval.max_new_tokens,
-                       recipe.eval.batch_size, place)
+    if recipe.classifier:  # the head's label, not generated text
+        answers = predict(model, tokenizer, chosen, recipe.labels, recipe.eval.batch_size, pad_id_of(tokenizer), place)
+    else:
+        answers = generate(model, tokenizer, chosen, recipe.system, recipe.eval.max_new_tokens,
+                           recipe.eval.batch_size, place)
     return score_answers(recipe.metric, answers, chosen, recipe.language)

@@ -62,6 +62,8 @@ def merge_adapters(registry: Registry, refs: list[str], weights: list[float], me
         config = json.loads((snap.path / "adapter_config.json").read_text())
         if config.get("use_dora"):
             raise MergeError(f"{snap.version.ref} is a DoRA adapter; PEFT has no weighted merge of DoRA magnitudes")
+        if str(config.get("task_type") or "").upper() == "SEQ_CLS":
+            raise MergeError(f"{snap.version.ref} is a classification adapter; its head does not merge with others")
     base = registry.open(versions[0].metadata.base)
 
     from peft import PeftModel

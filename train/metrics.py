@@ -94,11 +94,21 @@ def support_reply(answer: str, example: Example, language: str) -> Scores:
             "facts_recall": found / len(facts) if facts else 1.0}
 
 
+# --- classification -----------------------------------------------------------------------------
+CLASSIFICATION_METRIC = "label_accuracy"
+
+
+def label_accuracy(answer: str, example: Example, language: str) -> Scores:
+    """The predicted label (the head's most likely one) is the example's label."""
+    return {CLASSIFICATION_METRIC: float(answer == example.completion.strip())}
+
+
 METRICS: dict[str, Metric] = {
     m.name: m for m in (
         Metric("sql_exact_match", "generated SQL equals the reference after normalisation", sql_exact_match),
         Metric("json_fields", "valid JSON object with exactly the right fields and values", json_fields),
         Metric("support_reply", "reply in the right language that states every required fact", support_reply),
+        Metric(CLASSIFICATION_METRIC, "a classifier's predicted label is the right one", label_accuracy),
     )
 }
 

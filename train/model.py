@@ -64,8 +64,10 @@ def check_targets(model: nn.Module, targets: list[str] | str, base_ref: str) -> 
                           f"(its linear modules: {', '.join(sorted(have))})")
 
 
-def make_trainable(model: nn.Module, method: str, lora: LoraSettings, base_source: str | None) -> nn.Module:
-    """LoRA/DoRA: a PEFT model with only the adapter trainable. full: every weight trainable."""
+def make_trainable(model: nn.Module, method: str, lora: LoraSettings, base_source: str | None,
+                   classifier: bool = False) -> nn.Module:
+    """LoRA/DoRA: a PEFT model with only the adapter trainable (and a classifier's new head, which
+    PEFT keeps in the adapter: task_type SEQ_CLS). full: every weight trainable."""
     if method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -74,7 +76,8 @@ def make_trainable(model: nn.Module, method: str, lora: LoraSettings, base_sourc
 
     config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        use_rslora=lora.rslora, use_dora=method == "dora", bias="none", task_type="CAUSAL_LM",
+        use_rslora=lora.rslora, use_dora=method == "dora", bias="none",
+        task_type="SEQ_CLS" if classifier else "CAUSAL_LM",
     )
     # PEFT records the model's name_or_path as base_model_name_or_path, and the registry matches an
     # adapter to its base by it: make it the base's source id, not the folder it was loaded from.

@@ -87,6 +87,9 @@ class Recipe(_Section):
     method: Method = "lora"
     metric: str = Field(description="name of the held-out metric (see hotswap.train.metrics)")
     system: str | None = Field(None, description="system prompt put before every example's messages")
+    labels: list[str] | None = Field(None, description=(
+        "a classification recipe: the label names, class 0 first; each example's completion is one of them. "
+        "The result is a sequence-classification adapter (PEFT task_type SEQ_CLS) with its own head"))
     data: DataFiles
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -108,11 +111,27 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _known_metric(self) -> Recipe:
-        from .metrics import METRICS
+        from .metrics import CLASSIFICATION_METRIC, METRICS
 
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r} (known: {', '.join(sorted(METRICS))})")
+        if (self.labels is not None) != (self.metric == CLASSIFICATION_METRIC):
+            raise ValueError(f"metric {CLASSIFICATION_METRIC!r} goes with labels (a classification recipe), and only with them")
         return self
+
+    @model_validator(mode="after")
+    def _classifier(self) -> Recipe:
+        if self.labels is None:
+            return self
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or not all(n.strip() for n in self.labels):
+            raise ValueError("labels: give at least two distinct, non-empty names")
+        if self.method == "full":
+            raise ValueError("method 'full' with labels: a classifier is trained and served as an adapter (lora or dora)")
+        return self
+
+    @property
+    def classifier(self) -> bool:
+        return self.labels is not None
 
 
 class LoadedRecipe(BaseModel):
@@ -136,7 +155,10 @@ class LoadedRecipe(BaseModel):
     @property
     def digest(self) -> str:
         """sha256 of the effective recipe (file plus overrides), canonical JSON."""
-        blob = json.dumps(self.recipe.model_dump(mode="json"), sort_keys=True).encode()
+        effective = self.recipe.model_dump(mode="json")
+        if effective["labels"] is None:  # a field added later: recipes without it keep their digests
+            del effective["labels"]
+        blob = json.dumps(effective, sort_keys=True).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
     def with_method(self, method: str | None) -> LoadedRecipe:

@@ -26,6 +26,7 @@ import torch
 from hotswap.hub import HubError, Registry, Version
 
 from .checkpoint import LoopState
+from .classify import encode_labelled, load_classifier, write_labels
 from .data import Example, dataset_digest, read_jsonl
 from .encode import Encoded, EncodeStats, encode_all, pad_id_of
 from .errors import RecipeError
@@ -89,8 +90,16 @@ def prepare(loaded: LoadedRecipe, registry: Registry) -> Prepared:
     if recipe.method != "full":
         check_targets(model, recipe.lora.target_modules, base.ref)
     max_length = recipe.train.max_length
-    train_enc, train_stats = encode_all(tokenizer, train_examples, recipe.system, max_length, str(loaded.train_path))
-    eval_enc, eval_stats = encode_all(tokenizer, eval_examples, recipe.system, max_length, str(loaded.eval_path))
+    if recipe.classifier:
+        del model  # the same weights again, with a classification head instead of lm_head
+        torch.manual_seed(recipe.train.seed)  # the new head's initial weights, reproducibly
+        model = load_classifier(snapshot.path, recipe.labels, pad_id_of(tokenizer), place.device)
+        train_enc, train_stats = encode_labelled(tokenizer, train_examples, recipe.labels, max_length,
+                                                 str(loaded.train_path))
+        eval_enc, eval_stats = encode_labelled(tokenizer, eval_examples, recipe.labels, max_length, str(loaded.eval_path))
+    else:
+        train_enc, train_stats = encode_all(tokenizer, train_examples, recipe.system, max_length, str(loaded.train_path))
+        eval_enc, eval_stats = encode_all(tokenizer, eval_examples, recipe.system, max_length, str(loaded.eval_path))
     return Prepared(loaded, base, place, model, tokenizer, train_examples, eval_examples,
                     train_stats, eval_stats, train_enc, eval_enc)
 
@@ -108,7 +117,7 @@ def run(prep: Prepared, run_dir: Path, resume: bool = False, eval_base: bool = F
     source = prep.base.metadata.source
     base_report = evaluate(prep.model, prep.tokenizer, prep.eval_examples, recipe, prep.place) if eval_base else None
     seed_everything(recipe.train.seed)
-    model = make_trainable(prep.model, recipe.method, recipe.lora, source)
+    model = make_trainable(prep.model, recipe.method, recipe.lora, source, recipe.classifier)
     trainable, total = count_parameters(model)
     lr = recipe.train.full_lr if recipe.method == "full" else recipe.train.lr
     config = LoopConfig(recipe.train, recipe.eval, lr, pad_id_of(prep.tokenizer), loaded.digest)
@@ -122,6 +131,8 @@ def run(prep: Prepared, run_dir: Path, resume: bool = False, eval_base: bool = F
     artifact = run_dir / ARTIFACT_DIR
     shutil.rmtree(artifact, ignore_errors=True)
     save_result(model, prep.tokenizer, recipe.method, artifact, source)
+    if recipe.classifier:
+        write_labels(artifact, recipe.labels)
     report = evaluate(model, prep.tokenizer, prep.eval_examples, recipe, prep.place)
     report.write_answers(run_dir / "answers.jsonl", prep.eval_examples)
     # the loop hands back the best weights it evaluated, so their held-out loss is the best one

@@ -62,7 +62,7 @@ def _schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def evaluate_loss(model: nn.Module, data: list[Encoded], batch_size: int, pad_id: int, place: Placement) -> float:
-    """Mean loss per answer token over the held-out set.
+    """Mean loss per answer token over the held-out set (a classifier's: per example).
 
     Logits are computed only where the next token is part of an answer: over a 49k vocabulary the
     full [B, T, V] logits of a held-out batch would dominate the run's peak memory."""
@@ -72,6 +72,12 @@ def evaluate_loss(model: nn.Module, data: list[Encoded], batch_size: int, pad_id
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = {k: v.to(place.device) for k, v in collate(data[start:start + batch_size], pad_id).items()}
+            if data[0].classify:  # a classifier: mean loss per example, over its classes
+                with place.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum += nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+                tokens += len(batch["labels"])
+                continue
             targets = batch["labels"][:, 1:]  # [B, T-1]: the token each position predicts
             keep = torch.nn.functional.pad(targets != -100, (0, 1))  # [B, T] positions whose next token is labelled
             with place.autocast():

@@ -1,0 +1,104 @@
+"""Classification recipes (``labels``): a sequence-classification adapter (LoRA plus its own head,
+PEFT task_type SEQ_CLS) that learns, is scored by its head's label, and is saved so that PEFT (and
+the server) load it with its label names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from hotswap.train.errors import DataError, MergeError, RecipeError
+from hotswap.train.merge import merge_adapters
+from hotswap.train.model import load_base
+from hotswap.train.publish import publish_result
+from hotswap.train.recipe import load_recipe
+from hotswap.train.run import prepare, run
+
+from .conftest import FRUITS
+
+LABELS = sorted(set(FRUITS.values()))
+RECIPE = """\
+name = "{name}"
+base = "tiny"
+task = "fruit-colours"
+language = "en"
+method = "{method}"
+metric = "{metric}"
+labels = {labels}
+
+[data]
+train = "train.jsonl"
+eval = "eval.jsonl"
+
+[lora]
+rank = 4
+alpha = 8
+target_modules = "all-linear"
+
+[train]
+lr = 3e-2
+max_steps = {steps}
+batch_size = 4
+max_length = 32
+
+[eval]
+every = 10
+batch_size = 8
+"""
+
+
+def write(tmp_path, name="fruit-colours", method="lora", metric="label_accuracy", labels=LABELS, steps=80,
+          records=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    records = records or [{"prompt": f"colour of {fruit}?", "completion": colour} for fruit, colour in FRUITS.items()]
+    for file in ("train.jsonl", "eval.jsonl"):
+        (folder / file).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "recipe.toml").write_text(RECIPE.format(name=name, method=method, metric=metric, steps=steps,
+                                                      labels=json.dumps(labels)))
+    return folder
+
+
+def test_a_classifier_learns_and_is_saved_for_peft_and_the_server(tmp_path, registry, tiny_chat_dir):
+    loaded = load_recipe(write(tmp_path))
+    result = run(prepare(loaded, registry), tmp_path / "run", eval_base=True, show_progress=False)
+    assert result.loop.evals[-1]["eval_loss"] < result.loop.evals[0]["eval_loss"]
+    assert result.metrics["label_accuracy"] >= 0.75 > result.metrics["base_label_accuracy"]
+    artifact = result.artifact
+    assert json.loads((artifact / "labels.json").read_text()) == LABELS
+    config = json.loads((artifact / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    # PEFT loads the saved adapter (head included) and reads the same labels the run scored
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_chat_dir, num_labels=len(LABELS))
+    model = PeftModel.from_pretrained(model, artifact).eval()
+    answers = [json.loads(line)["answer"] for line in (result.run_dir / "answers.jsonl").read_text().splitlines()]
+    tok = load_base(tiny_chat_dir, torch.device("cpu"))[1]
+    with torch.inference_mode():
+        for fruit, answer in zip(FRUITS, answers):
+            logits = model(**tok(f"colour of {fruit}?", return_tensors="pt")).logits[0]
+            assert LABELS[int(logits.argmax())] == answer
+    published = publish_result(registry, result)
+    assert published.version.metadata.peft_type == "LORA" and published.version.ref == "fruit-colours@1"
+    with pytest.raises(MergeError, match="fruit-colours@1 is a classification adapter"):
+        merge_adapters(registry, ["fruit-colours", "fruit-colours@1"], [0.5, 0.5], "linear", "mix")
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(metric="sql_exact_match"), "goes with labels"),
+    (dict(method="full"), "a classifier is trained and served as an adapter"),
+    (dict(labels=["red"]), "at least two distinct"),
+    (dict(labels=["red", "red"]), "at least two distinct"),
+])
+def test_bad_classification_recipes_are_refused(tmp_path, changes, reason):
+    with pytest.raises(RecipeError, match=reason):
+        load_recipe(write(tmp_path, **changes))
+
+
+def test_an_unknown_label_in_the_data_is_refused_with_its_example(tmp_path, registry):
+    records = [{"prompt": "colour of apple?", "completion": "red"}, {"prompt": "colour of sky?", "completion": "blue"}]
+    with pytest.raises(DataError, match=r"example 2 has label 'blue', not one of"):
+        prepare(load_recipe(write(tmp_path, records=records)), registry)
