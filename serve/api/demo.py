@@ -29,6 +29,7 @@ class Showcase:
     adapter: str  # registry name
     messages: list[dict[str, str]]
     source: str  # where the prompt came from
+    classifier: bool = False  # a classification recipe's adapter (``labels``): answered on /v1/classify
 
 
 def shipped_prompts(adapters_dir: Path) -> dict[str, Showcase]:
@@ -41,6 +42,10 @@ def shipped_prompts(adapters_dir: Path) -> dict[str, Showcase]:
             first = json.loads(next(line for line in eval_file.read_text().splitlines() if line.strip()))
         except (OSError, KeyError, StopIteration, ValueError) as exc:
             print(f"demo: skipping {recipe_file}: {exc}", file=sys.stderr)
+            continue
+        if recipe.get("labels"):  # a classifier reads the text alone: no chat template, no system prompt
+            found[name] = Showcase(name, [{"role": "user", "content": first["prompt"]}],
+                                   f"{eval_file.relative_to(adapters_dir.parent)}, line 1", classifier=True)
             continue
         if "messages" in first:
             turns = [m for m in first["messages"] if m["role"] != "assistant"] or first["messages"][:-1]
@@ -81,8 +86,20 @@ def start_server(app, host: str, port: int):
 
 
 def answer(client, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
-    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    import openai
+
+    try:
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    except openai.BadRequestError as exc:  # e.g. a classification adapter: say why, and go on
+        return f"(refused: {exc.body.get('message') if isinstance(exc.body, dict) else exc})"
     return reply.choices[0].message.content.strip()
+
+
+def classify(url: str, model: str, text: str) -> str:
+    import httpx
+
+    row = httpx.post(url + "/v1/classify", json={"model": model, "input": text}, timeout=600).json()["data"][0]
+    return f"{row['label']} (p={max(row['probs']):.2f})"
 
 
 def examples(url: str, base_name: str, adapter: str, messages: list[dict[str, str]]) -> str:
@@ -156,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for show in showcases:
         question = show.messages[-1]["content"]
-        base_says = answer(client, base.name, show.messages, args.max_tokens)
-        adapter_says = answer(client, show.adapter, show.messages, args.max_tokens)
+        if show.classifier:
+            base_says, adapter_says = "(no classification head)", classify(url, show.adapter, question)
+        else:
+            base_says = answer(client, base.name, show.messages, args.max_tokens)
+            adapter_says = answer(client, show.adapter, show.messages, args.max_tokens)
         rows.append((show, base_says, adapter_says))
         print(f"=== {show.adapter}  (prompt: {show.source})\n  prompt : {question}\n"
               f"  {base.name:<7}: {base_says}\n  adapter: {adapter_says}\n")
@@ -166,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(markdown(base.name, rows))
         print(f"answers written to {args.markdown}")
-    first = showcases[0] if showcases else Showcase(base.name, DEFAULT_PROMPT, "")
+    first = next((s for s in showcases if not s.classifier), Showcase(base.name, DEFAULT_PROMPT, ""))
     print(examples(url, base.name, first.adapter, first.messages))
+    for show in (s for s in showcases if s.classifier):
+        text = json.dumps({"model": show.adapter, "input": show.messages[-1]["content"]}).replace("'", "'\\''")
+        print(f"\n# Classification with {show.adapter}\ncurl -s {url}/v1/classify -H 'Content-Type: application/json' \\\n"
+              f"  -d '{text}'")
     if not args.serve:
         server.should_exit = True
         thread.join(timeout=30)

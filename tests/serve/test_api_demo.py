@@ -38,3 +38,32 @@ def test_demo_shows_base_and_adapters_then_exits(store, tmp_path, capsys):
 def test_demo_says_how_to_import_a_missing_base(store, capsys):
     assert demo.main(["--base", "smollm9", "--home", str(store.home), "--no-serve"]) == 2
     assert "hotswap hub import-base smollm9" in capsys.readouterr().err
+
+
+def test_demo_classifies_with_a_shipped_classifier(store, tmp_path, capsys):
+    """A recipe with labels is shown on /v1/classify; a classifier without a recipe is refused for
+    chat, and the demo says so and goes on."""
+    import shutil
+
+    from hotswap.hub import Registry
+
+    from .test_engine_classify import save_classifier
+
+    home = tmp_path / "home"
+    shutil.copytree(store.home, home)
+    registry = Registry(home)
+    for name, seed in (("acme-topic", 71), ("loose-topic", 72)):
+        registry.publish(save_classifier(store.base_dir, tmp_path / name, seed=seed), name=name, kind="adapter", base=BASE)
+    registry.close()
+    recipe = tmp_path / "adapters" / "acme-topic"
+    recipe.mkdir(parents=True)
+    (recipe / "recipe.toml").write_text('name = "acme-topic"\nlabels = ["a", "b", "c"]\n[data]\neval = "e.jsonl"\n')
+    (recipe / "e.jsonl").write_text(json.dumps({"prompt": "where is my parcel", "completion": "b"}) + "\n")
+    code = demo.main(["--base", BASE, "--home", str(home), "--adapters-dir", str(tmp_path / "adapters"),
+                      "--port", str(free_port()), "--max-tokens", "4", "--no-serve"])
+    out = capsys.readouterr().out
+    assert code == 0
+    shown = out[out.index("=== acme-topic"):]
+    assert "where is my parcel" in shown and "(no classification head)" in shown and "(p=" in shown
+    assert "refused: loose-topic@1 is a sequence-classification adapter" in out
+    assert "/v1/classify" in out and '"model": "acme-topic"' in out
