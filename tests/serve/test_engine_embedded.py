@@ -53,3 +53,32 @@ def test_mixed_batch_on_the_embedded_base_matches_peft(embedded_home, tmp_path):
     finally:
         engine.stop_sync()
         registry.close()
+
+
+def test_the_shipped_classifier_serves_its_recorded_accuracy(embedded_home, tmp_path):
+    """adapters/ticket-topic (a classification recipe's artifact) on /v1/classify's engine path: the
+    labels of its held-out texts score what its training run recorded."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    shipped = Path(__file__).parents[2] / "adapters" / "ticket-topic"
+    folder = tmp_path / "ticket-topic"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "labels.json"):
+        shutil.copy2(shipped / "artifact" / name, folder / name)
+    registry = Registry(embedded_home)
+    registry.publish(folder, name="it-ticket-topic", kind="adapter", base="smollm2")
+    rows = [json.loads(line) for line in (shipped / "eval.jsonl").read_text().splitlines()]
+    engine = Engine(registry, "smollm2", EngineConfig(device="cpu", kv_cache_bytes=64 << 20))
+    engine.start_sync()
+    try:
+        outs = engine.generate_sync([GenerationRequest(prompt=r["prompt"], model="it-ticket-topic", classify=True)
+                                     for r in rows])
+        accuracy = sum(o.classification.label == r["completion"] for o, r in zip(outs, rows)) / len(rows)
+        recorded = json.loads((shipped / "artifact" / "metrics.json").read_text())["score"]
+        assert accuracy == pytest.approx(recorded)
+        assert set(outs[0].classification.labels) == {"billing", "shipping", "returns", "account"}
+    finally:
+        engine.stop_sync()
+        registry.close()
