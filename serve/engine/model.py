@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..lora import ops
-from ..lora.edges import embed_delta, head_delta, head_rank
+from ..lora.edges import embed_delta, head_delta
 from ..lora.native import BaseLayers, CpuKernels
 from ..lora.pool import GROUPS, LoraPool
 from .errors import IncompatibleAdapter
@@ -104,7 +104,6 @@ class LlamaRunner:
         self.lora: LoraPool | None = None
         self._kernels: CpuKernels | None = None
         self._native: dict[str, BaseLayers] | None = None
-        self._native_head: BaseLayers | None = None  # the lm_head LoRA's B columns, for the native projection
         self._norms_sq: dict[tuple[int, str], Tensor] = {}  # see module_norm_sq
 
     @property
@@ -188,23 +187,25 @@ class LlamaRunner:
         last = F.rms_norm(x.index_select(0, meta.logits_index), (self.hidden,), self.norm, self.eps)
         if hidden_out is not None:
             hidden_out.append(last)
+        rows = None if edges is None else edges.get("lm_head")
+        if rows is not None:
+            return self._head(last, rows.index_select(0, meta.logits_index))
         if self._native is not None and last.shape[0] <= NATIVE_PROJECTION_TOKENS:
-            logits = self._kernels.project(self._native["lm_head"], 0, last)
-        else:
-            logits = project(last, self.lm_head).float()
-        if edges is not None and "lm_head" in edges:
-            logits += self._head_delta(last, edges["lm_head"].index_select(0, meta.logits_index))
-        return logits
+            return self._kernels.project(self._native["lm_head"], 0, last)
+        return project(last, self.lm_head).float()
 
-    def _head_delta(self, last: Tensor, mask: Tensor) -> Tensor:
-        """The lm_head LoRA of the logits rows (see edges.py); a few rows go through the native
-        projection, which reads the vocabulary-long B columns once for all of them."""
-        a, b_cols = self.lora.edge_a["lm_head"], self.lora.edge_b["lm_head"]
+    def _head(self, last: Tensor, rows: Tensor) -> Tensor:
+        """Logits with the rows' lm_head LoRA (see edges.py). A few rows go through the native
+        projection with the LoRA in the same pass, as the layers' decode steps do."""
+        pool = self.lora
         if self._native is not None and last.shape[0] <= NATIVE_PROJECTION_TOKENS:
-            if self._native_head is None or self._native_head.keep[0] is not b_cols:
-                self._native_head = BaseLayers([b_cols], (b_cols.shape[0],))
-            return self._kernels.project(self._native_head, 0, head_rank(last, mask, a).contiguous())
-        return head_delta(last, mask, a, b_cols).float()
+            n, k = rows.shape
+            rows = rows.contiguous()
+            call = self._kernels.group_call(pool.edge_kernel_pools("lm_head"), rows, rows[None], None,
+                                            torch.empty(n * k), n)
+            return call.project(self._native["lm_head"], 0, last)
+        logits = project(last, self.lm_head).float()
+        return logits.add_(head_delta(last, rows, pool.edge_a["lm_head"], pool.edge_b["lm_head"]).float())
 
     def _linear(self, x: Tensor, weight: Tensor, lora, layer: int, group: str, modules: tuple[str, ...]) -> Tensor:
         """Base projection plus, when some token uses an adapter, its LoRA delta; a DoRA adapter's

@@ -48,7 +48,7 @@ class LoraStep:
     scratch: Tensor | None = None  # [T_lora * max n*k] the kernel's rank activations
     kernel_calls: dict[str, GroupCall] | None = None  # group -> its calls, ``(layer, x, y)``; None: no kernels loaded
     dora: DoraStep | None = None  # when a DoRA adapter is in the step: outputs are scaled per token after the LoRA
-    # edge LoRA (see edges.py): module -> [T, edge_rows + 1], 1 where a token's adapter owns the row
+    # edge LoRA (see edges.py): module -> [T, k] each token's rows in that edge pool (0: none)
     edges: dict[str, Tensor] | None = None
 
 
@@ -114,24 +114,23 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
         block_pos=None if identity else _t(block_pos),
         token_ids=None if all_tokens else _t(token_ids),
         rows=rows, dora=_dora_step(active, num_tokens, slots, device),
-        edges=_edge_masks(active, num_tokens, slots, pool, device))
+        edges=_edge_rows(active, num_tokens, slots, pool, device))
 
 
-def _edge_masks(active: list[tuple[int, int, int]], num_tokens: int, slots: dict, pool: LoraPool,
-                device: torch.device) -> dict[str, Tensor] | None:
-    """Per edge module some token's adapter targets: which of the edge pool's rows each token uses."""
-    masks = {}
+def _edge_rows(active: list[tuple[int, int, int]], num_tokens: int, slots: dict, pool: LoraPool,
+               device: torch.device) -> dict[str, Tensor] | None:
+    """Per edge module some token's adapter targets: each token's rows in that edge pool, in its
+    adapter's order, padded with the zero row 0 to the step's highest rank there."""
+    found = {}
     for module in pool.edge_dims:
-        mask = None
-        for start, n, s in active:
-            rows = slots[s].rows.get(module)
-            if rows:
-                if mask is None:
-                    mask = torch.zeros(num_tokens, pool.edge_rows + 1, dtype=pool.dtype)
-                mask[start:start + n, rows] = 1
-        if mask is not None:
-            masks[module] = mask.to(device, non_blocking=True)
-    return masks or None
+        rank = max((len(slots[s].rows.get(module, ())) for _, _, s in active), default=0)
+        if rank:
+            rows = [[0] * rank for _ in range(num_tokens)]
+            for start, n, s in active:
+                own = _pad(slots[s].rows.get(module, ()), rank)
+                rows[start:start + n] = [own] * n
+            found[module] = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+    return found or None
 
 
 def _dora_step(active: list[tuple[int, int, int]], num_tokens: int, slots: dict, device: torch.device) -> DoraStep | None:
@@ -174,7 +173,7 @@ def _kernel_step(active: list[tuple[int, int, int]], num_tokens: int, pool: Lora
     step = LoraStep(num_blocks=len(active), block_len=1, rank=rank, token_index=None, block_pos=None,
                     token_ids=None, rows=None, gathered=None, kernel_rows=kernel_rows, kernel_tok=tok,
                     scratch=scratch, kernel_calls=calls, dora=_dora_step(active, num_tokens, slots, device),
-                    edges=_edge_masks(active, num_tokens, slots, pool, device))
+                    edges=_edge_rows(active, num_tokens, slots, pool, device))
     return pool.keep_step(key, step) if decode else step
 
 

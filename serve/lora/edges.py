@@ -1,14 +1,14 @@
-"""LoRA on the model's edges: the token embedding and lm_head, for every token of a step at once.
+"""LoRA on the model's edges: the token embedding and lm_head.
 
-An edge pool holds few rows (``LoraPool.edge_rows``), so instead of gathering each token's rows the
-step multiplies by the whole pool and masks: ``mask [T, rows]`` is 1 where the token's adapter owns
-the row, 0 elsewhere (bare-base tokens, other adapters, free rows, which hold zeros), so each token
-sums exactly its own adapter's rank terms: the other rows add exact zeros. B is kept as PEFT stores
-it, ``[out, rows]`` (one column per rank row): the expansion is then a projection like the base's,
-which the native kernel streams once for all tokens (``LlamaRunner`` uses it for lm_head).
+Each token (each logits row, for lm_head) carries its adapter's rows in the edge pool, padded with
+row 0, which holds zeros: ``rows [T, k]``. Every product reads a token's own rows in its adapter's
+order, so the result does not depend on where in the pool an adapter happens to sit (which depends
+on the order adapters were loaded): a greedy request gives the same tokens whatever else was loaded.
+On the CPU in float32 the lm_head part runs in the native projection kernel instead
+(``LlamaRunner._head``), which reads the same rows the same way.
 
 PEFT's math, per token with its adapter's ``A [r, in]``, ``B [out, r]`` and scale ``s`` (folded
-into the pool's B columns):
+into the pool's B rows, ``[rows, out]``):
 
     embed_tokens: embed[id] + s * B @ A[:, id]      (A is ``lora_embedding_A [r, vocab]``)
     lm_head:      W @ h     + s * B @ (A @ h)
@@ -16,21 +16,31 @@ into the pool's B columns):
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 
-def embed_delta(input_ids: Tensor, mask: Tensor, a_pool: Tensor, b_cols: Tensor) -> Tensor:
-    """``[T, hidden]``: each token's embedding LoRA. ``a_pool [rows, vocab]``, ``b_cols [hidden, rows]``."""
-    picked = a_pool.index_select(1, input_ids).T  # [T, rows]: column id of every row
-    return F.linear(picked * mask, b_cols)
+def embed_delta(input_ids: Tensor, rows: Tensor, a_pool: Tensor, b_pool: Tensor) -> Tensor:
+    """``[T, hidden]``: each token's embedding LoRA. ``a_pool [R, vocab]``, ``b_pool [R, hidden]``."""
+    h = a_pool[rows, input_ids[:, None]]  # [T, k]: column id of each of the token's rows
+    return torch.bmm(h[:, None, :], b_pool[rows]).squeeze(1)
 
 
-def head_rank(hidden: Tensor, mask: Tensor, a_pool: Tensor) -> Tensor:
-    """``[N, rows]``: each row's lm_head rank activations, ``a_pool [rows, hidden]``, masked to its adapter."""
-    return (hidden @ a_pool.T) * mask
+def head_delta(hidden: Tensor, rows: Tensor, a_pool: Tensor, b_pool: Tensor) -> Tensor:
+    """``[N, vocab]``: each row's lm_head LoRA. ``a_pool [R, hidden]``, ``b_pool [R, vocab]``.
 
-
-def head_delta(hidden: Tensor, mask: Tensor, a_pool: Tensor, b_cols: Tensor) -> Tensor:
-    """``[N, vocab]``: each row's lm_head LoRA. ``b_cols [vocab, rows]``."""
-    return F.linear(head_rank(hidden, mask, a_pool), b_cols)
+    Rows that share an adapter (a prompt's scored positions, sequences of one adapter) form one
+    block, so each adapter's vocabulary-long B rows are gathered once, not once per row."""
+    sets, which = torch.unique(rows, dim=0, return_inverse=True)  # [U, k], [N]
+    h = torch.bmm(a_pool[rows], hidden[:, :, None]).squeeze(2)  # [N, k]
+    order = torch.argsort(which, stable=True)
+    counts = torch.bincount(which, minlength=sets.shape[0])
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(order), device=rows.device) - starts[which[order]]  # place of each row in its block
+    blocks = h.new_zeros(sets.shape[0], width, h.shape[1])
+    blocks[which[order], slot] = h[order]
+    out = torch.bmm(blocks, b_pool[sets])  # [U, width, vocab]
+    delta = torch.empty(len(order), b_pool.shape[1], dtype=out.dtype, device=out.device)
+    delta[order] = out[which[order], slot]
+    return delta

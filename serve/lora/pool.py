@@ -55,8 +55,8 @@ class LoraPool:
 
     ``a_stacked[group]``: ``[num_layers, len(group) * (max_rows + 1), in]``;
     ``b_stacked[module]``: ``[num_layers, max_rows + 1, out]``;
-    ``edge_a[edge]``: ``[edge_rows + 1, in]``, ``edge_b[edge]``: ``[out, edge_rows + 1]``, one column per
-    row (see edges.py; ``edge_dims``: embed_tokens ``(vocab, hidden)``, lm_head ``(hidden, vocab)``).
+    ``edge_a[edge]``: ``[edge_rows + 1, in]``, ``edge_b[edge]``: ``[edge_rows + 1, out]`` (see edges.py;
+    ``edge_dims``: embed_tokens ``(vocab, hidden)``, lm_head ``(hidden, vocab)``).
     """
 
     def __init__(self, num_layers: int, dims: dict[str, tuple[int, int]], max_rows: int,
@@ -70,7 +70,7 @@ class LoraPool:
                           for g, ms in GROUPS.items()}
         self.b_stacked = {m: torch.zeros(num_layers, n, dims[m][1], dtype=dtype, device=device) for m in MODULES}
         self.edge_a = {m: torch.zeros(edge_rows + 1, i, dtype=dtype, device=device) for m, (i, _) in self.edge_dims.items()}
-        self.edge_b = {m: torch.zeros(o, edge_rows + 1, dtype=dtype, device=device) for m, (_, o) in self.edge_dims.items()}
+        self.edge_b = {m: torch.zeros(edge_rows + 1, o, dtype=dtype, device=device) for m, (_, o) in self.edge_dims.items()}
         self._free = {m: list(range(max_rows, 0, -1)) for m in MODULES}  # pop() hands out low rows first
         self._free.update({m: list(range(edge_rows, 0, -1)) for m in self.edge_dims})
         self._slots: dict[int, Slot] = {}
@@ -198,23 +198,20 @@ class LoraPool:
     def _write_edge(self, adapter: HostAdapter, module: str, rows: list[int]) -> None:
         a, b = adapter.a[(0, module)], adapter.b[(0, module)]
         dest = torch.tensor(rows, device=self.edge_a[module].device)
-        scaled = b.float() * adapter.spec.scales[(0, module)]  # [out, r], float32 math as in the layers
+        scaled = b.T.float() * adapter.spec.scales[(0, module)]  # [r, out], float32 math as in the layers
         self.edge_a[module].index_copy_(0, dest, a.to(dest.device, self.dtype, non_blocking=True))
-        self.edge_b[module].index_copy_(1, dest, scaled.to(dest.device, self.dtype, non_blocking=True))
+        self.edge_b[module].index_copy_(0, dest, scaled.to(dest.device, self.dtype, non_blocking=True))
 
     def _new_slot(self) -> int:
         self._next_slot += 1
         return self._next_slot - 1
 
     def release(self, slot: int) -> None:
-        """Give the slot's rows back. Layer rows keep stale values: no step reads a row that no slot lists."""
+        """Give the slot's rows back. Rows keep stale values: no step reads a row that no slot lists."""
         info = self._slots.pop(slot)
         for m, rows in info.rows.items():
             self._free[m].extend(reversed(rows))
-            if m in self.edge_a:  # steps read every edge row (masked), so a free one holds zeros
-                index = torch.tensor(rows, device=self.edge_a[m].device)
-                self.edge_a[m].index_fill_(0, index, 0)
-                self.edge_b[m].index_fill_(1, index, 0)
+
         self._free_slots.append(slot)
 
     def slot(self, slot: int) -> Slot:
@@ -272,6 +269,13 @@ class LoraPool:
             found = PoolLayers(list(self.a_stacked[group].unbind(0)),
                                [[self.b_stacked[m][layer] for m in GROUPS[group]] for layer in range(self.num_layers)])
             self._kernel_pools[group] = found
+        return found
+
+    def edge_kernel_pools(self, module: str) -> PoolLayers:
+        """An edge module's pools as the native kernel takes them (one "layer"; made once)."""
+        found = self._kernel_pools.get(module)
+        if found is None:
+            found = self._kernel_pools[module] = PoolLayers([self.edge_a[module]], [[self.edge_b[module]]])
         return found
 
     def module_view(self, module: str, layer: int) -> tuple[Tensor, Tensor]:

@@ -30,21 +30,39 @@ def edge_world(world, tmp_path_factory):
 
 
 def test_deltas_follow_peft_per_token():
-    """The masked whole-pool products equal each token's own adapter terms (PEFT's formulas)."""
+    """Each token's own rows, in its adapter's order, with row 0 (zeros) as padding: PEFT's formulas."""
     torch.manual_seed(0)
     vocab, hidden = 30, 8
-    a_pool, b_cols = torch.randn(7, vocab), torch.randn(hidden, 7)  # rows 1-3: adapter x, 4-6: adapter y
-    rows = [[1, 2, 3], [4, 5, 6], []]  # the third token has no adapter
-    ids = torch.tensor([5, 29, 5])
-    mask = torch.zeros(3, 7)
-    for t, r in enumerate(rows):
-        mask[t, r] = 1
-    want = torch.stack([b_cols[:, r] @ a_pool[r][:, i] if r else torch.zeros(hidden) for r, i in zip(rows, ids)])
-    torch.testing.assert_close(embed_delta(ids, mask, a_pool, b_cols), want)
-    h = torch.randn(3, hidden)
-    a_head, b_head = torch.randn(7, hidden), torch.randn(vocab, 7)
-    want = torch.stack([b_head[:, r] @ (a_head[r] @ h[t]) if r else torch.zeros(vocab) for t, r in enumerate(rows)])
-    torch.testing.assert_close(head_delta(h, mask, a_head, b_head), want)
+    a_pool, b_pool = torch.randn(7, vocab), torch.randn(7, hidden)  # rows 1-3: adapter x, 4-5: adapter y
+    a_pool[0], b_pool[0] = 0, 0
+    rows = torch.tensor([[1, 2, 3], [4, 5, 0], [0, 0, 0], [4, 5, 0]])  # the third token has no adapter
+    ids = torch.tensor([5, 29, 5, 7])
+    want = torch.stack([b_pool[r].T @ a_pool[r][:, i] for r, i in zip(rows, ids)])
+    torch.testing.assert_close(embed_delta(ids, rows, a_pool, b_pool), want)
+    h = torch.randn(4, hidden)
+    a_head, b_head = torch.randn(7, hidden), torch.randn(7, vocab)
+    a_head[0], b_head[0] = 0, 0
+    want = torch.stack([b_head[r].T @ (a_head[r] @ h[t]) for t, r in enumerate(rows)])
+    torch.testing.assert_close(head_delta(h, rows, a_head, b_head), want)
+
+
+def test_output_does_not_depend_on_where_an_adapter_sits_in_the_pool(edge_world):
+    """The same greedy request, with edge-all loaded first or after two others (so at other rows),
+    gives the same tokens: in bfloat16 too, where any change in the order of a sum shows."""
+    outs = []
+    for first in ([], ["edge-head", "edge-embed"]):
+        engine = start_engine(edge_world.home, dtype="bfloat16")
+        try:
+            preload(engine, first + ["edge-all"])
+            pool = engine._core.residency.pool
+            outs.append((engine.generate_sync(prompt_requests(["edge-all"] * 3, prompts=[0, 1, 2], new=8)),
+                         next(s.rows["lm_head"] for s in pool._slots.values() if len(s.rows.get("lm_head", ())) == 4
+                              and "q_proj" in s.rows)))
+        finally:
+            engine.stop_sync()
+    (alone, rows_alone), (after, rows_after) = outs
+    assert rows_alone != rows_after  # it really sat elsewhere
+    assert [o.token_ids for o in alone] == [o.token_ids for o in after]
 
 
 @pytest.mark.parametrize("overrides", [{}, {"native_kernels": False}, {"decode_graphs": True}],
@@ -89,19 +107,9 @@ def test_more_edge_adapters_than_edge_rows_evict_and_reload(edge_world):
         for i, name in enumerate(order):
             [out] = engine.generate_sync(prompt_requests([name], prompts=[i], new=6))
             assert list(out.token_ids) == want[i], name
-        pool = engine._core.residency.pool
-        for m in pool.edge_dims:  # rows given back hold zeros: steps read the whole pool, masked
-            free = ~_owned(pool, m)
-            assert torch.count_nonzero(pool.edge_a[m][free]) == torch.count_nonzero(pool.edge_b[m][:, free]) == 0
+        assert engine.stats().adapter_evictions.get("device", 0) >= 3
     finally:
         engine.stop_sync()
-
-
-def _owned(pool, module: str) -> torch.Tensor:
-    owned = torch.zeros(pool.edge_rows + 1, dtype=torch.bool)
-    for slot in list(pool._slots.values()):
-        owned[slot.rows.get(module, [])] = True
-    return owned
 
 
 def test_no_edge_rows_refuses_edge_adapters_with_the_setting(edge_world):
