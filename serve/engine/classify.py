@@ -17,7 +17,7 @@ from .errors import InvalidRequest
 from .requests import Classification, SamplingParams
 
 # a classification computes its prompt and generates nothing
-CLASSIFY_SAMPLING = SamplingParams(max_tokens=0, prompt_logprobs=None)
+CLASSIFY_SAMPLING = SamplingParams(max_tokens=0)
 
 
 def pooled_prompt(ids: list[int], pad_id: int | None) -> list[int]:

@@ -86,8 +86,9 @@ base = "{base}"
 task = "colours"
 language = "en"
 method = "{method}"
-metric = "sql_exact_match"
+metric = "{metric}"
 system = "One word."
+{head}
 
 [data]
 train = "train.jsonl"
@@ -124,6 +125,7 @@ def write_recipe(tmp_path) -> RecipeWriter:
     def write(name: str = "colours", base: str = "tiny", method: str = "lora", steps: int = 20, lr: float = 1e-2,
               full_lr: float = 3e-3, seed: int = 0, dropout: float = 0.0, targets: str = '["q_proj", "v_proj"]',
               checkpoint_every: int = 0, eval_every: int = 0, patience: int = 0, extra: str = "",
+              metric: str = "sql_exact_match", head: str = "",
               train: list[dict] | None = None, eval_records: list[dict] | None = None) -> Path:
         folder = tmp_path / f"recipe-{next(counter)}"
         folder.mkdir()
@@ -131,7 +133,8 @@ def write_recipe(tmp_path) -> RecipeWriter:
             (folder / file).write_text("".join(json.dumps(r) + "\n" for r in records))
         (folder / "recipe.toml").write_text(RECIPE_TEMPLATE.format(
             name=name, base=base, method=method, steps=steps, lr=lr, full_lr=full_lr, seed=seed, dropout=dropout,
-            targets=targets, checkpoint_every=checkpoint_every, eval_every=eval_every, patience=patience, extra=extra))
+            targets=targets, checkpoint_every=checkpoint_every, eval_every=eval_every, patience=patience, extra=extra,
+            metric=metric, head=head))
         return folder
 
     return write

@@ -21,50 +21,17 @@ from hotswap.train.run import prepare, run
 from .conftest import FRUITS
 
 LABELS = sorted(set(FRUITS.values()))
-RECIPE = """\
-name = "{name}"
-base = "tiny"
-task = "fruit-colours"
-language = "en"
-method = "{method}"
-metric = "{metric}"
-labels = {labels}
-
-[data]
-train = "train.jsonl"
-eval = "eval.jsonl"
-
-[lora]
-rank = 4
-alpha = 8
-target_modules = "all-linear"
-
-[train]
-lr = 3e-2
-max_steps = {steps}
-batch_size = 4
-max_length = 32
-
-[eval]
-every = 10
-batch_size = 8
-"""
+RECORDS = [{"prompt": f"colour of {fruit}?", "completion": colour} for fruit, colour in FRUITS.items()]
 
 
-def write(tmp_path, name="fruit-colours", method="lora", metric="label_accuracy", labels=LABELS, steps=80,
-          records=None):
-    folder = tmp_path / name
-    folder.mkdir()
-    records = records or [{"prompt": f"colour of {fruit}?", "completion": colour} for fruit, colour in FRUITS.items()]
-    for file in ("train.jsonl", "eval.jsonl"):
-        (folder / file).write_text("".join(json.dumps(r) + "\n" for r in records))
-    (folder / "recipe.toml").write_text(RECIPE.format(name=name, method=method, metric=metric, steps=steps,
-                                                      labels=json.dumps(labels)))
-    return folder
+def write(write_recipe, method="lora", metric="label_accuracy", labels=LABELS, records=RECORDS):
+    """A classification recipe over the fruit colours (the same examples held out: it must fit them)."""
+    return write_recipe(name="fruit-colours", method=method, metric=metric, head=f"labels = {json.dumps(labels)}",
+                        steps=80, lr=3e-2, targets='"all-linear"', eval_every=10, train=records, eval_records=records)
 
 
-def test_a_classifier_learns_and_is_saved_for_peft_and_the_server(tmp_path, registry, tiny_chat_dir):
-    loaded = load_recipe(write(tmp_path))
+def test_a_classifier_learns_and_is_saved_for_peft_and_the_server(write_recipe, tmp_path, registry, tiny_chat_dir):
+    loaded = load_recipe(write(write_recipe))
     result = run(prepare(loaded, registry), tmp_path / "run", eval_base=True, show_progress=False)
     assert result.loop.evals[-1]["eval_loss"] < result.loop.evals[0]["eval_loss"]
     assert result.metrics["label_accuracy"] >= 0.75 > result.metrics["base_label_accuracy"]
@@ -93,12 +60,12 @@ def test_a_classifier_learns_and_is_saved_for_peft_and_the_server(tmp_path, regi
     (dict(labels=["red"]), "at least two distinct"),
     (dict(labels=["red", "red"]), "at least two distinct"),
 ])
-def test_bad_classification_recipes_are_refused(tmp_path, changes, reason):
+def test_bad_classification_recipes_are_refused(write_recipe, changes, reason):
     with pytest.raises(RecipeError, match=reason):
-        load_recipe(write(tmp_path, **changes))
+        load_recipe(write(write_recipe, **changes))
 
 
-def test_an_unknown_label_in_the_data_is_refused_with_its_example(tmp_path, registry):
+def test_an_unknown_label_in_the_data_is_refused_with_its_example(write_recipe, registry):
     records = [{"prompt": "colour of apple?", "completion": "red"}, {"prompt": "colour of sky?", "completion": "blue"}]
     with pytest.raises(DataError, match=r"example 2 has label 'blue', not one of"):
-        prepare(load_recipe(write(tmp_path, records=records)), registry)
+        prepare(load_recipe(write(write_recipe, records=records)), registry)
