@@ -52,6 +52,9 @@ class BenchSettings:
     repeat: int = 5  # timed rounds (each runs every configuration once); medians are reported
     device: str = "auto"
     dtype: str | None = None  # None: the engine's default (bfloat16 on a GPU, float32 on the CPU)
+    # the engine's adapter rows (None: the base's dtype); a narrower one also saves the adapters in it, as
+    # a run that trained them in it would, so that PEFT computes with the values the engine holds
+    lora_dtype: str | None = None
     skip_hf: bool = False
     dora: bool = False  # the adapters are DoRA (with random magnitudes); engine only (PEFT mixes no DoRA)
     edges: bool = False  # the adapters also target embed_tokens and lm_head
@@ -122,6 +125,10 @@ def make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry, count:
     targets = MODULES + (["embed_tokens", "lm_head"] if s.edges else [])
     cfg = LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules=targets, init_lora_weights=False, use_dora=s.dora)
     peft_model = get_peft_model(model, cfg, adapter_name="a0")
+    if s.lora_dtype is not None:  # the saved A and B in that dtype (DoRA magnitudes stay float32)
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n and "lora_magnitude" not in n:
+                p.data = p.data.to(getattr(torch, s.lora_dtype))
     dirs = []
     for i in range(s.adapters + COLD if count is None else count):  # the last COLD: for the load timing
         torch.manual_seed(100 + i)
@@ -146,7 +153,7 @@ def run(s: BenchSettings) -> BenchResult:
     cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=max(512, s.batch * s.prompt),
                        max_running=max(32, s.batch),
                        lora_capacity_bytes=1 << 30, host_cache_bytes=2 << 30, max_rank=max(64, s.rank),
-                       edge_lora_rows=(s.adapters + COLD) * s.rank if s.edges else 0)
+                       edge_lora_rows=(s.adapters + COLD) * s.rank if s.edges else 0, lora_dtype=s.lora_dtype)
     device, dtype = cfg.torch_device(), cfg.torch_dtype()
     result = BenchResult(settings=asdict(s), machine=dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",

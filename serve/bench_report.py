@@ -11,11 +11,17 @@ if TYPE_CHECKING:
     from .bench_traffic import TrafficResult
 
 
+def rows_note(s: dict) -> str:
+    dtype = s.get("lora_dtype")
+    return f", saved and held in {dtype}" if dtype else ""
+
+
 def format_table(r: BenchResult) -> str:
     s = r.settings
     lines = [f"hotswap bench: {s['shape'] or s['base']}, batch {s['batch']}, prompt {s['prompt']}, "
              f"{s['new_tokens']} new tokens, {s['adapters']} {'DoRA' if s.get('dora') else 'LoRA'} adapters of rank "
-             f"{s['rank']} on all linear modules{', embed_tokens and lm_head' if s.get('edges') else ''}",
+             f"{s['rank']} on all linear modules{', embed_tokens and lm_head' if s.get('edges') else ''}"
+             f"{rows_note(s)}",
              f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
              f"load average at start {r.machine['load_avg']:.2f}", "",
              "| configuration | tokens/s |", "|---|---|"]

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .bench import BenchSettings, make_adapters, prepare_base
+from .bench_report import rows_note
 from .threads import run_in_fresh_thread
 
 
@@ -123,14 +124,14 @@ def _adapter_bytes(hf_config, rank: int, dtype: torch.dtype) -> int:
     head = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
     q, kv = hf_config.num_attention_heads * head, hf_config.num_key_value_heads * head
     in_out = (h + q) + 2 * (h + kv) + (q + h) + 3 * (h + i)
-    return hf_config.num_hidden_layers * in_out * rank * torch.empty((), dtype=dtype).element_size()
+    return hf_config.num_hidden_layers * in_out * rank * dtype.itemsize
 
 
 def run_traffic(s: TrafficSettings) -> TrafficResult:
     from hotswap.hub import Registry
     from hotswap.serve.engine import Engine, EngineConfig
 
-    probe = EngineConfig(device=s.device, dtype=s.dtype)
+    probe = EngineConfig(device=s.device, dtype=s.dtype, lora_dtype=s.lora_dtype)
     device, dtype = probe.torch_device(), probe.torch_dtype()
     result = TrafficResult(settings=asdict(s) | {"device_slots": s.device_slots}, machine=dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
@@ -144,9 +145,10 @@ def run_traffic(s: TrafficSettings) -> TrafficResult:
         workload = make_workload(s, hf_config.vocab_size)
         result.adapters_used = len({r.adapter for r in workload})
         cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=512, max_running=32,
-                           lora_capacity_bytes=s.device_slots * _adapter_bytes(hf_config, s.rank, dtype),
+                           lora_capacity_bytes=s.device_slots * _adapter_bytes(hf_config, s.rank, probe.torch_lora_dtype()),
                            host_cache_bytes=4 << 30, max_rank=max(64, s.rank),
-                           edge_lora_rows=s.device_slots * s.rank if s.edges else 0)  # as many slots at the edges
+                           edge_lora_rows=s.device_slots * s.rank if s.edges else 0,  # as many slots at the edges
+                           lora_dtype=s.lora_dtype)
         runs = {"base": [None] * len(workload), "adapters": [f"bench-a{r.adapter}" for r in workload]}
         stats: dict[str, list[RunStats]] = {k: [] for k in runs}
         events: dict[str, int] = {}
@@ -201,7 +203,7 @@ def format_traffic(r: TrafficResult) -> str:
              f"(Poisson), prompts {max(1, s['prompt'] // 2)}-{s['prompt'] + s['prompt'] // 2} tokens, outputs "
              f"{max(1, s['new_tokens'] // 2)}-{s['new_tokens'] + s['new_tokens'] // 2} tokens; {s['adapters']} "
              f"{'DoRA' if s.get('dora') else 'LoRA'} adapters{' (also on embed_tokens, lm_head)' if s.get('edges') else ''} "
-             f"of rank {s['rank']} (popularity 1/k^{s['zipf']:g}, "
+             f"of rank {s['rank']}{rows_note(s)} (popularity 1/k^{s['zipf']:g}, "
              f"{r.adapters_used} used), {_slots(s['device_slots'])} on the device",
              f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
              f"load average at start {r.machine['load_avg']:.2f}; medians of {s['repeat']} rounds", "",

@@ -29,6 +29,8 @@ def bench(
     repeat: int = typer.Option(5, help="timed rounds, each running every configuration once (medians reported)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)"),
+    lora_dtype: Optional[str] = typer.Option(None, help="the engine's adapter rows: float32, bfloat16 or float16 "
+                                                        "(default: the base's dtype); the adapters are saved in it"),
     skip_hf: bool = typer.Option(False, "--skip-hf", help="engine only (no HF / PEFT baselines)"),
     dora: bool = typer.Option(False, "--dora", help="DoRA adapters instead of LoRA (with --skip-hf)"),
     edges: bool = typer.Option(False, "--edges", help="the adapters also target embed_tokens and lm_head"),
@@ -46,11 +48,13 @@ def bench(
     with --traffic, an open-loop workload over more adapters than device slots."""
     from .bench import SHAPES, BenchSettings, run
     from .bench_report import format_table, to_json
+    from .engine.config import DTYPES
 
     if shape is not None and shape not in SHAPES:
         raise typer.BadParameter(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}", param_hint="--shape")
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise typer.BadParameter(f"unknown dtype {dtype!r}; one of float32, bfloat16, float16", param_hint="--dtype")
+    for flag, value in (("--dtype", dtype), ("--lora-dtype", lora_dtype)):
+        if value not in (None, *DTYPES):
+            raise typer.BadParameter(f"unknown dtype {value!r}; one of {', '.join(DTYPES)}", param_hint=flag)
     if min(batch, prompt, new_tokens, adapters, rank, repeat) < 1:
         raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
     if shared_prefix < 0:
@@ -58,13 +62,14 @@ def bench(
     if traffic:
         _traffic(traffic, rate, zipf, slots, shared_prefix, json_out, base=base, home=home, shape=shape, prompt=prompt,
                  new_tokens=new_tokens, adapters=adapters, rank=rank, repeat=repeat, device=device, dtype=dtype,
-                 dora=dora, edges=edges)
+                 lora_dtype=lora_dtype, dora=dora, edges=edges)
         return
     if dora and not skip_hf:
         raise typer.BadParameter("PEFT's mixed batch does not take DoRA adapters: add --skip-hf", param_hint="--dora")
     settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
                              adapters=adapters, rank=rank, repeat=repeat, device=device,
-                             dtype=dtype, skip_hf=skip_hf, shared_prefix=shared_prefix, dora=dora, edges=edges)
+                             dtype=dtype, lora_dtype=lora_dtype, skip_hf=skip_hf, shared_prefix=shared_prefix,
+                             dora=dora, edges=edges)
     result = run(settings)
     typer.echo(to_json(result) if json_out else format_table(result))
 

@@ -36,6 +36,9 @@ def serve(
         help="Reuse the KV of prompt prefixes already computed for the same version (and cache_salt).")] = True,
     max_rank: Annotated[int, typer.Option(help="Highest LoRA rank accepted.")] = 64,
     lora_capacity_mib: Annotated[int, typer.Option(help="Device memory for adapter slots, MiB.")] = 256,
+    lora_dtype: Annotated[Optional[str], typer.Option(
+        help="Adapter rows stored in float32, bfloat16 or float16 (default: the base's dtype, exact). Narrower "
+             "rows hold more adapters per MiB and round each value once, at load.")] = None,
     edge_lora_rows: Annotated[int, typer.Option(
         help="Rows (rank x adapters) of the embed_tokens and lm_head LoRA pools; 0 refuses such adapters.")] = 64,
     host_cache_mib: Annotated[int, typer.Option(help="Host (CPU) cache of loaded adapters, MiB.")] = 1024,
@@ -65,12 +68,13 @@ def serve(
         config = EngineConfig(
             device=device, dtype=dtype, max_running=max_running, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
             max_model_len=max_model_len, max_tokens_limit=max_tokens_limit, kv_cache_bytes=kv_cache_mib * MiB,
-            max_rank=max_rank, lora_capacity_bytes=lora_capacity_mib * MiB, edge_lora_rows=edge_lora_rows,
+            max_rank=max_rank, lora_capacity_bytes=lora_capacity_mib * MiB, lora_dtype=lora_dtype,
+            edge_lora_rows=edge_lora_rows,
             host_cache_bytes=host_cache_mib * MiB,
             lora_batch_cache_bytes=None if lora_batch_cache_mib is None else lora_batch_cache_mib * MiB,
             model_memory_bytes=model_memory_mib * MiB, load_workers=load_workers, prefix_caching=prefix_caching)
     except AssertionError as exc:
-        typer.echo(f"error: invalid capacity flags: {exc or 'a size or count is not positive'}", err=True)
+        typer.echo(f"error: invalid engine flags: {exc or 'a size or count is not positive'}", err=True)
         raise typer.Exit(2) from None
 
     registry = Registry(home)

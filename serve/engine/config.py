@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 MiB = 1 << 20
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(slots=True)
@@ -25,6 +26,10 @@ class EngineConfig:
     kv_cache_bytes: int = 512 * MiB  # KV pool of the base (and of each full model)
     max_rank: int = 64  # highest LoRA rank accepted
     lora_capacity_bytes: int = 256 * MiB  # device rows for adapters (rank x modules x dims)
+    # what the adapter rows are stored in; None: the base's dtype (exact: the values PEFT computes with).
+    # bfloat16 under a float32 base halves the rows' bytes (twice the adapters per byte, less for a decode
+    # step to stream) and rounds each value to bfloat16 once, at load; the math stays float32
+    lora_dtype: str | None = None
     # rows of the embed_tokens and of the lm_head LoRA pools (rank x adapters resident at once), beside
     # lora_capacity_bytes: a row is a vocabulary long (SmolLM2, float32: 64 rows of both, 26 MB); 0
     # refuses adapters that target them
@@ -47,7 +52,8 @@ class EngineConfig:
         assert self.max_rank > 0 and self.lora_capacity_bytes >= 0 and self.host_cache_bytes >= 0
         assert self.edge_lora_rows >= 0
         assert self.lora_batch_cache_bytes is None or self.lora_batch_cache_bytes >= 0
-        assert self.dtype in (None, "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"
+        assert self.dtype in (None, *DTYPES), f"unknown dtype {self.dtype!r}"
+        assert self.lora_dtype in (None, *DTYPES), f"unknown lora_dtype {self.lora_dtype!r}"
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -68,3 +74,6 @@ class EngineConfig:
         if self.dtype is not None:
             return getattr(torch, self.dtype)
         return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+
+    def torch_lora_dtype(self) -> torch.dtype:
+        return self.torch_dtype() if self.lora_dtype is None else getattr(torch, self.lora_dtype)

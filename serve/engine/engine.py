@@ -11,6 +11,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from ..lora.native import POOL_DTYPES
 from ..lora.pool import LoraPool
 from ..lora.residency import Residency
 from ..threads import run_in_fresh_thread
@@ -85,10 +86,11 @@ class Engine(ResidencyCommands):
         del hf
         runner = base.runner
         dims = runner.module_dims()
-        rows = LoraPool.rows_for_bytes(cfg.lora_capacity_bytes, runner.num_layers, dims, cfg.torch_dtype())
-        pool = runner.lora = LoraPool(runner.num_layers, dims, rows, cfg.torch_dtype(), cfg.torch_device(),
-                                      runner.edge_dims(), cfg.edge_lora_rows)
-        pool.kernels = runner.kernels
+        rows = LoraPool.rows_for_bytes(cfg.lora_capacity_bytes, runner.num_layers, dims, cfg.torch_lora_dtype())
+        pool = runner.lora = LoraPool(runner.num_layers, dims, rows, cfg.torch_lora_dtype(), cfg.torch_device(),
+                                      runner.edge_dims(), cfg.edge_lora_rows, compute_dtype=cfg.torch_dtype())
+        if pool.dtype in POOL_DTYPES:  # other row types (float16 under a float32 base) take the torch path
+            pool.kernels = runner.kernels
         residency = Residency(
             lambda ref, digest: loaders.load_adapter(self.resolver, ref, digest, runner, pool, cfg),
             pool, cfg.host_cache_bytes, cfg.load_workers, self._adapter_event)

@@ -36,7 +36,7 @@ def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: Lor
         host = _read(resolver, ref, digest, runner, cfg, pin_memory=cfg.torch_device().type == "cuda")
     if host.magnitude is not None:
         with one_cpu_thread():
-            host.dora_scales = dora_scales(host, runner.module_weight, runner.module_norm_sq)
+            host.dora_scales = dora_scales(host, runner.module_weight, runner.module_norm_sq, pool.dtype)
     for module, need in host.ranks.items():
         if need > pool.rows_of(module):
             setting = "edge_lora_rows" if module in EDGES else "lora_capacity_bytes"

@@ -171,7 +171,7 @@ class LlamaRunner:
         edges = None if lora is None else lora.edges
         if edges is not None and "embed_tokens" in edges:
             x += embed_delta(meta.input_ids, edges["embed_tokens"], self.lora.edge_a["embed_tokens"],
-                             self.lora.edge_b["embed_tokens"])
+                             self.lora.edge_b["embed_tokens"], x.dtype)
         cos, sin = self.rotary(x, meta.positions[None])
         half = self.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * sin with its first half negated
@@ -198,7 +198,7 @@ class LlamaRunner:
         """Logits with the rows' lm_head LoRA (see edges.py). A few rows go through the native
         projection with the LoRA in the same pass, as the layers' decode steps do."""
         pool = self.lora
-        if self._native is not None and last.shape[0] <= NATIVE_PROJECTION_TOKENS:
+        if pool.kernels is not None and self._native is not None and last.shape[0] <= NATIVE_PROJECTION_TOKENS:
             n, k = rows.shape
             rows = rows.contiguous()
             call = self._kernels.group_call(pool.edge_kernel_pools("lm_head"), rows, rows[None], None,
@@ -236,8 +236,9 @@ class LlamaRunner:
             h = ops.shrink(x_blocks, cached.a[group][layer])
             ops.expand_scatter_add(y, h, cached.b[group][layer], lora.block_pos, lora.token_ids)
             return y
-        h = ops.shrink(x_blocks, ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group]))
-        bs = [ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m]) for m in modules]
+        # rows stored narrower than the base (lora_dtype) widen here: the math runs in x's dtype
+        h = ops.shrink(x_blocks, ops.gather_rows(pool.a_stacked[group][layer], lora.rows[group]).to(x.dtype))
+        bs = [ops.gather_rows(pool.b_stacked[m][layer], lora.rows[m]).to(x.dtype) for m in modules]
         if lora.token_index is None and lora.block_len > 1:
             # whole prefill blocks in token order: accumulate straight into y's columns, no
             # concatenated copy of the (long) outputs; decode steps keep the fewer-op path below

@@ -162,7 +162,7 @@ class Worker:
         lora = None
         if self.runner.lora is not None:
             lora = build_lora_step(segments, first, self.runner.lora, self.device, self.lora_batch_cache_bytes,
-                                   kernel=self.runner.kernels is not None)
+                                   kernel=self.runner.lora.kernels is not None)
         meta = build_metadata(spans, self.blocks.block_size, self.device, lora)
         return self.runner.forward(meta, self.kv, hidden)
 

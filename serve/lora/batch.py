@@ -166,7 +166,7 @@ def _kernel_step(active: list[tuple[int, int, int]], num_tokens: int, pool: Lora
                        for g, (a, b) in kernel_rows.items()}
     widest = max(len(ms) for ms in GROUPS.values()) * rank
     tok = None if token_ids == list(range(num_tokens)) else torch.tensor(token_ids).to(device)
-    scratch = torch.empty(len(token_ids) * widest, dtype=pool.dtype, device=device)
+    scratch = torch.empty(len(token_ids) * widest, dtype=pool.compute_dtype, device=device)
     calls = None if pool.kernels is None else {
         g: pool.kernels.group_call(pool.kernel_pools(g), a, b, tok, scratch, num_tokens)
         for g, (a, b) in kernel_rows.items()}

@@ -20,19 +20,20 @@ import torch
 from torch import Tensor
 
 
-def embed_delta(input_ids: Tensor, rows: Tensor, a_pool: Tensor, b_pool: Tensor) -> Tensor:
-    """``[T, hidden]``: each token's embedding LoRA. ``a_pool [R, vocab]``, ``b_pool [R, hidden]``."""
-    h = a_pool[rows, input_ids[:, None]]  # [T, k]: column id of each of the token's rows
-    return torch.bmm(h[:, None, :], b_pool[rows]).squeeze(1)
+def embed_delta(input_ids: Tensor, rows: Tensor, a_pool: Tensor, b_pool: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[T, hidden]``: each token's embedding LoRA, computed in ``dtype`` (the embedding's).
+    ``a_pool [R, vocab]``, ``b_pool [R, hidden]``."""
+    h = a_pool[rows, input_ids[:, None]].to(dtype)  # [T, k]: column id of each of the token's rows
+    return torch.bmm(h[:, None, :], b_pool[rows].to(dtype)).squeeze(1)
 
 
 def head_delta(hidden: Tensor, rows: Tensor, a_pool: Tensor, b_pool: Tensor) -> Tensor:
-    """``[N, vocab]``: each row's lm_head LoRA. ``a_pool [R, hidden]``, ``b_pool [R, vocab]``.
+    """``[N, vocab]``: each row's lm_head LoRA, in ``hidden``'s dtype. ``a_pool [R, hidden]``, ``b_pool [R, vocab]``.
 
     Rows that share an adapter (a prompt's scored positions, sequences of one adapter) form one
     block, so each adapter's vocabulary-long B rows are gathered once, not once per row."""
     sets, which = torch.unique(rows, dim=0, return_inverse=True)  # [U, k], [N]
-    h = torch.bmm(a_pool[rows], hidden[:, :, None]).squeeze(2)  # [N, k]
+    h = torch.bmm(a_pool[rows].to(hidden.dtype), hidden[:, :, None]).squeeze(2)  # [N, k]
     order = torch.argsort(which, stable=True)
     counts = torch.bincount(which, minlength=sets.shape[0])
     width = int(counts.max())
@@ -40,7 +41,7 @@ def head_delta(hidden: Tensor, rows: Tensor, a_pool: Tensor, b_pool: Tensor) -> 
     slot = torch.arange(len(order), device=rows.device) - starts[which[order]]  # place of each row in its block
     blocks = h.new_zeros(sets.shape[0], width, h.shape[1])
     blocks[which[order], slot] = h[order]
-    out = torch.bmm(blocks, b_pool[sets])  # [U, width, vocab]
+    out = torch.bmm(blocks, b_pool[sets].to(hidden.dtype))  # [U, width, vocab]
     delta = torch.empty(len(order), b_pool.shape[1], dtype=out.dtype, device=out.device)
     delta[order] = out[which[order], slot]
     return delta

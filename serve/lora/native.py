@@ -30,6 +30,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("bgmv.c"), Path(__file__).with_name("activate.c")]
+HEADERS = [Path(__file__).with_name("bgmv_rows.h")]  # included by bgmv.c: part of what the build depends on
 # -march=native: the library is built on, and cached for, the machine that runs it
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -48,7 +49,7 @@ def _cpu_key() -> str:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         pass
-    parts = [*(source.read_text() for source in SOURCES), " ".join(FLAGS), platform.machine(), flags, _compiler() or ""]
+    parts = [*(source.read_text() for source in (*SOURCES, *HEADERS)), " ".join(FLAGS), platform.machine(), flags, _compiler() or ""]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -152,7 +153,7 @@ class _Step(ctypes.Structure):  # struct hotswap_lora_step in bgmv.c
 
 
 class _Pools(ctypes.Structure):  # struct hotswap_lora_pools in bgmv.c
-    _fields_ = [("din", _I64), ("ldy", _I64), ("a", _PTR), ("b", _PTR), ("dout", _PTR)]
+    _fields_ = [("din", _I64), ("ldy", _I64), ("a", _PTR), ("b", _PTR), ("dout", _PTR), ("bf16", _I64)]
 
 
 class GroupCall:
@@ -212,16 +213,21 @@ def _require(condition: bool, what: str) -> None:
         raise ValueError(f"LoRA kernel call: {what}")
 
 
+POOL_DTYPES = (torch.float32, torch.bfloat16)  # the row types the kernels read (computing in float32 either way)
+
+
 class PoolLayers:
     """One module group's pools in every layer, as the kernel takes them: checked and converted
-    once (the pools never move)."""
+    once (the pools never move). Rows are float32 or bfloat16, the same in every pool."""
 
     def __init__(self, a_pools: list[Tensor], b_pools: list[list[Tensor]]) -> None:
         first_a, first_b = a_pools[0], b_pools[0]
+        dtype = first_a.dtype
+        assert dtype in POOL_DTYPES
         for a, bs in zip(a_pools, b_pools, strict=True):
-            assert a.is_contiguous() and a.dtype == torch.float32 and a.device.type == "cpu"
+            assert a.is_contiguous() and a.dtype == dtype and a.device.type == "cpu"
             assert a.shape == first_a.shape and [b.shape for b in bs] == [b.shape for b in first_b]
-            assert all(b.is_contiguous() and b.dtype == torch.float32 and b.device.type == "cpu" for b in bs)
+            assert all(b.is_contiguous() and b.dtype == dtype and b.device.type == "cpu" for b in bs)
         self.keep = (a_pools, b_pools)  # the tensors must outlive the pointers
         self.a_rows, self.din = first_a.shape
         self.b_rows = min(b.shape[0] for b in first_b)
@@ -230,7 +236,8 @@ class PoolLayers:
         self._dout = torch.tensor(self.douts, dtype=torch.long)
         self._b_arrays = [(_PTR * len(bs))(*[b.data_ptr() for b in bs]) for bs in b_pools]
         self._structs = (_Pools * len(a_pools))(*[
-            _Pools(self.din, self.dout_total, a.data_ptr(), ctypes.addressof(b), self._dout.data_ptr())
+            _Pools(self.din, self.dout_total, a.data_ptr(), ctypes.addressof(b), self._dout.data_ptr(),
+                   dtype == torch.bfloat16)
             for a, b in zip(a_pools, self._b_arrays)])
         self.addresses = [ctypes.addressof(s) for s in self._structs]
 

@@ -57,11 +57,13 @@ class LoraPool:
     ``b_stacked[module]``: ``[num_layers, max_rows + 1, out]``;
     ``edge_a[edge]``: ``[edge_rows + 1, in]``, ``edge_b[edge]``: ``[edge_rows + 1, out]`` (see edges.py;
     ``edge_dims``: embed_tokens ``(vocab, hidden)``, lm_head ``(hidden, vocab)``).
+    Rows are stored in ``dtype``; the steps compute in ``compute_dtype`` (the base's, by default),
+    which gathered rows, DoRA scales and classification heads take.
     """
 
     def __init__(self, num_layers: int, dims: dict[str, tuple[int, int]], max_rows: int,
                  dtype: torch.dtype, device: torch.device, edge_dims: dict[str, tuple[int, int]] | None = None,
-                 edge_rows: int = 0) -> None:
+                 edge_rows: int = 0, compute_dtype: torch.dtype | None = None) -> None:
         assert max_rows >= 0 and edge_rows >= 0
         self.num_layers, self.dims, self.max_rows, self.edge_rows = num_layers, dims, max_rows, edge_rows
         self.edge_dims = dict(edge_dims or {}) if edge_rows else {}
@@ -82,8 +84,8 @@ class LoraPool:
         self._step_key: tuple | None = None  # the decode batch ``_step`` serves (kernel steps)
         self._step = None
         self._kernel_pools: dict[str, PoolLayers] = {}
-        self.dtype = dtype
-        self._elem = torch.empty((), dtype=dtype).element_size()
+        self.dtype, self.compute_dtype = dtype, compute_dtype or dtype
+        self._elem = dtype.itemsize
         self.kernels: CpuKernels | None = None  # set by the engine: activation in one native call
 
     # --- capacity -------------------------------------------------------------------
@@ -91,7 +93,7 @@ class LoraPool:
     def rows_for_bytes(capacity_bytes: int, num_layers: int, dims: dict[str, tuple[int, int]],
                        dtype: torch.dtype) -> int:
         """How many rows per module fit ``capacity_bytes`` when every module type gets the same count."""
-        per_row = num_layers * sum(i + o for i, o in dims.values()) * torch.empty((), dtype=dtype).element_size()
+        per_row = num_layers * sum(i + o for i, o in dims.values()) * dtype.itemsize
         return capacity_bytes // per_row
 
     def row_bytes(self, module: str) -> int:
@@ -130,8 +132,8 @@ class LoraPool:
         """
         rows = {m: [self._free[m].pop() for _ in range(r)] for m, r in adapter.ranks.items()}
         n = self.max_rows + 1
-        native = self.kernels is not None and all(t.dtype == torch.float32 for t in adapter.a.values()) and all(
-            t.dtype == torch.float32 for t in adapter.b.values())
+        native = self.kernels is not None and self.dtype == torch.float32 and all(
+            t.dtype == torch.float32 for t in (*adapter.a.values(), *adapter.b.values()))
         items = []
         for group, modules in GROUPS.items():
             for i, m in enumerate(modules):
@@ -151,7 +153,8 @@ class LoraPool:
         slot = self._free_slots.pop() if self._free_slots else self._new_slot()
         self._generation += 1
         dora = self._dora_scales(adapter)
-        head = None if adapter.head is None else adapter.head.to(self.a_stacked["qkv"].device, self.dtype, copy=True)
+        head = None if adapter.head is None else adapter.head.to(self.a_stacked["qkv"].device, self.compute_dtype,
+                                                                  copy=True)
         self._slots[slot] = Slot(rows=rows, rank=adapter.rank,
                                  nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items())
                                  + sum(t.nbytes for t in (dora or {}).values()) + (0 if head is None else head.nbytes),
@@ -165,7 +168,7 @@ class LoraPool:
         found = {}
         for group, modules in GROUPS.items():
             outs = [self.dims[m][1] for m in modules]
-            scales = torch.ones(self.num_layers, sum(outs), dtype=self.dtype, device=device)
+            scales = torch.ones(self.num_layers, sum(outs), dtype=self.compute_dtype, device=device)
             for i, m in enumerate(modules):
                 for layer in range(self.num_layers):
                     g = adapter.dora_scales.get((layer, m))
@@ -238,13 +241,14 @@ class LoraPool:
         self._batch_key = self._batch = None  # free the old copy before making the new one
         num_blocks, rank = rows["q_proj"].shape
         per_block = sum(len(ms) * (self.dims[ms[0]][0] + sum(self.dims[m][1] for m in ms)) for ms in GROUPS.values())
-        if self.num_layers * num_blocks * rank * per_block * self._elem > budget_bytes:
+        if self.num_layers * num_blocks * rank * per_block * self.compute_dtype.itemsize > budget_bytes:
             return None
-        a = {g: list(gather_rows(self.a_stacked[g], rows[g]).unbind(0)) for g in GROUPS}
+        a = {g: list(gather_rows(self.a_stacked[g], rows[g]).to(self.compute_dtype).unbind(0)) for g in GROUPS}
         b = {}
         for group, modules in GROUPS.items():
             outs = [self.dims[m][1] for m in modules]
-            diag = self.b_stacked[modules[0]].new_zeros(self.num_layers, num_blocks, len(modules) * rank, sum(outs))
+            diag = self.b_stacked[modules[0]].new_zeros(self.num_layers, num_blocks, len(modules) * rank, sum(outs),
+                                                        dtype=self.compute_dtype)
             for i, m in enumerate(modules):
                 start = sum(outs[:i])
                 diag[:, :, i * rank:(i + 1) * rank, start:start + outs[i]] = gather_rows(self.b_stacked[m], rows[m])

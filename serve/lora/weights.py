@@ -181,17 +181,21 @@ def drop_base_copies(adapter: HostAdapter, base_weight) -> HostAdapter:
                        ranks=adapter.ranks, magnitude=magnitude, head=next(found, None), labels=adapter.labels)
 
 
-def dora_scales(adapter: HostAdapter, base_weight, base_norm_sq) -> dict[tuple[int, str], Tensor]:
+def dora_scales(adapter: HostAdapter, base_weight, base_norm_sq,
+                rows_dtype: torch.dtype = torch.float32) -> dict[tuple[int, str], Tensor]:
     """DoRA's per-output scales, ``magnitude / ||W + s B A||`` over each output row, as PEFT defines
     them (float32). ``base_weight(layer, module)`` is the base's ``[out, in]`` weight and
     ``base_norm_sq(layer, module)`` its squared row norms (the same for every adapter, so computed
     once). The norm is expanded, ``||W||^2 + 2 s (W A^T . B) + s^2 ||B A||^2``, so that no ``[out, in]``
     matrix is formed: one product with W per module instead of three passes. Kept on the host like
-    the file. A DoRA layer's output is then ``scales * (W x + s B A x)``."""
+    the file. A DoRA layer's output is then ``scales * (W x + s B A x)``. ``rows_dtype``: what the pool
+    stores A and B in; the norm is of the values it holds, rounded as it rounds them."""
     found = {}
     for pair, magnitude in (adapter.magnitude or {}).items():
         w, s = base_weight(*pair), adapter.spec.scales[pair]
-        a, b = (t.to(w.device, torch.float32) for t in (adapter.a[pair], adapter.b[pair]))
+        # fresh copies either way: a view into the file's buffer may sit unaligned, and the matrix
+        # products below then sum in another order, so equal values would give unequal scales
+        a, b = (t.to(w.device, rows_dtype).to(torch.float32, copy=True) for t in (adapter.a[pair], adapter.b[pair]))
         cross = ((w.float() @ a.T) * b).sum(1)
         lora_sq = ((b @ (a @ a.T)) * b).sum(1)
         norm = (base_norm_sq(*pair) + 2 * s * cross + s * s * lora_sq).clamp_min(0).sqrt()

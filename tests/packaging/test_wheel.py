@@ -18,7 +18,8 @@ def test_wheel_layout_and_imports_without_the_source_tree(tmp_path):
     wheel = next((tmp_path / "dist").glob("hotswap-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("hotswap/hub/registry.py", "hotswap/serve/engine/__init__.py", "hotswap/train/__init__.py",
-                   "hotswap/serve/lora/bgmv.c", "hotswap/serve/lora/activate.c"):  # kernels compile where they run
+                   "hotswap/serve/lora/bgmv.c", "hotswap/serve/lora/bgmv_rows.h",
+                   "hotswap/serve/lora/activate.c"):  # kernels compile where they run
         assert module in names
     assert not any(n.startswith(("hub/", "serve/", "train/", "tests/")) for n in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

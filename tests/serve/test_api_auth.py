@@ -132,6 +132,11 @@ def test_serve_reports_an_unknown_base(store):
     assert result.exit_code == 2 and "tiny" in result.output
 
 
+def test_serve_refuses_an_unknown_lora_dtype(store):
+    result = CliRunner().invoke(serve_app, ["--base", BASE, "--home", str(store.home), "--lora-dtype", "int8"])
+    assert result.exit_code == 2 and "unknown lora_dtype 'int8'" in result.output
+
+
 def test_serve_builds_the_engine_and_app_from_its_flags(store, tmp_path, monkeypatch):
     """The command's whole path up to uvicorn.run, which is replaced by a recorder (no server starts)."""
     import uvicorn
@@ -143,7 +148,8 @@ def test_serve_builds_the_engine_and_app_from_its_flags(store, tmp_path, monkeyp
     result = CliRunner().invoke(serve_app, [
         "--base", BASE, "--home", str(store.home), "--host", "0.0.0.0", "--port", "8123", "--api-keys", str(keys),
         "--max-running", "3", "--max-queue", "7", "--kv-cache-mib", "16", "--lora-capacity-mib", "8",
-        "--host-cache-mib", "32", "--max-model-len", "128", "--device", "cpu", "--public-metrics"])
+        "--host-cache-mib", "32", "--max-model-len", "128", "--device", "cpu", "--public-metrics",
+        "--lora-dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
     assert "auth: 1 API keys (admin: ops; user: none)" in result.output
     [(app, kwargs)] = calls
@@ -153,3 +159,4 @@ def test_serve_builds_the_engine_and_app_from_its_flags(store, tmp_path, monkeyp
     assert (config.max_running, config.max_queue, config.max_model_len, config.device) == (3, 7, 128, "cpu")
     assert (config.kv_cache_bytes, config.lora_capacity_bytes, config.host_cache_bytes) == (16 << 20, 8 << 20, 32 << 20)
     assert services.settings.public_metrics and [k.name for k in services.settings.keys] == ["ops"]
+    assert config.lora_dtype == "bfloat16"

@@ -60,6 +60,16 @@ def test_bench_in_bfloat16_runs_the_engine_at_that_dtype():
     assert set(result.tok_s) == {"engine_base", "engine_mixed"} and all(v > 0 for v in result.tok_s.values())
 
 
+def test_bench_with_bfloat16_adapter_rows_agrees_with_peft():
+    """``--lora-dtype bfloat16``: the adapters are saved in bfloat16 and held so under the float32 base;
+    PEFT computes with the same values, and the rows agree."""
+    result = run(BenchSettings(base=None, shape="tiny", batch=3, prompt=8, new_tokens=4, adapters=2, rank=4,
+                               repeat=1, device="cpu", lora_dtype="bfloat16"))
+    assert result.parity["engine_mixed_vs_peft_mixed_greedy"] == "3/3 rows identical"
+    assert result.machine["dtype"] == "float32"
+    assert "rank 4 on all linear modules, saved and held in bfloat16" in format_table(result)
+
+
 def test_bench_command_refuses_an_unknown_dtype_or_shape():
     from typer.testing import CliRunner
 
@@ -67,6 +77,8 @@ def test_bench_command_refuses_an_unknown_dtype_or_shape():
 
     out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--dtype", "fp8"])
     assert out.exit_code == 2 and "unknown dtype 'fp8'" in out.output
+    out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--lora-dtype", "int4"])
+    assert out.exit_code == 2 and "unknown dtype 'int4'" in out.output and "--lora-dtype" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "huge"])
     assert out.exit_code == 2 and "unknown shape 'huge'" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--dora"])

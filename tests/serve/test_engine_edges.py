@@ -38,7 +38,7 @@ def test_deltas_follow_peft_per_token():
     rows = torch.tensor([[1, 2, 3], [4, 5, 0], [0, 0, 0], [4, 5, 0]])  # the third token has no adapter
     ids = torch.tensor([5, 29, 5, 7])
     want = torch.stack([b_pool[r].T @ a_pool[r][:, i] for r, i in zip(rows, ids)])
-    torch.testing.assert_close(embed_delta(ids, rows, a_pool, b_pool), want)
+    torch.testing.assert_close(embed_delta(ids, rows, a_pool, b_pool, torch.float32), want)
     h = torch.randn(4, hidden)
     a_head, b_head = torch.randn(7, hidden), torch.randn(7, vocab)
     a_head[0], b_head[0] = 0, 0
