@@ -35,6 +35,7 @@ HEADERS = [Path(__file__).with_name("bgmv_rows.h")]  # included by bgmv.c: part 
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _F32 = torch.float32
+POOL_DTYPES = (torch.float32, torch.bfloat16)  # the row types the kernels read (computing in float32 either way)
 
 
 def cache_dir() -> Path:
@@ -88,7 +89,7 @@ def load() -> "CpuKernels | None":
     lib.hotswap_project.restype = None
     lib.hotswap_project.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR]
     lib.hotswap_activate.restype = None
-    lib.hotswap_activate.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR]
+    lib.hotswap_activate.argtypes = [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64]
     return CpuKernels(lib)
 
 
@@ -125,17 +126,21 @@ class CpuKernels:
         Per item (one layer of one module): ``(lora_A [r, in] or None, lora_B [out, r] or None,
         A pool [R, in], B pool [R, out], scale, rows)``: ``A pool[rows[j]] = lora_A[j]`` and
         ``B pool[rows[j]] = scale * lora_B[:, j]`` for ``j < r``, zeros in the rows beyond ``r``.
-        Every tensor float32, contiguous, on CPU (see ``activate.c``)."""
+        Every tensor contiguous, on CPU; the adapter's float32 or bfloat16, every pool float32 or
+        every pool bfloat16 (see ``activate.c``)."""
         n = len(items)
         ptrs = [(_PTR * n)() for _ in range(4)]
         shape = [(_I64 * n)() for _ in range(4)]
-        scales, row_ptrs = (ctypes.c_float * n)(), (_PTR * n)()
+        scales, row_ptrs, src_bf16 = (ctypes.c_float * n)(), (_PTR * n)(), (_I64 * n)()
+        pool_dtype = items[0][2].dtype if items else torch.float32
         row_arrays: dict[int, ctypes.Array] = {}  # one C array per distinct row list, alive for the call
         for i, (a, b, a_pool, b_pool, scale, rows) in enumerate(items):
             r = 0 if a is None else a.shape[0]
-            assert a_pool.is_contiguous() and b_pool.is_contiguous() and a_pool.dtype == b_pool.dtype == torch.float32
+            assert pool_dtype in POOL_DTYPES and a_pool.is_contiguous() and b_pool.is_contiguous()
+            assert a_pool.dtype == b_pool.dtype == pool_dtype
             assert r <= len(rows) and (r == 0 or (a.is_contiguous() and b.is_contiguous()
-                                                  and a.dtype == b.dtype == torch.float32))
+                                                  and a.dtype == b.dtype and a.dtype in POOL_DTYPES))
+            src_bf16[i] = r > 0 and a.dtype == torch.bfloat16
             ptrs[0][i], ptrs[1][i] = (a.data_ptr(), b.data_ptr()) if r else (None, None)
             ptrs[2][i], ptrs[3][i] = a_pool.data_ptr(), b_pool.data_ptr()
             shape[0][i], shape[1][i], shape[2][i], shape[3][i] = r, a_pool.shape[1], b_pool.shape[1], len(rows)
@@ -144,7 +149,7 @@ class CpuKernels:
             if array is None:
                 array = row_arrays[id(rows)] = (_I64 * len(rows))(*rows)
             row_ptrs[i] = ctypes.addressof(array)
-        self._activate(n, *ptrs, *shape[:3], scales, row_ptrs, shape[3])
+        self._activate(n, *ptrs, *shape[:3], scales, row_ptrs, shape[3], src_bf16, pool_dtype == torch.bfloat16)
 
 
 class _Step(ctypes.Structure):  # struct hotswap_lora_step in bgmv.c
@@ -211,9 +216,6 @@ def _check_input(x: Tensor, din: int) -> None:
 def _require(condition: bool, what: str) -> None:
     if not condition:
         raise ValueError(f"LoRA kernel call: {what}")
-
-
-POOL_DTYPES = (torch.float32, torch.bfloat16)  # the row types the kernels read (computing in float32 either way)
 
 
 class PoolLayers:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .native import CpuKernels, PoolLayers
+from .native import POOL_DTYPES, CpuKernels, PoolLayers
 from .ops import gather_rows
 from .spec import EDGES, MODULES
 from .weights import HostAdapter
@@ -132,8 +132,8 @@ class LoraPool:
         """
         rows = {m: [self._free[m].pop() for _ in range(r)] for m, r in adapter.ranks.items()}
         n = self.max_rows + 1
-        native = self.kernels is not None and self.dtype == torch.float32 and all(
-            t.dtype == torch.float32 for t in (*adapter.a.values(), *adapter.b.values()))
+        native = self.kernels is not None and self.dtype in POOL_DTYPES and all(
+            t.dtype in POOL_DTYPES for t in (*adapter.a.values(), *adapter.b.values()))
         items = []
         for group, modules in GROUPS.items():
             for i, m in enumerate(modules):
@@ -187,7 +187,8 @@ class LoraPool:
             r = 0 if a is None else a.shape[0]
             if r and run and a_pool.device.type == "cpu":
                 a_pool[layer, first:first + r].copy_(a)
-                torch.mul(adapter.b[pair].T, adapter.spec.scales[pair], out=b_pool[layer, first:first + r])
+                # float32 math whatever the file's dtype; one rounding into a narrower pool
+                torch.mul(adapter.b[pair].T.float(), adapter.spec.scales[pair], out=b_pool[layer, first:first + r])
             elif r:
                 b = adapter.b[pair].T.float() * adapter.spec.scales[pair]  # [r, out], float32 math
                 dest = torch.arange(first, first + r, device=a_pool.device) if run else index[:r]

@@ -17,12 +17,13 @@ DIMS = {"q_proj": (16, 16), "k_proj": (16, 8), "v_proj": (16, 8), "o_proj": (16,
         "gate_proj": (16, 24), "up_proj": (16, 24), "down_proj": (24, 16)}
 
 
-def random_adapter(ranks: dict[str, int], layers: int = 2, seed: int = 0, scale: float = 0.5) -> HostAdapter:
+def random_adapter(ranks: dict[str, int], layers: int = 2, seed: int = 0, scale: float = 0.5,
+                   dtype: torch.dtype = torch.float32) -> HostAdapter:
     """Host weights as the loader hands them out: per (layer, module) A [r, in] and B [out, r]."""
     g = torch.Generator().manual_seed(seed)
     pairs = [(layer, m) for m in ranks for layer in range(layers)]
-    a = {(layer, m): torch.randn(ranks[m], DIMS[m][0], generator=g) for layer, m in pairs}
-    b = {(layer, m): torch.randn(DIMS[m][1], ranks[m], generator=g) for layer, m in pairs}
+    a = {(layer, m): torch.randn(ranks[m], DIMS[m][0], generator=g).to(dtype) for layer, m in pairs}
+    b = {(layer, m): torch.randn(DIMS[m][1], ranks[m], generator=g).to(dtype) for layer, m in pairs}
     spec = LoraSpec(ranks={p: ranks[p[1]] for p in pairs}, scales={p: scale for p in pairs}, keys={})
     return HostAdapter(digest=f"d{seed}", ref=f"a{seed}", spec=spec, buffer=torch.empty(0, dtype=torch.uint8),
                        a=a, b=b, ranks=dict(ranks))
@@ -172,24 +173,29 @@ def test_scattered_rows_and_partial_layers_overwrite_stale_rows():
     assert not a1[rows].any() and not b1[rows].any()  # the untargeted layer reads zeros, not the old adapter
 
 
-def test_native_activation_writes_the_same_rows_as_the_torch_path():
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.mark.parametrize("pool_dtype, file_dtype", [(F32, F32), (BF16, F32), (BF16, BF16), (F32, BF16)])
+def test_native_activation_writes_the_same_rows_as_the_torch_path(pool_dtype, file_dtype):
     """``activate.c``: A rows copied, B transposed and scaled, stale rows of unused ranks and
-    untargeted layers zeroed; the same sequence of activations on both paths gives equal pools."""
+    untargeted layers zeroed; the same sequence of activations on both paths gives equal pools,
+    bfloat16 pools rounded as torch rounds (the scale applied in float32 first)."""
     pools = []
     for kernels in (None, native_kernels()):
-        pool = LoraPool(2, DIMS, max_rows=8, dtype=torch.float32, device=torch.device("cpu"))
+        pool = LoraPool(2, DIMS, max_rows=8, dtype=pool_dtype, device=torch.device("cpu"), compute_dtype=F32)
         pool.kernels = kernels
-        slots = [pool.activate(random_adapter({m: 3 for m in DIMS}, seed=1)),
-                 pool.activate(random_adapter({"q_proj": 2, "down_proj": 4}, seed=2))]
+        slots = [pool.activate(random_adapter({m: 3 for m in DIMS}, seed=1, scale=0.3, dtype=file_dtype)),
+                 pool.activate(random_adapter({"q_proj": 2, "down_proj": 4}, seed=2, dtype=file_dtype))]
         pool.release(slots[0])  # its rows keep stale values for the next owners
-        partial = random_adapter({"q_proj": 4, "gate_proj": 2, "v_proj": 1}, seed=3, scale=0.25)
+        partial = random_adapter({"q_proj": 4, "gate_proj": 2, "v_proj": 1}, seed=3, scale=0.25, dtype=file_dtype)
         del partial.a[(1, "gate_proj")], partial.b[(1, "gate_proj")]  # layer 1 has no gate_proj
         pools.append((pool, pool.activate(partial)))
     (torch_pool, _), (native_pool, slot) = pools
     for group in GROUPS:
         assert torch.equal(torch_pool.a_stacked[group], native_pool.a_stacked[group]), group
     for m in DIMS:
-        assert torch.allclose(torch_pool.b_stacked[m], native_pool.b_stacked[m], atol=1e-6), m
+        assert torch.equal(torch_pool.b_stacked[m], native_pool.b_stacked[m]), m
     assert not native_pool.module_view("gate_proj", 1)[1][native_pool.slot(slot).rows["gate_proj"]].any()
 
 
