@@ -74,15 +74,19 @@ def run(world: World, models: list[str | None], **config) -> list[tuple[list[int
 NAMES = [s.name for s in SPECS]
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
-def test_bfloat16_pool_serves_each_adapter_rounded_to_bfloat16(world, adapters, native):
+PATHS = {"native": dict(native_kernels=True), "torch": dict(native_kernels=False),
+         "bucketed": dict(native_kernels=False, decode_graphs=True)}  # the GPU's decode steps, run eagerly
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bfloat16_pool_serves_each_adapter_rounded_to_bfloat16(world, adapters, path):
     # a float32 adapter in a bfloat16 pool == the same adapter rounded to bfloat16 in a float32 pool,
     # to the bit (log-probabilities of prompt and output), in a mixed batch with base rows
-    got = run(world, [*NAMES, None, NAMES[0]], lora_dtype="bfloat16", native_kernels=native)
-    want = run(world, [*(f"{n}-r" for n in NAMES), None, f"{NAMES[0]}-r"], native_kernels=native)
+    got = run(world, [*NAMES, None, NAMES[0]], lora_dtype="bfloat16", **PATHS[path])
+    want = run(world, [*(f"{n}-r" for n in NAMES), None, f"{NAMES[0]}-r"], **PATHS[path])
     assert got == want
     # and the rounding is real: the unrounded adapters give other log-probabilities
-    assert run(world, NAMES, native_kernels=native) != got[:len(NAMES)]
+    assert run(world, NAMES, **PATHS[path]) != got[:len(NAMES)]
 
 
 def test_bfloat16_adapters_are_exact_in_a_bfloat16_pool(world, adapters):
