@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_hf import HFBaselines
 from .threads import run_in_fresh_thread
 
 SHAPES = {  # random-init Llama shapes (the anchors' table)
@@ -72,11 +73,9 @@ class BenchResult:
     # per engine configuration: prompt tokens per request taken from the prefix cache (last round)
     cached_tokens: dict[str, float] = field(default_factory=dict)
     parity: dict[str, str] = field(default_factory=dict)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    # per engine configuration, medians over rounds of the run's mean time to first token (its requests'
+    # prefill, which they share) and mean time per output token after it (a decode step), ms
+    phases_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
@@ -180,11 +179,15 @@ def run(s: BenchSettings) -> BenchResult:
                 sp = SamplingParams(max_tokens=s.new_tokens, min_tokens=s.new_tokens)
                 reqs = [GenerationRequest(prompt_token_ids=(head or []) + p, model=m, sampling=sp, cache_salt=salt)
                         for p, m, salt in zip(prompts, models, salts)]
+                before = engine.stats()
                 start = time.perf_counter()
                 outs = engine.generate_sync(reqs)
                 elapsed = time.perf_counter() - start
+                after = engine.stats()
                 engine_run.outputs = [list(o.token_ids) for o in outs]
                 engine_run.cached = sum(o.usage.cached_tokens for o in outs) / len(outs)
+                engine_run.phases = {name: _mean_ms(getattr(before, name), getattr(after, name))
+                                     for name in ("ttft", "tpot")}
                 return elapsed
 
             for name in set(names):  # steady state: adapters resident, as under traffic
@@ -205,7 +208,7 @@ def run(s: BenchSettings) -> BenchResult:
                 runs.update(prefix_cold=lambda: engine_run(names, own(), prefix),
                             prefix_warm=lambda: warm_prefix_run(f"r{next(fresh)}"))
             hf = None if s.skip_hf else engine.call_on_step_thread(
-                lambda: _HF(s, base_dir, adapter_dirs, prompts, names, device, dtype))
+                lambda: HFBaselines(s, base_dir, adapter_dirs, prompts, names, device, dtype))
             if hf is not None:
                 runs.update(hf_base=lambda: engine.call_on_step_thread(hf.base_run),
                             peft_mixed=lambda: engine.call_on_step_thread(hf.mixed_run))
@@ -214,6 +217,7 @@ def run(s: BenchSettings) -> BenchResult:
             # every round, so neither always runs first. Ratios are taken within each round, then
             # the median over rounds; tokens/s are medians too
             times: dict[str, list[float]] = {k: [] for k in runs}
+            phases: dict[str, list[dict[str, float]]] = {}
             for round_ in range(s.repeat + 1):
                 order = list(runs.items())
                 if round_ % 2:
@@ -224,10 +228,14 @@ def run(s: BenchSettings) -> BenchResult:
                         engine_outputs = engine_run.outputs
                     if key.startswith(("engine_", "prefix_")):
                         result.cached_tokens[key] = engine_run.cached
+                        if round_:
+                            phases.setdefault(key, []).append(engine_run.phases)
                     if round_:  # the first round warms up
                         times[key].append(elapsed)
             for key, values in times.items():
                 result.tok_s[key] = total / statistics.median(values)
+            result.phases_ms = {key: {name: statistics.median(p[name] for p in runs_) for name in ("ttft", "tpot")}
+                                for key, runs_ in phases.items()}
             loads = []
             for i in range(s.adapters, s.adapters + COLD):
                 start = time.perf_counter()
@@ -260,52 +268,10 @@ def run(s: BenchSettings) -> BenchResult:
         shutil.rmtree(work, ignore_errors=True)
 
 
-class _HF:
-    """HF generate on the base, and PEFT's mixed batch (``generate(adapter_names=...)``), on the same requests.
-
-    Both sides forbid EOS until the last token (min_new_tokens here, min_tokens in the engine), so
-    their greedy outputs compare row for row."""
-
-    def __init__(self, s: BenchSettings, base_dir, adapter_dirs, prompts, names, device, dtype) -> None:
-        from peft import PeftModel
-        from transformers import LlamaForCausalLM
-
-        self.s, self.names, self.device = s, names, device
-        self.model = LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval()
-        self.model.generation_config.pad_token_id = 0
-        # PEFT wraps its model in place, so the base runs from a model of its own
-        self.peft = PeftModel.from_pretrained(
-            LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval(), adapter_dirs[0],
-            adapter_name="bench-a0")
-        for i in range(1, s.adapters):
-            self.peft.load_adapter(adapter_dirs[i], adapter_name=f"bench-a{i}")
-        self.peft.eval()
-        self.peft.generation_config.pad_token_id = 0
-        self.ids = torch.tensor(prompts, device=device)
-        self.mixed_outputs: list[list[int]] = []
-
-    def _run(self, m, **kw) -> tuple[float, list[list[int]]]:
-        _sync(self.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = m.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
-                             max_new_tokens=self.s.new_tokens, min_new_tokens=self.s.new_tokens, do_sample=False, **kw)
-        _sync(self.device)
-        return time.perf_counter() - start, out[:, self.s.prompt:].tolist()
-
-    def base_run(self) -> float:
-        return self._run(self.model)[0]
-
-    def mixed_run(self) -> float:
-        elapsed, self.mixed_outputs = self._run(self.peft, adapter_names=self.names)
-        return elapsed
-
-    def load_ms(self, adapter_dir, name: str) -> float:
-        _sync(self.device)
-        start = time.perf_counter()
-        self.peft.load_adapter(adapter_dir, adapter_name=name)
-        _sync(self.device)
-        return (time.perf_counter() - start) * 1000
+def _mean_ms(before, after) -> float:
+    """The mean, in ms, of what a histogram recorded between two snapshots of it."""
+    count = after.count - before.count
+    return (after.total - before.total) * 1000 / count if count else 0.0
 
 
 if __name__ == "__main__":  # `python -m hotswap.serve.bench ...`, the same as `hotswap bench ...`

@@ -25,6 +25,10 @@ def test_bench_measures_every_configuration_and_agrees_with_peft():
     assert f"| {min(rounds):.2f} to {max(rounds):.2f} |" in table
     assert json.loads(to_json(result))["settings"]["shape"] == "tiny"
     assert result.cached_tokens == {"engine_base": 0, "engine_mixed": 0}  # every round computes its prompts
+    # each engine run's prefill and decode steps, timed apart
+    assert set(result.phases_ms) == {"engine_base", "engine_mixed"}
+    assert all(v["ttft"] > 0 and v["tpot"] > 0 for v in result.phases_ms.values())
+    assert "| engine, 2 adapters mixed | " in table.split("| engine run |")[1]
 
 
 def test_bench_with_dora_adapters():
