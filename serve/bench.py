@@ -234,8 +234,8 @@ def run(s: BenchSettings) -> BenchResult:
                         times[key].append(elapsed)
             for key, values in times.items():
                 result.tok_s[key] = total / statistics.median(values)
-            result.phases_ms = {key: {name: statistics.median(p[name] for p in runs_) for name in ("ttft", "tpot")}
-                                for key, runs_ in phases.items()}
+            result.phases_ms = {key: {name: statistics.median(p[name] for p in phases[key]) for name in ("ttft", "tpot")}
+                                for key in runs if key in phases}
             loads = []
             for i in range(s.adapters, s.adapters + COLD):
                 start = time.perf_counter()
