@@ -31,7 +31,8 @@ def format_table(r: BenchResult) -> str:
               "prefix_cold": f"{shared}: computed", "prefix_warm": f"{shared}: from the prefix cache"}
     lines += [f"| {labels[k]} | {v:,.1f} |" for k, v in r.tok_s.items()]
     if r.phases_ms:  # where an engine run's time goes: its prefill, then its decode steps
-        lines += ["", "| engine run | first token, ms (prefill) | per output token, ms (a decode step) |", "|---|---|---|"]
+        lines += ["", "| engine run | first token, ms (prefill) | per output token, ms (a decode step) |",
+                  "|---|---|---|"]
         lines += [f"| {labels[k]} | {v['ttft']:,.1f} | {v['tpot']:,.1f} |" for k, v in r.phases_ms.items()]
     lines += ["", "| adapter cold load | ms |", "|---|---|"]
     load_labels = {"engine_registry_to_slot": "engine, registry -> device slot",

@@ -145,7 +145,8 @@ def run_traffic(s: TrafficSettings) -> TrafficResult:
         workload = make_workload(s, hf_config.vocab_size)
         result.adapters_used = len({r.adapter for r in workload})
         cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=512, max_running=32,
-                           lora_capacity_bytes=s.device_slots * _adapter_bytes(hf_config, s.rank, probe.torch_lora_dtype()),
+                           lora_capacity_bytes=s.device_slots * _adapter_bytes(hf_config, s.rank,
+                                                                               probe.torch_lora_dtype()),
                            host_cache_bytes=4 << 30, max_rank=max(64, s.rank),
                            edge_lora_rows=s.device_slots * s.rank if s.edges else 0,  # as many slots at the edges
                            lora_dtype=s.lora_dtype)

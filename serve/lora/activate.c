@@ -64,7 +64,8 @@ void hotswap_activate(int64_t items, const void *const *a_src, const void *const
             } else if (src_bf16[i] == dst_bf16) {
                 memcpy(a, (const char *)a_src[i] + j * din[i] * elem, din[i] * elem);
             } else {
-                for (int64_t d = 0; d < din[i]; d++) store(a, d, load(a_src[i], j * din[i] + d, (int)src_bf16[i]), (int)dst_bf16);
+                for (int64_t d = 0; d < din[i]; d++)
+                    store(a, d, load(a_src[i], j * din[i] + d, (int)src_bf16[i]), (int)dst_bf16);
             }
         }
         transpose_scaled(bs, b_src[i], (int)src_bf16[i], (int)dst_bf16, r[i], dout[i], scale[i]);

@@ -161,7 +161,9 @@ static void project_rows(int64_t T, int64_t din, const float *x, const float *w,
 #undef NAME
 
 #define ROW uint16_t
-#define LOAD8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+/* eight bfloat16 values widened to 32 bits, then shifted into the top half: exact */
+#define LOAD8(p) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define TO_F32(v) bf16_to_f32(v)
 #define NAME(f) CONCAT(f, _bf16)
 #include "bgmv_rows.h"

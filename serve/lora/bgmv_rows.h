@@ -5,7 +5,7 @@
 
 /* h[t * ldh + j] = dot(x_t, row j) for tb tokens and rows j0 <= j < j1 (each row read once for all tb) */
 INLINE void NAME(shrink_block)(const float *const *xs, int tb, const ROW *a, const int64_t *rows, int64_t j0,
-                         int64_t j1, int64_t din, float *h, int64_t ldh)
+                               int64_t j1, int64_t din, float *h, int64_t ldh)
 {
     for (int64_t j = j0; j < j1; j++) {
         const ROW *r = a + rows[j] * din;
@@ -62,7 +62,7 @@ static void NAME(expand_rows)(float *restrict y, const ROW *const *rows, const f
 /* ys[t][o] += sum_{j<k} h[t * ldh + j] * rows[j][o] for tb tokens sharing the rows: column tiles held
    in registers for all tb tokens while the k rows stream past, so each row load feeds tb FMAs */
 INLINE void NAME(expand_block)(float *const *ys, int tb, const ROW *const *rows, const float *h, int64_t ldh,
-                         int64_t k, int64_t w)
+                               int64_t k, int64_t w)
 {
     int64_t o = 0;
 #ifdef VEC
@@ -98,8 +98,8 @@ INLINE void NAME(expand_block)(float *const *ys, int tb, const ROW *const *rows,
    Work split: phase 1 items are (block, group of 16 rows), phase 2 items (block, module, column
    chunk); chunks only cut rows when there are too few blocks to keep every thread busy. */
 static int NAME(lora)(int64_t n, int64_t din, const float *x, int64_t ldx, const ROW *a, const int64_t *rows_a,
-                  int64_t nk, int64_t nmod, int64_t k, const ROW *const *b, const int64_t *rows_b,
-                  const int64_t *dout, float *y, int64_t ldy, const int64_t *tok, float *h)
+                      int64_t nk, int64_t nmod, int64_t k, const ROW *const *b, const int64_t *rows_b,
+                      const int64_t *dout, float *y, int64_t ldy, const int64_t *tok, float *h)
 {
     int64_t *start = malloc((n + 1) * sizeof(int64_t));
     if (start == NULL) return -1;
@@ -191,7 +191,8 @@ static void NAME(project)(int64_t T, const struct hotswap_base *base, const floa
             project_rows(T, din, x, base->w, col + c0, col + c0 + w, y, total);
             for (int64_t i = 0; i < n; i++) {
                 const ROW *rows[k];
-                for (int64_t j = 0; j < k; j++) rows[j] = (const ROW *)p->b[m] + s->rows_b[(m * n + i) * k + j] * out + c0;
+                for (int64_t j = 0; j < k; j++)
+                    rows[j] = (const ROW *)p->b[m] + s->rows_b[(m * n + i) * k + j] * out + c0;
                 NAME(expand_rows)(y + (s->tok ? s->tok[i] : i) * total + col + c0, rows, s->h + i * nk + m * k, k, w);
             }
         }

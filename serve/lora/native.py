@@ -50,7 +50,8 @@ def _cpu_key() -> str:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         pass
-    parts = [*(source.read_text() for source in (*SOURCES, *HEADERS)), " ".join(FLAGS), platform.machine(), flags, _compiler() or ""]
+    parts = [*(source.read_text() for source in (*SOURCES, *HEADERS)), " ".join(FLAGS), platform.machine(), flags,
+             _compiler() or ""]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
