@@ -48,13 +48,17 @@ def bench(
     with --traffic, an open-loop workload over more adapters than device slots."""
     from .bench import SHAPES, BenchSettings, run
     from .bench_report import format_table, to_json
-    from .engine.config import DTYPES
+    from .engine.config import DTYPES, EngineConfig
 
     if shape is not None and shape not in SHAPES:
         raise typer.BadParameter(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}", param_hint="--shape")
     for flag, value in (("--dtype", dtype), ("--lora-dtype", lora_dtype)):
         if value not in (None, *DTYPES):
             raise typer.BadParameter(f"unknown dtype {value!r}; one of {', '.join(DTYPES)}", param_hint=flag)
+    try:
+        EngineConfig(device=device, dtype=dtype, lora_dtype=lora_dtype)
+    except AssertionError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--lora-dtype") from None
     if min(batch, prompt, new_tokens, adapters, rank, repeat) < 1:
         raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
     if shared_prefix < 0:

@@ -54,6 +54,11 @@ class EngineConfig:
         assert self.lora_batch_cache_bytes is None or self.lora_batch_cache_bytes >= 0
         assert self.dtype in (None, *DTYPES), f"unknown dtype {self.dtype!r}"
         assert self.lora_dtype in (None, *DTYPES), f"unknown lora_dtype {self.lora_dtype!r}"
+        # rows are widened to the base's dtype as they are read: only that is exact
+        base, rows = self.torch_dtype(), self.torch_lora_dtype()
+        assert rows == base or base == torch.float32, (
+            f"lora_dtype {self.lora_dtype} under a {str(base)[6:]} base: the rows would be rounded to the base's dtype "
+            f"in every step; use the base's dtype (the default), or narrower rows under a float32 base")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -83,6 +83,9 @@ def test_bench_command_refuses_an_unknown_dtype_or_shape():
     assert out.exit_code == 2 and "unknown dtype 'fp8'" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--lora-dtype", "int4"])
     assert out.exit_code == 2 and "unknown dtype 'int4'" in out.output and "--lora-dtype" in out.output
+    out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--device", "cpu", "--dtype", "bfloat16",
+                                         "--lora-dtype", "float32"])
+    assert out.exit_code == 2 and "under a bfloat16 base" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "huge"])
     assert out.exit_code == 2 and "unknown shape 'huge'" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--dora"])

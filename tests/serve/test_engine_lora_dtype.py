@@ -139,3 +139,12 @@ def test_a_bfloat16_pool_holds_twice_the_rows(world, adapters):
     finally:
         wide.stop_sync()
         narrow.stop_sync()
+
+
+def test_rows_wider_than_the_base_are_refused():
+    from hotswap.serve.engine import EngineConfig
+
+    assert EngineConfig(device="cpu", dtype="bfloat16", lora_dtype="bfloat16").torch_lora_dtype() == torch.bfloat16
+    for rows in ("float32", "float16"):  # float16 is no narrower than bfloat16, only differently rounded
+        with pytest.raises(AssertionError, match=f"lora_dtype {rows} under a bfloat16 base"):
+            EngineConfig(device="cpu", dtype="bfloat16", lora_dtype=rows)
