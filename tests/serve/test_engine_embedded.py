@@ -55,9 +55,11 @@ def test_mixed_batch_on_the_embedded_base_matches_peft(embedded_home, tmp_path):
         registry.close()
 
 
-def test_the_shipped_classifier_serves_its_recorded_accuracy(embedded_home, tmp_path):
+@pytest.mark.parametrize("lora_dtype", [None, "bfloat16"], ids=["float32-rows", "bfloat16-rows"])
+def test_the_shipped_classifier_serves_its_recorded_accuracy(embedded_home, tmp_path, lora_dtype):
     """adapters/ticket-topic (a classification recipe's artifact) on /v1/classify's engine path: the
-    labels of its held-out texts score what its training run recorded."""
+    labels of its held-out texts score what its training run recorded; with its rows rounded to
+    bfloat16 too (the head stays float32)."""
     import json
     import shutil
     from pathlib import Path
@@ -70,7 +72,7 @@ def test_the_shipped_classifier_serves_its_recorded_accuracy(embedded_home, tmp_
     registry = Registry(embedded_home)
     registry.publish(folder, name="it-ticket-topic", kind="adapter", base="smollm2")
     rows = [json.loads(line) for line in (shipped / "eval.jsonl").read_text().splitlines()]
-    engine = Engine(registry, "smollm2", EngineConfig(device="cpu", kv_cache_bytes=64 << 20))
+    engine = Engine(registry, "smollm2", EngineConfig(device="cpu", kv_cache_bytes=64 << 20, lora_dtype=lora_dtype))
     engine.start_sync()
     try:
         outs = engine.generate_sync([GenerationRequest(prompt=r["prompt"], model="it-ticket-topic", classify=True)
