@@ -10,30 +10,21 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define COLS 64 /* b_src rows transposed per pass: 64 x r values in, r runs of 64 out */
 
 static inline float load(const void *p, int64_t i, int bf16)
 {
-    if (!bf16) return ((const float *)p)[i];
-    const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store(void *p, int64_t i, float v, int bf16)
 {
-    if (!bf16) {
-        ((float *)p)[i] = v;
-        return;
-    }
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN: stays a (quiet) NaN */
-        u = (u | 0x00400000u) & 0xffff0000u;
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
     else
-        u += 0x7fffu + ((u >> 16) & 1u);
-    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+        ((float *)p)[i] = v;
 }
 
 static void transpose_scaled(void *const *dst, const void *src, int src_bf16, int dst_bf16, int64_t r,

@@ -15,6 +15,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "bf16.h"
+
 #define BLOCK 4    /* tokens of one adapter that share each row read (prefill) */
 #define TILE 16    /* output columns a block holds in registers (two AVX vectors per token) */
 #define CHUNK 512  /* output columns per work item when a step has too few blocks for the threads */
@@ -37,14 +39,6 @@ static float hsum(__m256 v)
 }
 #endif
 
-/* bfloat16 is the top half of a float32: widening it is a shift, exact */
-static inline float bf16_to_f32(uint16_t v)
-{
-    const uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 /* The engine's entry: one step's row ids (the same in every layer) and one layer's pools, each
  * set up once, so a call from Python passes four pointers. x [T, din] and y [T, ldy], rows contiguous.

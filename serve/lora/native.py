@@ -30,7 +30,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("bgmv.c"), Path(__file__).with_name("activate.c")]
-HEADERS = [Path(__file__).with_name("bgmv_rows.h")]  # included by bgmv.c: part of what the build depends on
+# included by the sources: part of what the build depends on
+HEADERS = [Path(__file__).with_name("bgmv_rows.h"), Path(__file__).with_name("bf16.h")]
 # -march=native: the library is built on, and cached for, the machine that runs it
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p

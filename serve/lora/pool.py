@@ -132,7 +132,7 @@ class LoraPool:
         """
         rows = {m: [self._free[m].pop() for _ in range(r)] for m, r in adapter.ranks.items()}
         n = self.max_rows + 1
-        native = self.kernels is not None and self.dtype in POOL_DTYPES and all(
+        native = self.kernels is not None and all(
             t.dtype in POOL_DTYPES for t in (*adapter.a.values(), *adapter.b.values()))
         items = []
         for group, modules in GROUPS.items():
