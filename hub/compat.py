@@ -91,6 +91,29 @@ def _check_classifier_head(name: str, shape: list[int], base_shapes: dict[str, l
                                   f"[labels, {hidden}]")
 
 
+def classifier_labels(config: dict) -> tuple[str, ...] | None:
+    """A full checkpoint's label names, read from its ``config.json``, when it is a sequence classifier
+    (``*ForSequenceClassification`` among its architectures; transformers' ``LABEL_i`` for unnamed ones), else None."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
+        return None
+    id2label = config.get("id2label") or {}
+    count = len(id2label) or int(config.get("num_labels") or 2)
+    return tuple(str(id2label.get(str(i), f"LABEL_{i}")) for i in range(count))
+
+
+def check_classifier_model(config: dict, shapes: dict[str, list[int]], base_ref: str) -> None:
+    """A full sequence classifier holds its head ``score.weight [labels, hidden]``, one row per label
+    its config names."""
+    labels = classifier_labels(config)
+    if labels is None:
+        return
+    want, found = [len(labels), config.get("hidden_size")], shapes.get("score.weight")
+    if found != want:
+        raise IncompatibleAdapter(f"a sequence-classification model on base {base_ref} needs its head score.weight "
+                                  f"of shape {want} ({len(labels)} labels in config.json), but it "
+                                  + (f"has shape {found}" if found else "holds none"))
+
+
 def _check_shape(
     name: str, module: str, part: str | None, shape: list[int], base: list[int], base_ref: str
 ) -> None:

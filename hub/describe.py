@@ -11,7 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .compat import check_adapter_fits, checkpoint_shapes, read_safetensors_header
+from .compat import (check_adapter_fits, check_classifier_model, checkpoint_shapes, classifier_labels,
+                     read_safetensors_header)
 from .errors import IncompatibleAdapter, InvalidMetadata, UnsafeContent
 from .intake import StagedFile, require_files
 from .metadata import EntryMetadata
@@ -85,14 +86,19 @@ def checkpoint_fields(staged: list[StagedFile], kind: str, base: Snapshot | None
                 f"model architecture {config.get('model_type')!r} differs from base {base.version.ref}'s "
                 f"{base_config.get('model_type')!r}"
             )
-        _check_same_shapes(by_name, config, base, base_config)
+        shapes = _check_same_shapes(by_name, config, base, base_config)
+        check_classifier_model(config, shapes, base.version.ref)
         fields.update(base=base.version.ref, base_fingerprint=base.version.metadata.fingerprint)
     return fields
 
 
-def _check_same_shapes(files: dict[str, Path], config: dict, base: Snapshot, base_config: dict) -> None:
+def _check_same_shapes(files: dict[str, Path], config: dict, base: Snapshot, base_config: dict) -> dict[str, list[int]]:
+    """The model's tensor shapes, once every tensor of the base is found among them with its shape
+    (but lm_head: a sequence classifier ends in its own head instead)."""
     mine = checkpoint_shapes([f for p, f in sorted(files.items()) if p.endswith(".safetensors")], config)
     theirs = _base_shapes(base, base_config)
+    if classifier_labels(config) is not None:
+        theirs.pop("lm_head.weight", None)
     for name, shape in sorted(theirs.items()):
         if name in mine and mine[name] != shape:
             raise IncompatibleAdapter(
@@ -101,6 +107,7 @@ def _check_same_shapes(files: dict[str, Path], config: dict, base: Snapshot, bas
     missing = sorted(set(theirs) - set(mine))
     if missing:
         raise IncompatibleAdapter(f"the model lacks {len(missing)} tensors of base {base.version.ref}, e.g. {missing[0]}")
+    return mine
 
 
 def _base_shapes(base: Snapshot, base_config: dict) -> dict[str, list[int]]:

@@ -4,7 +4,8 @@ adapter, the kind the server answers on /v1/classify.
 Each example is ``{"prompt": text, "completion": label}``. The text is tokenized as the server
 tokenizes a classification request's text (the tokenizer's own special tokens, no chat template), the
 base is loaded as ``LlamaForSequenceClassification`` with a new head over the labels, and PEFT trains
-the LoRA and that head together (``task_type`` SEQ_CLS). Held-out scoring reads the head's most
+the LoRA and that head together (``task_type`` SEQ_CLS); with method full every weight trains, head
+included, and the result is a whole ``LlamaForSequenceClassification`` checkpoint. Held-out scoring reads the head's most
 likely label at the last token of each text, as the server does, and the result is saved with
 ``labels.json`` so the server names the labels."""
 
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from hotswap.hub import classifier_labels
 
 from .data import Example
 from .encode import EncodeStats, Encoded
@@ -51,6 +54,51 @@ def load_classifier(folder: Path, labels: list[str], pad_id: int, device: torch.
     model.to(device)
     model.config.use_cache = False
     return model
+
+
+def load_scored_classifier(base_folder: Path, adapter: Path | None, model_folder: Path | None, labels: list[str],
+                           seed: int, what: str, pad_id: int, device: torch.device):
+    """What ``hotswap train eval`` scores for a classification recipe: the base with the untrained
+    head a run starts from (drawn with the recipe's seed, so it scores what the run's base score
+    was), a sequence-classification adapter on it, or a full classifier checkpoint. Each is refused,
+    naming ``what``, unless it classifies into the recipe's labels in the recipe's order."""
+    from transformers import AutoModelForSequenceClassification
+
+    if model_folder is not None:
+        if not is_classifier(model_folder):
+            raise DataError(f"{what} is not a sequence classifier (a *ForSequenceClassification checkpoint)")
+        _check_labels(what, list(classifier_labels(json.loads((model_folder / "config.json").read_text()))), labels)
+        model = AutoModelForSequenceClassification.from_pretrained(model_folder, dtype=torch.float32)
+        model.config.pad_token_id = pad_id
+        return model.to(device)
+    if adapter is not None:
+        if not is_classifier(adapter):
+            raise DataError(f"{what} is not a sequence-classification adapter (PEFT task_type SEQ_CLS)")
+        if (adapter / LABELS_FILE).is_file():
+            _check_labels(what, json.loads((adapter / LABELS_FILE).read_text()), labels)
+    torch.manual_seed(seed)
+    model = load_classifier(base_folder, labels, pad_id, device)
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter).to(device)
+
+
+def is_classifier(folder: Path) -> bool:
+    """Whether a folder holds a sequence classifier: a SEQ_CLS adapter, or a whole
+    ``*ForSequenceClassification`` checkpoint."""
+    if (folder / "adapter_config.json").is_file():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return str(config.get("task_type") or "").upper() == "SEQ_CLS"
+    if (folder / "config.json").is_file():
+        return classifier_labels(json.loads((folder / "config.json").read_text())) is not None
+    return False
+
+
+def _check_labels(what: str, found: list[str], labels: list[str]) -> None:
+    if found != labels:
+        raise DataError(f"{what} classifies into {found}, but the recipe's labels are {labels}")
 
 
 def predict(model: nn.Module, tokenizer, examples: list[Example], labels: list[str], batch_size: int,

@@ -89,7 +89,8 @@ class Recipe(_Section):
     system: str | None = Field(None, description="system prompt put before every example's messages")
     labels: list[str] | None = Field(None, description=(
         "a classification recipe: the label names, class 0 first; each example's completion is one of them. "
-        "The result is a sequence-classification adapter (PEFT task_type SEQ_CLS) with its own head"))
+        "The result is a sequence-classification adapter (PEFT task_type SEQ_CLS) with its own head, or with "
+        "method full a whole sequence-classification model"))
     data: DataFiles
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -125,8 +126,6 @@ class Recipe(_Section):
             return self
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or not all(n.strip() for n in self.labels):
             raise ValueError("labels: give at least two distinct, non-empty names")
-        if self.method == "full":
-            raise ValueError("method 'full' with labels: a classifier is trained and served as an adapter (lora or dora)")
         return self
 
     @property

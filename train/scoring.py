@@ -7,7 +7,9 @@ from pathlib import Path
 
 from hotswap.hub import HubError, Registry
 
+from .classify import is_classifier, load_scored_classifier
 from .data import Example, read_jsonl
+from .encode import pad_id_of
 from .errors import RecipeError, TrainError
 from .evaluate import EvalReport, evaluate
 from .model import ADAPTER_FILES, Placement, load_base
@@ -32,14 +34,25 @@ def score_target(loaded: LoadedRecipe, registry: Registry, ref: str | None = Non
     except HubError as exc:
         raise RecipeError(str(exc)) from None
     label = entry.ref
-    model, tokenizer = load_base(base.path, place.device)
     if adapter is not None:
         missing = [f for f in ADAPTER_FILES if not (adapter / f).is_file()]
         if missing:
             raise TrainError(f"{adapter} is not an adapter folder (lacks {', '.join(missing)})")
         target, label = adapter, f"{adapter} on {entry.ref}"
-    if target is not None:
-        from peft import PeftModel
+    scored = target if target is not None else base.path if entry.kind == "model" else None
+    if not recipe.classifier and scored is not None and is_classifier(scored):
+        raise TrainError(f"{label} is a sequence classifier: score it with a classification recipe (labels)")
+    if recipe.classifier:  # a head over the labels instead of lm_head (see classify.py)
+        from transformers import AutoTokenizer
 
-        model = PeftModel.from_pretrained(model, target)
+        tokenizer = AutoTokenizer.from_pretrained(base.path)
+        whole = base.path if entry.kind == "model" and target is None else None
+        model = load_scored_classifier(base.path, target, whole, recipe.labels, recipe.train.seed, label,
+                                       pad_id_of(tokenizer), place.device)
+    else:
+        model, tokenizer = load_base(base.path, place.device)
+        if target is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, target)
     return label, evaluate(model, tokenizer, examples, recipe, place), examples

@@ -1,8 +1,9 @@
-"""vLLM's /classify: a sequence-classification adapter's labels for one or more texts.
+"""vLLM's /classify: a sequence classifier's labels for one or more texts.
 
-The adapter (PEFT ``task_type`` SEQ_CLS, its head saved beside its LoRA) runs in the same batches as
-generation; each input's answer is the head's softmax over the adapter's labels, read at its last
-token that is not padding, as transformers' sequence classifiers read it."""
+The classifier is an adapter (PEFT ``task_type`` SEQ_CLS, its head saved beside its LoRA), which runs
+in the same batches as generation, or a full fine-tuned sequence-classification model (registry kind
+model), served beside the base. Each input's answer is the head's softmax over the labels, read at
+its last token that is not padding, as transformers' sequence classifiers read it."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class ClassifyResponse(BaseModel):
     id: str
     object: Literal["list"] = "list"
     created: int
-    model: str = Field(description="The adapter version that answered, name@version.")
+    model: str = Field(description="The adapter or model version that answered, name@version.")
     data: list[ClassifyResult]
     usage: UsageInfo
 
@@ -58,7 +59,7 @@ class ClassifyController(Controller):
     request_max_body_size = 32 << 20
 
     @post(["/classify", "/v1/classify"], status_code=200,
-          summary="Label texts with a sequence-classification adapter (PEFT task_type SEQ_CLS)",
+          summary="Label texts with a sequence classifier: a PEFT SEQ_CLS adapter or a full classification model",
           responses=error_responses(400, 401, 403, 404, 429, 503))
     async def classify(self, request: Request, data: ClassifyRequest, principal: Principal,
                        services: Services) -> ClassifyResponse:

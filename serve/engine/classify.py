@@ -1,11 +1,13 @@
-"""Classification requests: a PEFT sequence-classification adapter's head on the prompt's pooled token.
+"""Classification requests: a sequence classifier's head on the prompt's pooled token. The classifier
+is a PEFT sequence-classification adapter on the base, or a full fine-tuned sequence-classification
+model served beside it (its ``score`` head then ends its own forward, see ``LlamaRunner``).
 
 transformers' sequence classifiers (``LlamaForSequenceClassification``) apply their head ``score``
 to the final-norm hidden state of the last prompt token that is not padding. In a causal model that
 state depends only on the tokens up to it, so the engine cuts the prompt there and runs it as a
 prompt-only request (``max_tokens`` 0) in the same batches as everything else: the step that
 computes its last token also hands that row's hidden state to the adapter's head, which the
-adapter's slot holds on the device (``Slot.head``).
+adapter's slot holds on the device (``Slot.head``), or the full model's worker holds.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ def pooled_prompt(ids: list[int], pad_id: int | None) -> list[int]:
     return ids[:last + 1]
 
 
-def head_mismatch(ref: str, classify: bool, head: Tensor | None) -> InvalidRequest | None:
-    """Why a request cannot run on its adapter's slot: a classification needs the adapter's head,
-    and a classification adapter's LoRA was trained for its head, not for generating text."""
-    if classify and head is None:
-        return InvalidRequest(f"{ref} has no classification head: classification needs an adapter trained "
-                              "for sequence classification (PEFT task_type SEQ_CLS)")
-    if not classify and head is not None:
-        return InvalidRequest(f"{ref} is a sequence-classification adapter: send it classification requests")
+NO_HEAD = ("classification needs an adapter trained for sequence classification (PEFT task_type SEQ_CLS) "
+           "or a full sequence-classification model")
+
+
+def head_mismatch(ref: str, kind: str, classify: bool, has_head: bool) -> InvalidRequest | None:
+    """Why a request cannot run on its adapter or model (``kind``): a classification needs a head,
+    and a classifier's weights were trained for its head, not for generating text."""
+    if classify and not has_head:
+        return InvalidRequest(f"{ref} has no classification head: {NO_HEAD}")
+    if not classify and has_head:
+        return InvalidRequest(f"{ref} is a sequence-classification {kind}: send it classification requests")
     return None
 
 

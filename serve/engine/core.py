@@ -104,7 +104,7 @@ class Core:
                 return False
             seq.slot, seq.pinned = slot, True
             info = self.residency.pool.slot(slot)
-            mismatch = head_mismatch(seq.target.ref, seq.classify, info.head)
+            mismatch = head_mismatch(seq.target.ref, "adapter", seq.classify, info.head is not None)
             if mismatch is not None:  # failed below, which gives the pin back
                 failed.append((seq, mismatch))
                 return False

@@ -16,11 +16,11 @@ from ..lora.pool import LoraPool
 from ..lora.residency import Residency
 from ..threads import run_in_fresh_thread
 from . import loaders
-from .classify import CLASSIFY_SAMPLING, pooled_prompt
+from .classify import CLASSIFY_SAMPLING, NO_HEAD, head_mismatch, pooled_prompt
 from .config import EngineConfig
 from .detok import Detokenizer
 from .core import Core
-from .errors import EngineError, EngineNotReady, InvalidRequest, PromptTooLong, QueueFull
+from .errors import EngineError, EngineNotReady, IncompatibleAdapter, InvalidRequest, PromptTooLong, QueueFull
 from .intake import check_logit_bias, check_sampling, prompt_ids
 from .models import ModelPool
 from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, Tokenized, TokenLogprobs
@@ -82,6 +82,8 @@ class Engine(ResidencyCommands):
         self.resolver = Resolver(self.registry, self._base_ref, cfg.max_rank)
         base_target, path = self.resolver.open_base()
         hf, tokenizer = loaders.load_hf(path, cfg.torch_dtype())
+        if tokenizer is None:
+            raise IncompatibleAdapter(f"base {base_target.ref} holds no tokenizer (tokenizer.json or tokenizer_config.json)")
         self._base = base = Worker(base_target, hf, tokenizer, cfg)
         del hf
         runner = base.runner
@@ -249,17 +251,19 @@ class Engine(ResidencyCommands):
         if not request.classify:
             check_sampling(p, cfg.max_tokens_limit)
         target = self.resolver.resolve(request.model)
-        if request.classify and target.kind != "adapter":
-            raise InvalidRequest(f"{target.ref} is a {target.kind}: classification needs an adapter trained for "
-                                 "sequence classification (PEFT task_type SEQ_CLS)")
-        tokenizer, limit, fits_kv = self._base.tokenizer, self._base.max_model_len, self._base.fits_kv
+        if request.classify and target.kind == "base":
+            raise InvalidRequest(f"{target.ref} is a base: {NO_HEAD}")
+        base = self._base
+        tokenizer, limit, fits_kv, pad_id = base.tokenizer, base.max_model_len, base.fits_kv, base.runner.config.pad_token_id
         if target.kind == "model":
             info = self.resolver.model_info(target, cfg)
+            if (mismatch := head_mismatch(target.ref, "model", request.classify, info.labels is not None)) is not None:
+                raise mismatch
             self._core.models.check_fits(target.ref, info.estimate_bytes)
-            tokenizer, limit, fits_kv = info.tokenizer, info.max_model_len, info.fits_kv
+            tokenizer, limit, fits_kv, pad_id = info.tokenizer, info.max_model_len, info.fits_kv, info.pad_token_id
         ids = prompt_ids(tokenizer, request, len(tokenizer))
         if request.classify:
-            ids = pooled_prompt(ids, self._base.runner.config.pad_token_id)
+            ids = pooled_prompt(ids, pad_id)
         check_logit_bias(p, len(tokenizer))
         total = len(ids) + p.max_tokens
         if total > limit:

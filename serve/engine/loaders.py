@@ -18,14 +18,20 @@ from .requests import Target
 from .worker import Worker
 
 
-def load_hf(path: Path, dtype: torch.dtype):
-    """Read a checkpoint folder with transformers (its weights are then taken by a ``LlamaRunner``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_hf(path: Path, dtype: torch.dtype, classifier: bool = False):
+    """Read a checkpoint folder with transformers (its weights are then taken by a ``LlamaRunner``):
+    a causal LM, or with ``classifier`` a sequence classifier (its ``score`` head instead of lm_head)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     check_architecture(AutoConfig.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    kind = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = kind.from_pretrained(path, dtype=dtype)
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).exists() for name in ("tokenizer_config.json", "tokenizer.json"))
 
 
 def load_adapter(resolver, ref: str, digest: str, runner: LlamaRunner, pool: LoraPool,
@@ -73,7 +79,7 @@ def _load_combination(resolver, ref: str, digest: str, runner: LlamaRunner, cfg:
 
 def load_model(resolver, ref: str, digest: str, cfg: EngineConfig) -> Worker:
     snap = resolver.open(ref)
-    hf, tokenizer = load_hf(snap.path, cfg.torch_dtype())
-    if not (snap.path / "tokenizer_config.json").exists():
-        tokenizer = resolver.model_info(Target("model", ref, digest), cfg).tokenizer
-    return Worker(Target("model", ref, digest), hf, tokenizer, cfg)
+    info = resolver.model_info(Target("model", ref, digest), cfg)
+    hf, tokenizer = load_hf(snap.path, cfg.torch_dtype(), classifier=info.labels is not None)
+    # a model published without tokenizer files reads text as its base does (see Resolver.model_info)
+    return Worker(Target("model", ref, digest), hf, tokenizer or info.tokenizer, cfg, labels=info.labels)

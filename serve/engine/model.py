@@ -87,7 +87,14 @@ class LlamaRunner:
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
         self.embed = w(inner.embed_tokens.weight)
-        self.lm_head = self.embed if hf_model.lm_head.weight is inner.embed_tokens.weight else w(hf_model.lm_head.weight)
+        head = getattr(hf_model, "lm_head", None)
+        # a sequence classifier (LlamaForSequenceClassification) ends in ``score``, a head over its labels:
+        # it takes lm_head's place, so a step's "logits" are its classes' (the worker reads them as such)
+        self.classifier = head is None
+        if self.classifier:
+            self.lm_head = w(hf_model.score.weight)
+        else:
+            self.lm_head = self.embed if head.weight is inner.embed_tokens.weight else w(head.weight)
         self.norm = w(inner.norm.weight)
         self.layers = []
         for layer in inner.layers:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from hotswap.hub import HubError, NotFoundError
+from hotswap.hub import HubError, NotFoundError, classifier_labels
 
 from ..lora.compose import composite_digest, composite_ref, is_composite, parse_composite
 from .config import EngineConfig
 from .errors import AdapterNotFound, EngineError, IncompatibleAdapter, InvalidRequest
 from .kv_cache import KVCache
+from .loaders import has_tokenizer
 from .requests import Target
 from .worker import MAX_CONTEXT
 
@@ -30,6 +31,8 @@ class ModelInfo:
     max_model_len: int
     estimate_bytes: int
     fits_kv: Callable[[int], bool]
+    labels: tuple[str, ...] | None  # a sequence classifier's label names (see classify.py)
+    pad_token_id: int | None  # where a sequence classifier pools: the last token that is not this one
 
 
 class Resolver:
@@ -117,7 +120,7 @@ class Resolver:
 
             snap = self.open(target.ref)
             config = json.loads((snap.path / "config.json").read_text())
-            tokenizer = AutoTokenizer.from_pretrained(snap.path) if (snap.path / "tokenizer_config.json").exists() \
+            tokenizer = AutoTokenizer.from_pretrained(snap.path) if has_tokenizer(snap.path) \
                 else AutoTokenizer.from_pretrained(self.open(self.base_version).path)
             heads = config["num_attention_heads"]
             head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -132,7 +135,8 @@ class Resolver:
                 tokenizer=tokenizer,
                 max_model_len=min(cfg.max_model_len or min(positions, MAX_CONTEXT), positions),
                 estimate_bytes=weights + num_blocks * block,
-                fits_kv=lambda n, nb=num_blocks: -(-n // cfg.kv_block_size) <= nb)
+                fits_kv=lambda n, nb=num_blocks: -(-n // cfg.kv_block_size) <= nb,
+                labels=classifier_labels(config), pad_token_id=config.get("pad_token_id"))
             self._models[target.digest] = info
         return info
 

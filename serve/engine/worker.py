@@ -11,6 +11,7 @@ from ..lora.batch import build_lora_step
 from .classify import classify_rows
 from .config import EngineConfig
 from .decode_graphs import DecodeGraphs
+from .errors import IncompatibleAdapter
 from .kv_cache import BlockManager, KVCache
 from .metadata import SeqSpan, build_metadata
 from .model import LlamaRunner
@@ -25,7 +26,9 @@ Sampled = tuple[Sequence, int, TokenLogprobs | None]  # a sequence, its new toke
 
 def eos_ids(hf_model, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
-    for value in (getattr(hf_model.generation_config, "eos_token_id", None), hf_model.config.eos_token_id,
+    # a sequence classifier has no generation_config
+    generation = getattr(hf_model, "generation_config", None)
+    for value in (getattr(generation, "eos_token_id", None), hf_model.config.eos_token_id,
                   tokenizer.eos_token_id):
         if isinstance(value, int):
             ids.add(value)
@@ -37,12 +40,18 @@ def eos_ids(hf_model, tokenizer) -> frozenset[int]:
 class Worker:
     """Runs steps for the sequences of one checkpoint; knows nothing of adapters' residency."""
 
-    def __init__(self, target: Target, hf_model, tokenizer, config: EngineConfig) -> None:
+    def __init__(self, target: Target, hf_model, tokenizer, config: EngineConfig,
+                 labels: tuple[str, ...] | None = None) -> None:
         device, dtype = config.torch_device(), config.torch_dtype()
         self.target = target
         self.tokenizer = tokenizer
         self._pieces: dict[int, tuple[str, bytes | None]] = {}  # see _describe
         self.runner = LlamaRunner(hf_model, device, dtype)
+        # a full sequence classifier: its own head and label names (an adapter's are in its slot)
+        self.labels = labels if self.runner.classifier else None
+        if self.runner.classifier and (labels is None or len(labels) != self.runner.lm_head.shape[0]):
+            raise IncompatibleAdapter(f"{target.ref}: its classification head has {self.runner.lm_head.shape[0]} "
+                                      f"rows but its config names {len(labels or ())} labels")
         if config.native_kernels and device.type == "cpu" and dtype == torch.float32:
             self.runner.kernels = native.load()
         self.eos_ids = eos_ids(hf_model, tokenizer)
@@ -91,8 +100,7 @@ class Worker:
             seq.num_computed += n
         sampled = [seq for seq, _ in plan if seq.num_computed == len(seq.token_ids)]
         if hidden:
-            pool = self.runner.lora
-            heads = [(pool.slot(s.slot).head, pool.slot(s.slot).labels) if s.classify else None for s in sampled]
+            heads = [self._head(s) if s.classify else None for s in sampled]
             for seq, found in zip(sampled, classify_rows(hidden[0], heads)):
                 seq.classification = found
         asking = [i for i, s in enumerate(sampled) if s.sampling.logprobs is not None]
@@ -105,6 +113,13 @@ class Worker:
         for row, i in enumerate(asking):
             found[i] = token_logprobs(raw[row], tokens[i], sampled[i].sampling.logprobs, self._describe)
         return plan, list(zip(sampled, tokens, found))
+
+    def _head(self, seq: Sequence) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """The classification head a classify row reads, and its label names."""
+        if self.labels is not None:
+            return self.runner.lm_head, self.labels
+        slot = self.runner.lora.slot(seq.slot)
+        return slot.head, slot.labels
 
     def _needs_eager(self, plan: list[tuple[Sequence, int]]) -> bool:
         """Whether a DoRA adapter, an edge (embed_tokens, lm_head) LoRA or a classification is in the step."""

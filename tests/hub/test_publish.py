@@ -105,6 +105,24 @@ def test_full_model_kind_has_lineage_and_must_match_base(registry, tiny_base_dir
         registry.publish(save_tiny_base(tmp_path / "narrow", hidden=32), name="tiny-ft3", kind="model", base="tiny")
 
 
+def test_a_full_classifier_model_must_hold_a_head_over_its_labels(registry, tiny_base_dir, tmp_path):
+    """A *ForSequenceClassification checkpoint keeps the base's tensors and adds ``score [labels, hidden]``."""
+    from transformers import LlamaForSequenceClassification
+
+    folder = tmp_path / "intent"
+    model = LlamaForSequenceClassification.from_pretrained(tiny_base_dir, num_labels=3)
+    model.save_pretrained(folder)
+    published = registry.publish(folder, name="intent", kind="model", base="tiny")
+    assert published.version.metadata.kind == "model"
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {str(i): f"l{i}" for i in range(4)}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IncompatibleAdapter, match=r"needs its head score.weight of shape \[4, \d+\] \(4 labels in "
+                                                  r"config.json\), but it has shape \[3, \d+\]"):
+        registry.publish(folder, name="intent2", kind="model", base="tiny")
+    assert [v.ref for v in registry.list(kind="model")] == ["intent@1"]
+
+
 def test_list_filters(registry, make_adapter):
     registry.publish(make_adapter(seed=1), name="sql", task="text-to-sql", language="en", tags={"tier": "gold"})
     registry.publish(make_adapter(seed=2), name="support-es", task="support", language="es")

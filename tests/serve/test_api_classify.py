@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import LlamaForSequenceClassification
 
 from hotswap.hub import Registry
 
@@ -26,10 +27,15 @@ def classify_server(tmp_path_factory):
     (folder / "labels.json").write_text(json.dumps(["negative", "neutral", "positive"]))
     registry.publish(folder, name="acme-sentiment", kind="adapter", base=BASE)
     registry.publish(save_adapter(base_dir, root / "acme-sql", seed=62), name="acme-sql", kind="adapter", base=BASE)
+    full = LlamaForSequenceClassification.from_pretrained(base_dir, num_labels=2, id2label={0: "no", 1: "yes"},
+                                                          label2id={"no": 0, "yes": 1})
+    full.save_pretrained(root / "acme-intent")  # no tokenizer files: it reads text as its base does
+    registry.publish(root / "acme-intent", name="acme-intent", kind="model", base=BASE)
     registry.close()
     app, _ = make_app(root / "home")
     with running_client(app) as client:
-        yield client, type("World", (), {"base_dir": base_dir, "adapter_dirs": {"sentiment": folder}})
+        yield client, type("World", (), {"base_dir": base_dir, "adapter_dirs": {"sentiment": folder},
+                                         "intent_dir": root / "acme-intent"})
 
 
 def test_classify_texts_and_token_ids(classify_server):
@@ -50,6 +56,24 @@ def test_classify_texts_and_token_ids(classify_server):
     samples = scrape(client)
     assert value(samples, "hotswap_requests_total", model="acme-sentiment@1", endpoint="classify",
                  finish_reason="length") == 3
+
+
+def test_classify_with_a_full_classifier_model(classify_server):
+    """A full fine-tuned sequence classifier (kind model) answers on the same endpoint, its labels from
+    its config; generation requests to it are refused."""
+    client, world = classify_server
+    text = "where is my parcel"
+    reply = client.post("/v1/classify", headers=ACME, json={"model": "acme-intent", "input": text})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    model = LlamaForSequenceClassification.from_pretrained(world.intent_dir).eval()
+    with torch.inference_mode():
+        want = model(**tiny_tokenizer()(text, return_tensors="pt")).logits[0].softmax(-1).tolist()
+    assert body["model"] == "acme-intent@1" and body["data"][0]["num_classes"] == 2
+    assert body["data"][0]["probs"] == pytest.approx(want, abs=1e-4)
+    assert body["data"][0]["label"] == ["no", "yes"][max(range(2), key=want.__getitem__)]
+    generate = client.post("/v1/completions", headers=ACME, json={"model": "acme-intent", "prompt": "hi"})
+    assert generate.status_code == 400 and "is a sequence-classification model" in generate.text
 
 
 def test_classify_refusals(classify_server):
