@@ -3,7 +3,7 @@ full fine-tuned models, with aliases, metadata, lineage and compatibility checks
 
 The trainer and the server use only what this module exports."""
 
-from .compat import classifier_labels
+from .compat import classifier_labels, is_classifier
 from .errors import (
     CorruptionError,
     HubError,
@@ -25,6 +25,6 @@ from .versions import Problem, PublishResult, Snapshot, Version
 __all__ = [
     "AliasEvent", "CorruptionError", "EntryMetadata", "HubError", "ImportFailed", "IncompatibleAdapter",
     "InUseError", "InvalidMetadata", "InvalidName", "KINDS", "LATEST", "NotFoundError", "Problem",
-    "PublishResult", "Ref", "Registry", "RemoteError", "Snapshot", "UnsafeContent", "Version", "classifier_labels", "default_home",
-    "parse_ref",
+    "PublishResult", "Ref", "Registry", "RemoteError", "Snapshot", "UnsafeContent", "Version",
+    "classifier_labels", "default_home", "is_classifier", "parse_ref",
 ]

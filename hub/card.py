@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .compat import is_classifier
 from .errors import InvalidMetadata, NotFoundError
 from .registry import Registry
 from .versions import Version
@@ -20,20 +21,21 @@ _PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 REPO_ID = re.compile(f"{_PART}/{_PART}")
 
 
-def render_card(registry: Registry, version: Version, repo_id: str, tag: str) -> str:
-    """The README.md pushed with a version: Hub front matter plus a readable summary."""
+def render_card(registry: Registry, version: Version, repo_id: str, tag: str, folder: Path) -> str:
+    """The README.md pushed with a version (its files in ``folder``): Hub front matter plus a readable summary."""
     from huggingface_hub import EvalResult, ModelCardData
 
     meta = version.metadata
     base_id = _base_source(registry, version, repo_id)
-    evals = [EvalResult(task_type="text-generation", task_name=meta.task, dataset_type=_dataset_id(meta.lineage),
+    pipeline = "text-classification" if is_classifier(folder) else "text-generation"
+    evals = [EvalResult(task_type=pipeline, task_name=meta.task, dataset_type=_dataset_id(meta.lineage),
                         dataset_name=f"{meta.task or version.name} evaluation", metric_type=name, metric_value=value)
              for name, value in sorted(meta.metrics.items())]
     saved = meta.model_dump(mode="json", include={"task", "language", "tags", "metrics", "lineage", "source"},
                            exclude_none=True)
     data = ModelCardData(
         base_model=base_id, library_name="peft" if version.kind == "adapter" else "transformers",
-        language=[meta.language] if meta.language else None, pipeline_tag="text-generation",
+        language=[meta.language] if meta.language else None, pipeline_tag=pipeline,
         tags=[t for t in ("hotswap", version.kind, (meta.peft_type or "").lower(), meta.task) if t],
         model_name=version.name, eval_results=evals or None,
         hotswap={"ref": version.ref, "kind": version.kind, "digest": version.digest, **saved},

@@ -101,6 +101,17 @@ def classifier_labels(config: dict) -> tuple[str, ...] | None:
     return tuple(str(id2label.get(str(i), f"LABEL_{i}")) for i in range(count))
 
 
+def is_classifier(folder: Path) -> bool:
+    """Whether a version's folder holds a sequence classifier: a PEFT SEQ_CLS adapter, or a
+    ``*ForSequenceClassification`` checkpoint."""
+    if (folder / "adapter_config.json").is_file():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        return str(config.get("task_type") or "").upper() == "SEQ_CLS"
+    if (folder / "config.json").is_file():
+        return classifier_labels(json.loads((folder / "config.json").read_text())) is not None
+    return False
+
+
 def check_classifier_model(config: dict, shapes: dict[str, list[int]], base_ref: str) -> None:
     """A full sequence classifier holds its head ``score.weight [labels, hidden]``, one row per label
     its config names."""

@@ -79,7 +79,7 @@ def push_version(registry: Registry, ref: str, repo_id: str, private: bool = Fal
     files = {(ORIGINAL_README if path == CARD else path): (snapshot.path / path, sha)
              for path, sha, _size in registry.files(version)}
     tag = f"v{version.version}"
-    card = render_card(registry, version, repo_id, tag)
+    card = render_card(registry, version, repo_id, tag, snapshot.path)
     api = HfApi(endpoint=endpoint())
     result = {"ref": version.ref, "repo_id": repo_id, "tag": tag, "digest": version.digest,
               "url": f"{endpoint()}/{repo_id}/tree/{tag}"}

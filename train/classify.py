@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hotswap.hub import classifier_labels
+from hotswap.hub import classifier_labels, is_classifier
 
 from .data import Example
 from .encode import EncodeStats, Encoded
@@ -83,17 +83,6 @@ def load_scored_classifier(base_folder: Path, adapter: Path | None, model_folder
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, adapter).to(device)
-
-
-def is_classifier(folder: Path) -> bool:
-    """Whether a folder holds a sequence classifier: a SEQ_CLS adapter, or a whole
-    ``*ForSequenceClassification`` checkpoint."""
-    if (folder / "adapter_config.json").is_file():
-        config = json.loads((folder / "adapter_config.json").read_text())
-        return str(config.get("task_type") or "").upper() == "SEQ_CLS"
-    if (folder / "config.json").is_file():
-        return classifier_labels(json.loads((folder / "config.json").read_text())) is not None
-    return False
 
 
 def _check_labels(what: str, found: list[str], labels: list[str]) -> None:

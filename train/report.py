@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .compare import MethodRun
+from .metrics import CLASSIFICATION_METRIC
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "loss_curves.png"
@@ -38,7 +39,8 @@ def plot_losses(runs: list[MethodRun], path: Path) -> Path:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[0][0].set_ylabel("loss per answer token (log scale)")
+    per = "example" if runs[0].metric == CLASSIFICATION_METRIC else "answer token"  # a classifier: one class each
+    axes[0][0].set_ylabel(f"loss per {per} (log scale)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

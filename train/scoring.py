@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hotswap.hub import HubError, Registry
+from hotswap.hub import HubError, Registry, is_classifier
 
-from .classify import is_classifier, load_scored_classifier
+from .classify import load_scored_classifier
 from .data import Example, read_jsonl
 from .encode import pad_id_of
 from .errors import RecipeError, TrainError

@@ -110,7 +110,7 @@ def test_push_then_pull_round_trips_the_digest(hub, registry, other_registry, ma
     assert not again.created and again.version.ref == "sql@1"
 
 
-def test_model_card_fields(hub, registry, make_adapter):
+def test_model_card_fields(hub, registry, make_adapter, tiny_base_dir, tmp_path):
     version = registry.publish(make_adapter(seed=2), name="sql", task="text-to-sql", language="en",
                                metrics={"exact_match": 0.5, "loss": 1.25}, lineage={"dataset": "org/sql-pairs"}).version
     push_version(registry, "sql@1", "org/sql-card", private=True)
@@ -127,6 +127,16 @@ def test_model_card_fields(hub, registry, make_adapter):
     for expected in ("sql@1", version.digest, "text-to-sql", "tiny@1", "LORA rank 4", "org/sql-pairs",
                      "hotswap hub pull org/sql-card@v1 --name sql", 'revision="v1"'):
         assert expected in body
+
+    # a sequence classifier (here a full one) is a text-classification model on the Hub
+    from transformers import LlamaForSequenceClassification
+
+    LlamaForSequenceClassification.from_pretrained(tiny_base_dir, num_labels=2).save_pretrained(tmp_path / "intent")
+    registry.publish(tmp_path / "intent", name="intent", kind="model", base="tiny", metrics={"label_accuracy": 0.9})
+    push_version(registry, "intent", "org/intent")
+    front, _body = _card(hub.files_at("org/intent"))
+    assert front["pipeline_tag"] == "text-classification" and front["library_name"] == "transformers"
+    assert front["model-index"][0]["results"][0]["task"]["type"] == "text-classification"
 
     push_version(registry, "tiny", "org/tiny-copy")  # a base: transformers, derived from its source
     front, body = _card(hub.files_at("org/tiny-copy"))
