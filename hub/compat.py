@@ -96,7 +96,7 @@ def classifier_labels(config: dict) -> tuple[str, ...] | None:
     (``*ForSequenceClassification`` among its architectures; transformers' ``LABEL_i`` for unnamed ones), else None."""
     if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
         return None
-    id2label = config.get("id2label") or {}
+    id2label = config.get("id2label") if isinstance(config.get("id2label"), dict) else {}
     count = len(id2label) or int(config.get("num_labels") or 2)
     return tuple(str(id2label.get(str(i), f"LABEL_{i}")) for i in range(count))
 
@@ -104,11 +104,14 @@ def classifier_labels(config: dict) -> tuple[str, ...] | None:
 def is_classifier(folder: Path) -> bool:
     """Whether a version's folder holds a sequence classifier: a PEFT SEQ_CLS adapter, or a
     ``*ForSequenceClassification`` checkpoint."""
-    if (folder / "adapter_config.json").is_file():
-        config = json.loads((folder / "adapter_config.json").read_text())
-        return str(config.get("task_type") or "").upper() == "SEQ_CLS"
-    if (folder / "config.json").is_file():
-        return classifier_labels(json.loads((folder / "config.json").read_text())) is not None
+    try:
+        if (folder / "adapter_config.json").is_file():
+            config = json.loads((folder / "adapter_config.json").read_text())
+            return str(config.get("task_type") or "").upper() == "SEQ_CLS"
+        if (folder / "config.json").is_file():
+            return classifier_labels(json.loads((folder / "config.json").read_text())) is not None
+    except (OSError, ValueError, AttributeError):  # unreadable: whatever loads it next says what is wrong
+        pass
     return False
 
 

@@ -5,9 +5,9 @@ Each example is ``{"prompt": text, "completion": label}``. The text is tokenized
 tokenizes a classification request's text (the tokenizer's own special tokens, no chat template), the
 base is loaded as ``LlamaForSequenceClassification`` with a new head over the labels, and PEFT trains
 the LoRA and that head together (``task_type`` SEQ_CLS); with method full every weight trains, head
-included, and the result is a whole ``LlamaForSequenceClassification`` checkpoint. Held-out scoring reads the head's most
-likely label at the last token of each text, as the server does, and the result is saved with
-``labels.json`` so the server names the labels."""
+included, and the result is a whole ``LlamaForSequenceClassification`` checkpoint. Held-out scoring
+reads the head's most likely label at the last token of each text, as the server does, and the
+result is saved with ``labels.json`` so the server names the labels."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def load_scored_classifier(base_folder: Path, adapter: Path | None, model_folder
             raise DataError(f"{what} is not a sequence classifier (a *ForSequenceClassification checkpoint)")
         _check_labels(what, list(classifier_labels(json.loads((model_folder / "config.json").read_text()))), labels)
         model = AutoModelForSequenceClassification.from_pretrained(model_folder, dtype=torch.float32)
-        model.config.pad_token_id = pad_id
+        if model.config.pad_token_id is None:  # batches of texts need one to pool at (the server then uses none)
+            model.config.pad_token_id = pad_id
         return model.to(device)
     if adapter is not None:
         if not is_classifier(adapter):

@@ -83,7 +83,8 @@ class Engine(ResidencyCommands):
         base_target, path = self.resolver.open_base()
         hf, tokenizer = loaders.load_hf(path, cfg.torch_dtype())
         if tokenizer is None:
-            raise IncompatibleAdapter(f"base {base_target.ref} holds no tokenizer (tokenizer.json or tokenizer_config.json)")
+            raise IncompatibleAdapter(f"base {base_target.ref} holds no tokenizer "
+                                      "(tokenizer.json or tokenizer_config.json)")
         self._base = base = Worker(base_target, hf, tokenizer, cfg)
         del hf
         runner = base.runner
@@ -254,7 +255,8 @@ class Engine(ResidencyCommands):
         if request.classify and target.kind == "base":
             raise InvalidRequest(f"{target.ref} is a base: {NO_HEAD}")
         base = self._base
-        tokenizer, limit, fits_kv, pad_id = base.tokenizer, base.max_model_len, base.fits_kv, base.runner.config.pad_token_id
+        tokenizer, limit, fits_kv = base.tokenizer, base.max_model_len, base.fits_kv
+        pad_id = base.runner.config.pad_token_id
         if target.kind == "model":
             info = self.resolver.model_info(target, cfg)
             if (mismatch := head_mismatch(target.ref, "model", request.classify, info.labels is not None)) is not None:

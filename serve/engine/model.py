@@ -183,6 +183,8 @@ class LlamaRunner:
         half = self.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * sin with its first half negated
         cos, sin = cos[0, :, None, :], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)[:, None, :]
+        if lora is not None and not lora.rank:  # only edge LoRA in the step: the layers run as the base's
+            lora = None
         for index, lw in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), lw.attn_norm, self.eps)
             attn = self._attention(index, lw, h, cos, sin, meta, kv, lora)

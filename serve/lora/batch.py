@@ -34,7 +34,7 @@ class LoraStep:
 
     num_blocks: int
     block_len: int
-    rank: int  # k: the highest rank among the step's adapters; smaller ranks pad with row 0
+    rank: int  # k: the highest layer rank among the step's adapters (smaller pad with row 0); 0: edges only
     token_index: Tensor | None  # [NB * L] token feeding each block position; None: identity
     block_pos: Tensor | None  # [T_lora] block position of each adapter token; None: identity
     token_ids: Tensor | None  # [T_lora] which tokens those are; None: all T tokens
@@ -77,7 +77,11 @@ def build_lora_step(segments: list[tuple[int, int, int]], num_tokens: int, pool:
     if not active:
         return None
     slots = {s: pool.slot(s) for _, _, s in active}
-    rank = max(info.rank for info in slots.values())
+    # the layers pad to the highest layer rank; an edge's own rank pads only that edge's rows (_edge_rows)
+    rank = max(info.layer_rank for info in slots.values())
+    if rank == 0:  # adapters of embed_tokens/lm_head only: the layers run no LoRA at all
+        return LoraStep(num_blocks=0, block_len=1, rank=0, token_index=None, block_pos=None, token_ids=None,
+                        rows=None, gathered=None, edges=_edge_rows(active, num_tokens, slots, pool, device))
     if kernel:
         return _kernel_step(active, num_tokens, pool, slots, rank, device)
     block_len = choose_block_len([n for _, n, _ in active])

@@ -49,6 +49,11 @@ class Slot:
     head: Tensor | None = None  # a classification adapter's ``score [labels, hidden]``, on the device
     labels: tuple[str, ...] | None = None  # and its labels' names
 
+    @property
+    def layer_rank(self) -> int:
+        """The highest rank over the layers' modules (0: an adapter of embed_tokens/lm_head only)."""
+        return max((len(r) for m, r in self.rows.items() if m not in EDGES), default=0)
+
 
 class LoraPool:
     """Stacked adapter rows for every layer; plain-Python bookkeeping of rows and slots.

@@ -11,7 +11,8 @@ from transformers import LlamaForSequenceClassification
 from hotswap.hub import Registry
 from hotswap.serve.engine import GenerationRequest, InvalidRequest, SamplingParams
 
-from .engine_support import BASE, PROMPTS, peft_rows, prompt_requests, save_model, start_engine, tiny_tokenizer, world  # noqa: F401
+from .engine_support import (  # noqa: F401
+    BASE, PROMPTS, peft_rows, prompt_requests, save_model, start_engine, tiny_tokenizer, world)
 
 LABELS = ["cancel", "refund", "track"]
 
@@ -71,7 +72,8 @@ def test_requests_a_full_model_cannot_answer_are_refused(world, classifiers):
     try:
         with pytest.raises(InvalidRequest, match="intent-full@1 is a sequence-classification model: send it "
                                                  "classification requests"):
-            engine.submit(GenerationRequest(prompt=PROMPTS[0], model="intent-full", sampling=SamplingParams(max_tokens=4)))
+            engine.submit(GenerationRequest(prompt=PROMPTS[0], model="intent-full",
+                                            sampling=SamplingParams(max_tokens=4)))
         with pytest.raises(InvalidRequest, match="plain-full@1 has no classification head: classification needs an "
                                                  "adapter .* or a full sequence-classification model"):
             engine.submit(GenerationRequest(prompt=PROMPTS[0], model="plain-full", classify=True))

@@ -79,6 +79,31 @@ def test_edge_rows_in_a_mixed_batch_match_peft(edge_world, overrides):
         engine.stop_sync()
 
 
+@pytest.mark.parametrize("overrides", [{}, {"native_kernels": False}], ids=["native", "torch"])
+def test_edge_ranks_pad_only_the_edges(edge_world, overrides):
+    """The layers pad to the step's highest layer rank, not to an edge's: an lm_head-only adapter's step
+    runs no layer LoRA at all (rank 0), beside a rank-4 adapter the layers take rank 4, and the outputs
+    stay PEFT's."""
+    from hotswap.serve.lora.batch import build_lora_step
+
+    engine = start_engine(edge_world.home, **overrides)
+    try:
+        preload(engine, ["edge-head", "edge-all", "chat"])
+        pool = engine._core.residency.pool
+        by_head_rank = {len(s.rows["lm_head"]): i for i, s in pool._slots.items() if "lm_head" in s.rows}
+        head_only, all4 = by_head_rank[6], by_head_rank[4]  # edge-head: lm_head rank 6; edge-all: rank 4 everywhere
+        kernel = pool.kernels is not None
+        alone = build_lora_step([(0, 3, head_only), (3, 2, -1)], 5, pool, torch.device("cpu"), kernel=kernel)
+        assert alone.rank == 0 and alone.kernel_calls is None and alone.edges["lm_head"].shape == (5, 6)
+        mixed = build_lora_step([(0, 1, head_only), (1, 1, all4)], 2, pool, torch.device("cpu"), kernel=kernel)
+        assert mixed.rank == 4 and mixed.edges["lm_head"].shape == (2, 6)
+        models = ["edge-head", None, "edge-head"]
+        outs = engine.generate_sync(prompt_requests(models, prompts=[0, 1, 2], new=10))
+        assert [list(o.token_ids) for o in outs] == peft_rows(edge_world, models, prompts=[0, 1, 2], new=10)
+    finally:
+        engine.stop_sync()
+
+
 def test_each_edge_changes_the_output(edge_world):
     """An lm_head-only and an embedding-heavy adapter give other tokens than the bare base."""
     base = peft_rows(edge_world, [None, None], prompts=[3, 4], new=10)
