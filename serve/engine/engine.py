@@ -20,8 +20,8 @@ from .classify import CLASSIFY_SAMPLING, NO_HEAD, head_mismatch, pooled_prompt
 from .config import EngineConfig
 from .detok import Detokenizer
 from .core import Core
-from .errors import EngineError, EngineNotReady, IncompatibleAdapter, InvalidRequest, PromptTooLong, QueueFull
-from .intake import check_logit_bias, check_sampling, prompt_ids
+from .errors import EngineError, EngineNotReady, IncompatibleAdapter, InvalidRequest, QueueFull
+from .intake import check_fits, check_logit_bias, check_sampling, prompt_ids
 from .models import ModelPool
 from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, Tokenized, TokenLogprobs
 from .residency_commands import ResidencyCommands
@@ -267,12 +267,7 @@ class Engine(ResidencyCommands):
         if request.classify:
             ids = pooled_prompt(ids, pad_id)
         check_logit_bias(p, len(tokenizer))
-        total = len(ids) + p.max_tokens
-        if total > limit:
-            raise PromptTooLong(f"prompt of {len(ids)} tokens + max_tokens {p.max_tokens} = {total} "
-                                f"exceeds the context of {limit} tokens")
-        if not fits_kv(total):
-            raise PromptTooLong(f"{total} tokens (prompt + max_tokens) do not fit the KV cache; raise kv_cache_bytes")
+        check_fits(len(ids), p.max_tokens, limit, fits_kv)
         with self._lock:
             if self._num_queued >= cfg.max_queue:
                 raise QueueFull(f"{self._num_queued} requests are waiting (max_queue {cfg.max_queue}); retry later")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, PromptTooLong
 from .requests import GenerationRequest, SamplingParams
 
 MAX_LOGPROBS = 20  # most likely tokens a request may ask for per generated token (OpenAI's limit)
@@ -52,6 +53,16 @@ def check_logit_bias(p: SamplingParams, vocab_size: int) -> None:
     outside = [t for t, _ in p.logit_bias if not 0 <= t < vocab_size]
     if outside:
         raise InvalidRequest(f"logit_bias names token ids outside [0, {vocab_size}): {outside[:5]}")
+
+
+def check_fits(prompt_len: int, max_tokens: int, limit: int, fits_kv: Callable[[int], bool]) -> None:
+    """A prompt and its max_tokens must fit the model's context and its KV cache."""
+    total = prompt_len + max_tokens
+    if total > limit:
+        raise PromptTooLong(f"prompt of {prompt_len} tokens + max_tokens {max_tokens} = {total} "
+                            f"exceeds the context of {limit} tokens")
+    if not fits_kv(total):
+        raise PromptTooLong(f"{total} tokens (prompt + max_tokens) do not fit the KV cache; raise kv_cache_bytes")
 
 
 def prompt_ids(tokenizer, request: GenerationRequest, vocab_size: int) -> list[int]:
