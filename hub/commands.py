@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from .compat import classifier_label_names
 from .errors import HubError, InvalidMetadata
 from .registry import Registry
 from .versions import Version
@@ -134,6 +135,8 @@ def show(ref: str, home: Optional[Path] = HomeOption, as_json: bool = JsonOption
     version = registry.resolve(ref)
     info = version_dict(version, registry.aliases(version.name))
     info["files"] = [{"path": p, "sha256": s, "size": n} for p, s, n in registry.files(version)]
+    if version.kind != "base":
+        info["labels"] = classifier_label_names(registry.open(version).path)  # None: not a classifier
     if as_json:
         _echo_json(info)
         return
@@ -142,6 +145,8 @@ def show(ref: str, home: Optional[Path] = HomeOption, as_json: bool = JsonOption
     for key, value in info["metadata"].items():
         if value not in (None, [], {}, 0) and key != "kind":
             typer.echo(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    if info.get("labels"):
+        typer.echo(f"classifier labels: {', '.join(info['labels'])}")
     typer.echo("files:")
     for f in info["files"]:
         typer.echo(f"  {f['path']}  {_size(f['size'])}  sha256:{f['sha256'][:16]}")

@@ -115,6 +115,25 @@ def is_classifier(folder: Path) -> bool:
     return False
 
 
+def classifier_label_names(folder: Path) -> list[str] | None:
+    """A classifier's label names, as the server answers with them: a SEQ_CLS adapter's
+    ``labels.json`` (else ``LABEL_i``, one per row of its head), a full classifier's ``id2label``.
+    None for a version that is not a classifier, or whose names cannot be read."""
+    if not is_classifier(folder):
+        return None
+    if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        return list(classifier_labels(json.loads((folder / "config.json").read_text())) or ())
+    try:
+        names = json.loads((folder / "labels.json").read_text()) if (folder / "labels.json").is_file() else None
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+        heads = [shape for file in sorted(folder.glob("*.safetensors"))
+                 for name, shape in read_safetensors_header(file).items() if ".score." in f".{name}" and len(shape) == 2]
+    except (OSError, ValueError, UnsafeContent):
+        return None
+    return [f"LABEL_{i}" for i in range(heads[0][0])] if heads else None
+
+
 def check_classifier_model(config: dict, shapes: dict[str, list[int]], base_ref: str) -> None:
     """A full sequence classifier holds its head ``score.weight [labels, hidden]``, one row per label
     its config names."""

@@ -38,6 +38,7 @@ def test_publish_list_show_alias_flow(capsys, registry, make_adapter):
     shown = json.loads(out)
     assert shown["metadata"]["metrics"] == {"exact_match": 0.9} and shown["metadata"]["tags"] == {"team": "data"}
     assert {f["path"] for f in shown["files"]} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert shown["labels"] is None  # not a classifier
     code, out, _ = run(capsys, "hub", "show", "sql", *home)
     assert "ref: sql@2" in out and "base: tiny@1" in out
 
@@ -107,3 +108,32 @@ def test_usage_errors_exit_2_with_the_reason(capsys, tmp_path):
     assert code == 2 and "--name" in err
     code, out, err = run(capsys, "nosuchcommand")
     assert code == 2 and "nosuchcommand" in err
+
+
+def test_show_names_a_classifiers_labels(capsys, registry, tiny_base_dir, tmp_path):
+    """A SEQ_CLS adapter's labels.json (else LABEL_i, one per row of its head) and a full classifier's
+    id2label, as the server answers with them; none for other versions."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import LlamaForSequenceClassification
+
+    home = ["--home", str(registry.home)]
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification.from_pretrained(tiny_base_dir, num_labels=3)
+    get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "unnamed")
+    registry.publish(tmp_path / "unnamed", name="unnamed", base="tiny")
+    (tmp_path / "unnamed" / "labels.json").write_text(json.dumps(["no", "maybe", "yes"]))
+    registry.publish(tmp_path / "unnamed", name="named", base="tiny")
+    full = LlamaForSequenceClassification.from_pretrained(tiny_base_dir, num_labels=2, id2label={0: "ham", 1: "spam"},
+                                                          label2id={"ham": 0, "spam": 1})
+    full.save_pretrained(tmp_path / "full")
+    registry.publish(tmp_path / "full", name="spam-full", kind="model", base="tiny")
+    for ref, labels in [("unnamed", ["LABEL_0", "LABEL_1", "LABEL_2"]), ("named", ["no", "maybe", "yes"]),
+                        ("spam-full", ["ham", "spam"])]:
+        code, out, _ = run(capsys, "hub", "show", ref, "--json", *home)
+        assert (code, json.loads(out)["labels"]) == (0, labels)
+    code, out, _ = run(capsys, "hub", "show", "spam-full", *home)
+    assert "classifier labels: ham, spam" in out
+    code, out, _ = run(capsys, "hub", "show", "tiny", "--json", *home)
+    assert "labels" not in json.loads(out)
