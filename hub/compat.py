@@ -124,9 +124,9 @@ def classifier_label_names(folder: Path) -> list[str] | None:
     if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         return list(classifier_labels(json.loads((folder / "config.json").read_text())) or ())
     try:
-        names = json.loads((folder / "labels.json").read_text()) if (folder / "labels.json").is_file() else None
-        if isinstance(names, list) and all(isinstance(n, str) for n in names):
-            return names
+        if (folder / "labels.json").is_file():
+            names = json.loads((folder / "labels.json").read_text())
+            return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
         heads = [shape for file in sorted(folder.glob("*.safetensors"))
                  for name, shape in read_safetensors_header(file).items() if ".score." in f".{name}" and len(shape) == 2]
     except (OSError, ValueError, UnsafeContent):
