@@ -134,6 +134,22 @@ def classifier_label_names(folder: Path) -> list[str] | None:
     return [f"LABEL_{i}" for i in range(heads[0][0])] if heads else None
 
 
+def check_labels_file(path: Path | None, adapter_config: dict, adapter_shapes: dict[str, list[int]]) -> None:
+    """A classification adapter's ``labels.json`` (the names the server answers with): a list of
+    distinct non-empty names, one per row of its head. Other adapters' folders may hold anything."""
+    if path is None or str(adapter_config.get("task_type") or "").upper() != "SEQ_CLS":
+        return
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnsafeContent(f"labels.json is not readable JSON: {exc}") from None
+    rows = next((shape[0] for name, shape in adapter_shapes.items() if ".score." in f".{name}" and len(shape) == 2), None)
+    if (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names) or (rows is not None and len(names) != rows)):
+        raise IncompatibleAdapter(f"labels.json must list {rows} distinct non-empty names (one per row of the "
+                                  f"classification head), not {str(names)[:80]}")
+
+
 def check_classifier_model(config: dict, shapes: dict[str, list[int]], base_ref: str) -> None:
     """A full sequence classifier holds its head ``score.weight [labels, hidden]``, one row per label
     its config names."""

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .compat import (check_adapter_fits, check_classifier_model, checkpoint_shapes, classifier_labels,
-                     read_safetensors_header)
+from .compat import (check_adapter_fits, check_classifier_model, check_labels_file, checkpoint_shapes,
+                     classifier_labels, read_safetensors_header)
 from .errors import IncompatibleAdapter, InvalidMetadata, UnsafeContent
 from .intake import StagedFile, require_files
 from .metadata import EntryMetadata
@@ -58,6 +58,7 @@ def adapter_fields(staged: list[StagedFile], base: Snapshot) -> dict[str, Any]:
     base_config = read_json(base.path / "config.json", f"config.json of base {base.version.ref}")
     adapter_shapes = read_safetensors_header(by_name["adapter_model.safetensors"])
     check_adapter_fits(config, adapter_shapes, _base_shapes(base, base_config), base.version.ref)
+    check_labels_file(by_name.get("labels.json"), config, adapter_shapes)
     targets = config.get("target_modules") or []
     return {
         "base": base.version.ref,

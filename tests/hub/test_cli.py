@@ -137,3 +137,10 @@ def test_show_names_a_classifiers_labels(capsys, registry, tiny_base_dir, tmp_pa
     assert "classifier labels: ham, spam" in out
     code, out, _ = run(capsys, "hub", "show", "tiny", "--json", *home)
     assert "labels" not in json.loads(out)
+    # labels that cannot name the head's rows are refused at publish, and nothing is stored
+    for bad, reason in [(["no", "yes"], "labels.json must list 3 distinct non-empty names"),
+                        (["no", "no", "yes"], "labels.json must list 3 distinct"), ("{", "not readable JSON")]:
+        (tmp_path / "unnamed" / "labels.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        code, _, err = run(capsys, "hub", "publish", str(tmp_path / "unnamed"), "--name", "bad", "--base", "tiny", *home)
+        assert code == 1 and reason in err
+    assert [v.name for v in registry.list(kind="adapter")] == ["named", "unnamed"]

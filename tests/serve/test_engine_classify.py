@@ -111,14 +111,18 @@ def test_mismatched_requests_are_refused_with_the_reason(cls_world, tmp_path):
         engine.stop_sync()
 
 
-def test_bad_labels_file_is_refused(cls_world, tmp_path):
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "a", "b"], "abc", ["a", "", "b"]])
+def test_bad_labels_file_is_refused(cls_world, tmp_path, names):
+    """The registry refuses it at publish; the loader checks it again (a registry written before the
+    registry checked labels could hold one)."""
+    from hotswap.hub import IncompatibleAdapter as RegistryRefused
+    from hotswap.serve.lora.spec import AdapterRefused
+    from hotswap.serve.lora.weights import read_labels
+
     folder = tmp_path / "badlabels"
     shutil.copytree(cls_world.adapter_dirs["sentiment"], folder)
-    (folder / "labels.json").write_text(json.dumps(["a", "b"]))
-    publish(cls_world, {"badlabels": folder})
-    engine = start_engine(cls_world.home)
-    try:
-        with pytest.raises(IncompatibleAdapter, match="labels.json must list 3 distinct non-empty names"):
-            engine.generate_sync([classify("badlabels", 0)])
-    finally:
-        engine.stop_sync()
+    (folder / "labels.json").write_text(json.dumps(names))
+    with pytest.raises(RegistryRefused, match="labels.json must list 3 distinct non-empty names"):
+        publish(cls_world, {"badlabels": folder})
+    with pytest.raises(AdapterRefused, match="labels.json must list 3 distinct non-empty names"):
+        read_labels(folder, 3)
