@@ -127,11 +127,18 @@ def classifier_label_names(folder: Path) -> list[str] | None:
         if (folder / "labels.json").is_file():
             names = json.loads((folder / "labels.json").read_text())
             return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
-        heads = [shape for file in sorted(folder.glob("*.safetensors"))
-                 for name, shape in read_safetensors_header(file).items() if ".score." in f".{name}" and len(shape) == 2]
+        shapes = {name: shape for file in sorted(folder.glob("*.safetensors"))
+                  for name, shape in read_safetensors_header(file).items()}
     except (OSError, ValueError, UnsafeContent):
         return None
-    return [f"LABEL_{i}" for i in range(heads[0][0])] if heads else None
+    rows = _head_rows(shapes)
+    return None if rows is None else [f"LABEL_{i}" for i in range(rows)]
+
+
+def _head_rows(adapter_shapes: dict[str, list[int]]) -> int | None:
+    """The label count of a SEQ_CLS adapter's head ``score [labels, hidden]`` (None: no head)."""
+    return next((shape[0] for name, shape in adapter_shapes.items() if ".score." in f".{name}" and len(shape) == 2),
+                None)
 
 
 def check_labels_file(path: Path | None, adapter_config: dict, adapter_shapes: dict[str, list[int]]) -> None:
@@ -143,10 +150,11 @@ def check_labels_file(path: Path | None, adapter_config: dict, adapter_shapes: d
         names = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UnsafeContent(f"labels.json is not readable JSON: {exc}") from None
-    rows = next((shape[0] for name, shape in adapter_shapes.items() if ".score." in f".{name}" and len(shape) == 2), None)
+    rows = _head_rows(adapter_shapes)
     if (not isinstance(names, list) or not all(isinstance(n, str) and n for n in names)
             or len(set(names)) != len(names) or (rows is not None and len(names) != rows)):
-        raise IncompatibleAdapter(f"labels.json must list {rows} distinct non-empty names (one per row of the "
+        count = "" if rows is None else f"{rows} "
+        raise IncompatibleAdapter(f"labels.json must list {count}distinct non-empty names (one per row of the "
                                   f"classification head), not {str(names)[:80]}")
 
 
