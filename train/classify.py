@@ -65,9 +65,10 @@ def load_scored_classifier(base_folder: Path, adapter: Path | None, model_folder
     from transformers import AutoModelForSequenceClassification
 
     if model_folder is not None:
-        if not is_classifier(model_folder):
+        found = classifier_labels(json.loads((model_folder / "config.json").read_text()))
+        if found is None:
             raise DataError(f"{what} is not a sequence classifier (a *ForSequenceClassification checkpoint)")
-        _check_labels(what, list(classifier_labels(json.loads((model_folder / "config.json").read_text()))), labels)
+        _check_labels(what, list(found), labels)
         model = AutoModelForSequenceClassification.from_pretrained(model_folder, dtype=torch.float32)
         if model.config.pad_token_id is None:  # batches of texts need one to pool at (the server then uses none)
             model.config.pad_token_id = pad_id

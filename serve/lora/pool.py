@@ -41,6 +41,7 @@ class GatheredRows:
 class Slot:
     rows: dict[str, list[int]]  # module -> row ids, len = the adapter's rank there (absent: not targeted)
     rank: int
+    layer_rank: int  # the highest rank over the layers' modules (0: an adapter of embed_tokens/lm_head only)
     nbytes: int
     generation: int  # changes whenever the slot's rows are (re)written
     # DoRA: group -> [num_layers, sum of the group's outs], the scales of its outputs (1 where the
@@ -48,11 +49,6 @@ class Slot:
     dora: dict[str, Tensor] | None = None
     head: Tensor | None = None  # a classification adapter's ``score [labels, hidden]``, on the device
     labels: tuple[str, ...] | None = None  # and its labels' names
-
-    @property
-    def layer_rank(self) -> int:
-        """The highest rank over the layers' modules (0: an adapter of embed_tokens/lm_head only)."""
-        return max((len(r) for m, r in self.rows.items() if m not in EDGES), default=0)
 
 
 class LoraPool:
@@ -161,6 +157,7 @@ class LoraPool:
         head = None if adapter.head is None else adapter.head.to(self.a_stacked["qkv"].device, self.compute_dtype,
                                                                   copy=True)
         self._slots[slot] = Slot(rows=rows, rank=adapter.rank,
+                                 layer_rank=max((len(r) for m, r in rows.items() if m not in EDGES), default=0),
                                  nbytes=sum(self.row_bytes(m) * len(r) for m, r in rows.items())
                                  + sum(t.nbytes for t in (dora or {}).values()) + (0 if head is None else head.nbytes),
                                  generation=self._generation, dora=dora, head=head, labels=adapter.labels)
