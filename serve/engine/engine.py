@@ -11,18 +11,14 @@ from typing import Callable, TypeVar
 
 import torch
 
-from ..lora.native import POOL_DTYPES
-from ..lora.pool import LoraPool
-from ..lora.residency import Residency
 from ..threads import run_in_fresh_thread
-from . import loaders
+from .assemble import assemble
 from .classify import CLASSIFY_SAMPLING, NO_HEAD, head_mismatch, pooled_prompt
 from .config import EngineConfig
-from .detok import Detokenizer
 from .core import Core
-from .errors import EngineError, EngineNotReady, IncompatibleAdapter, InvalidRequest, QueueFull
+from .detok import Detokenizer
+from .errors import EngineError, EngineNotReady, InvalidRequest, QueueFull
 from .intake import check_fits, check_logit_bias, check_sampling, prompt_ids
-from .models import ModelPool
 from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, Tokenized, TokenLogprobs
 from .residency_commands import ResidencyCommands
 from .resolve import Resolver
@@ -78,33 +74,9 @@ class Engine(ResidencyCommands):
         self._thread.start()
 
     def _build(self) -> None:
-        cfg = self.config
-        self.resolver = Resolver(self.registry, self._base_ref, cfg.max_rank)
-        base_target, path = self.resolver.open_base()
-        hf, tokenizer = loaders.load_hf(path, cfg.torch_dtype())
-        if tokenizer is None:
-            raise IncompatibleAdapter(f"base {base_target.ref} holds no tokenizer "
-                                      "(tokenizer.json or tokenizer_config.json)")
-        self._base = base = Worker(base_target, hf, tokenizer, cfg)
-        del hf
-        runner = base.runner
-        dims = runner.module_dims()
-        rows = LoraPool.rows_for_bytes(cfg.lora_capacity_bytes, runner.num_layers, dims, cfg.torch_lora_dtype())
-        pool = runner.lora = LoraPool(runner.num_layers, dims, rows, cfg.torch_lora_dtype(), cfg.torch_device(),
-                                      runner.edge_dims(), cfg.edge_lora_rows, compute_dtype=cfg.torch_dtype())
-        if pool.dtype in POOL_DTYPES:  # other row types (float16 under a float32 base) take the torch path
-            pool.kernels = runner.kernels
-        residency = Residency(
-            lambda ref, digest: loaders.load_adapter(self.resolver, ref, digest, runner, pool, cfg),
-            pool, cfg.host_cache_bytes, cfg.load_workers, self._adapter_event)
-        models = ModelPool(lambda ref, digest: loaders.load_model(self.resolver, ref, digest, cfg),
-                           cfg.model_memory_bytes, self._model_event)
-        self._core = core = Core(base, residency, models, self._recorder, self._unqueue)
-        residency.wake = models.wake = core.wake.set
-
-        def capacities(s: EngineStats) -> None:
-            s.lora_bytes_capacity, s.host_cache_bytes_capacity = pool.capacity_bytes, cfg.host_cache_bytes
-        self._recorder.update(capacities)
+        self.resolver = Resolver(self.registry, self._base_ref, self.config.max_rank)
+        self._core = assemble(self.resolver, self.config, self._recorder, self._unqueue)
+        self._base = self._core.base
 
     def _run_core(self) -> None:
         try:
@@ -231,7 +203,7 @@ class Engine(ResidencyCommands):
             elif seq.target.kind == "model":
                 self._core.models.request(seq.target.ref, seq.target.digest,
                                           self.resolver.model_info(seq.target, self.config).estimate_bytes)
-            self._recorder.update(lambda s, n=seq.prompt_len: _count_submit(s, n))
+            self._recorder.count_submit(seq.prompt_len)
 
         def admit() -> None:
             for seq in prepared:
@@ -306,19 +278,3 @@ class Engine(ResidencyCommands):
     # --- metrics --------------------------------------------------------------------
     def stats(self) -> EngineStats:
         return self._recorder.snapshot()
-
-    def _adapter_event(self, kind: str, tier: str, seconds: float) -> None:
-        if kind == "hit":
-            self._recorder.incr("adapter_hits", tier)
-        elif kind == "evict":
-            self._recorder.incr("adapter_evictions", tier)
-        else:
-            self._recorder.observe("adapter_load", seconds)
-
-    def _model_event(self, kind: str) -> None:
-        self._recorder.incr("model_loads" if kind == "load" else "model_evictions")
-
-
-def _count_submit(s: EngineStats, prompt_tokens: int) -> None:
-    s.requests_submitted += 1
-    s.prompt_tokens += prompt_tokens

@@ -93,6 +93,23 @@ class StatsRecorder:
         with self._lock:
             getattr(self._stats, hist).observe(value)
 
+    def adapter_event(self, kind: str, tier: str, seconds: float) -> None:
+        """Residency's report: a hit or an eviction in ``tier``, or a load that took ``seconds``."""
+        if kind == "hit":
+            self.incr("adapter_hits", tier)
+        elif kind == "evict":
+            self.incr("adapter_evictions", tier)
+        else:
+            self.observe("adapter_load", seconds)
+
+    def model_event(self, kind: str) -> None:
+        self.incr("model_loads" if kind == "load" else "model_evictions")
+
+    def count_submit(self, prompt_tokens: int) -> None:
+        with self._lock:
+            self._stats.requests_submitted += 1
+            self._stats.prompt_tokens += prompt_tokens
+
     def snapshot(self) -> EngineStats:
         with self._lock:
             s = self._stats
