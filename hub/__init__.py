@@ -3,7 +3,7 @@ full fine-tuned models, with aliases, metadata, lineage and compatibility checks
 
 The trainer and the server use only what this module exports."""
 
-from .compat import classifier_labels, is_classifier
+from .compat import classifier_label_names, classifier_labels, is_classifier
 from .errors import (
     CorruptionError,
     HubError,
@@ -26,5 +26,5 @@ __all__ = [
     "AliasEvent", "CorruptionError", "EntryMetadata", "HubError", "ImportFailed", "IncompatibleAdapter",
     "InUseError", "InvalidMetadata", "InvalidName", "KINDS", "LATEST", "NotFoundError", "Problem",
     "PublishResult", "Ref", "Registry", "RemoteError", "Snapshot", "UnsafeContent", "Version",
-    "classifier_labels", "default_home", "is_classifier", "parse_ref",
+    "classifier_label_names", "classifier_labels", "default_home", "is_classifier", "parse_ref",
 ]

@@ -36,6 +36,7 @@ class AdapterInfo(BaseModel):
     target_modules: list[str] = Field(default_factory=list)
     task: str | None = None
     language: str | None = None
+    labels: list[str] | None = Field(None, description="For a classifier: its label names (None otherwise).")
     size_bytes: int
     created: int
     residency: Residency

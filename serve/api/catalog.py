@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from hotswap.hub import InvalidName, NotFoundError, Ref, Registry, Version, parse_ref
+from hotswap.hub import HubError, InvalidName, NotFoundError, Ref, Registry, Version, classifier_label_names, parse_ref
 
 from ..engine import AdapterNotFound, AdapterResidency, Engine, EngineNotReady, Target
 from ..lora.compose import is_composite, parse_composite
@@ -28,6 +28,7 @@ class Catalog:
         self.engine = engine
         self.hub = hub
         self.settings = settings
+        self.labels = LabelNames()
 
     def base_name(self) -> str:
         return self.engine.base.ref.partition("@")[0]
@@ -60,7 +61,7 @@ class Catalog:
     async def model_cards(self, principal: Principal) -> list[ModelCard]:
         self._require_ready()
         base_ref, max_len, owner = self.engine.base.ref, self.engine.max_model_len, self.settings.owned_by
-        cards = await self.hub.run(lambda reg: _cards(reg, base_ref, max_len, owner))
+        cards = await self.hub.run(lambda reg: _cards(reg, base_ref, max_len, owner, self.labels))
         return [c for c in cards if c.kind == "base" or principal.may_use(c.id.partition("@")[0])]
 
     async def model_card(self, model: str, principal: Principal) -> ModelCard:
@@ -79,7 +80,7 @@ class Catalog:
         self._require_ready()
         base_ref = self.engine.base.ref
         residency = {r.digest: r for r in self.engine.residency()}
-        infos = await self.hub.run(lambda reg: _adapter_infos(reg, base_ref, residency))
+        infos = await self.hub.run(lambda reg: _adapter_infos(reg, base_ref, residency, self.labels))
         return [i for i in infos if (kind is None or i.kind == kind) and (tier is None or i.residency.tier == tier)]
 
     async def adapter(self, ref: str) -> AdapterInfo:
@@ -124,7 +125,23 @@ def servable(version: Version, base: Version) -> bool:
     return version.kind == "model"
 
 
-def _cards(reg: Registry, base_ref: str, max_len: int, owner: str) -> list[ModelCard]:
+class LabelNames:
+    """A classifier's label names per version digest: a version's files never change, so each is read once."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, list[str] | None] = {}
+
+    def __call__(self, reg: Registry, version: Version) -> list[str] | None:
+        if version.digest not in self._known:
+            try:
+                folder = reg.open(version).path
+            except HubError:  # a damaged version is listed without names; serving it reports the damage
+                return None
+            self._known[version.digest] = classifier_label_names(folder)
+        return self._known[version.digest]
+
+
+def _cards(reg: Registry, base_ref: str, max_len: int, owner: str, labels: LabelNames) -> list[ModelCard]:
     base = reg.resolve(base_ref)
     cards = [ModelCard(id=base.name, root=base.ref, kind="base", created=_ts(base), owned_by=owner,
                        max_model_len=max_len, versions=[base.version])]
@@ -139,7 +156,7 @@ def _cards(reg: Registry, base_ref: str, max_len: int, owner: str) -> list[Model
 
         def card(card_id: str, v: Version, **extra) -> ModelCard:
             return ModelCard(id=card_id, root=v.ref, parent=parent, kind=v.kind, created=_ts(v), owned_by=owner,
-                             max_model_len=max_len, **extra)
+                             max_model_len=max_len, labels=labels(reg, v), **extra)
 
         if "latest" in aliases:
             cards.append(card(name, numbered[aliases["latest"]], versions=sorted(numbered), aliases=aliases))
@@ -148,7 +165,8 @@ def _cards(reg: Registry, base_ref: str, max_len: int, owner: str) -> list[Model
     return cards
 
 
-def _adapter_infos(reg: Registry, base_ref: str, residency: dict[str, AdapterResidency]) -> list[AdapterInfo]:
+def _adapter_infos(reg: Registry, base_ref: str, residency: dict[str, AdapterResidency],
+                   labels: LabelNames) -> list[AdapterInfo]:
     base = reg.resolve(base_ref)
     infos = []
     pointing: dict[tuple[str, int], list[str]] = defaultdict(list)
@@ -161,7 +179,7 @@ def _adapter_infos(reg: Registry, base_ref: str, residency: dict[str, AdapterRes
         infos.append(AdapterInfo(
             ref=v.ref, name=v.name, version=v.version, kind=v.kind, aliases=sorted(pointing[(v.name, v.version)]),
             digest=v.digest, base=meta.base, servable=servable(v, base), rank=meta.rank, alpha=meta.alpha,
-            target_modules=list(meta.target_modules), task=meta.task, language=meta.language,
+            target_modules=list(meta.target_modules), task=meta.task, language=meta.language, labels=labels(reg, v),
             size_bytes=meta.size_bytes, created=_ts(v), residency=residency_view(residency.get(v.digest))))
     return infos
 

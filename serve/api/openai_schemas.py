@@ -263,6 +263,8 @@ class ModelCard(BaseModel):
     kind: Literal["base", "adapter", "model"]
     versions: list[int] = Field(default_factory=list, description="On a bare name's card: every servable version.")
     aliases: dict[str, int] = Field(default_factory=dict, description="On a bare name's card: alias -> version.")
+    labels: list[str] | None = Field(None, description="For a classifier (answers /v1/classify, not generation): "
+                                     "its label names, in the order of a classification's `probs`.")
 
 
 class ModelList(BaseModel):

@@ -89,3 +89,20 @@ def test_classify_refusals(classify_server):
     assert client.post("/v1/classify", headers=ACME, json={"model": "acme-sentiment", "input": []}).status_code == 400
     unknown = client.post("/v1/classify", headers=ADMIN, json={"model": "nope", "input": "hello"})
     assert unknown.status_code == 404
+
+
+def test_models_and_adapters_list_a_classifiers_labels(classify_server):
+    """An app finds what a classifier answers with before calling it: /v1/models and the admin listing
+    carry each classifier's label names (adapters' labels.json, full models' id2label), and no
+    labels for what generates."""
+    client, _ = classify_server
+    cards = {c["id"]: c for c in client.get("/v1/models", headers=ADMIN).json()["data"]}
+    assert cards["acme-sentiment"]["labels"] == cards["acme-sentiment@1"]["labels"] == ["negative", "neutral",
+                                                                                         "positive"]
+    assert cards["acme-intent"]["labels"] == ["no", "yes"]
+    assert cards[BASE]["labels"] is None and cards["acme-sql"]["labels"] is None
+    one = client.get("/v1/models/acme-intent@1", headers=ACME).json()
+    assert one["labels"] == ["no", "yes"]
+    infos = {a["ref"]: a for a in client.get("/v1/adapters", headers=ADMIN).json()["data"]}
+    assert infos["acme-sentiment@1"]["labels"] == ["negative", "neutral", "positive"]
+    assert infos["acme-intent@1"]["labels"] == ["no", "yes"] and infos["acme-sql@1"]["labels"] is None
