@@ -174,6 +174,7 @@ def run(s: BenchSettings) -> BenchResult:
 
         engine = Engine(registry, base_name, cfg)
         engine.start_sync()
+        result.machine["lora_kernels"] = engine.lora_kernels
         try:
             def engine_run(models, salts: list[str], head: list[int] | None = None) -> float:
                 sp = SamplingParams(max_tokens=s.new_tokens, min_tokens=s.new_tokens)

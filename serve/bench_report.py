@@ -23,7 +23,8 @@ def format_table(r: BenchResult) -> str:
              f"{s['rank']} on all linear modules{', embed_tokens and lm_head' if s.get('edges') else ''}"
              f"{rows_note(s)}",
              f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
-             f"load average at start {r.machine['load_avg']:.2f}", "",
+             f"load average at start {r.machine['load_avg']:.2f}, adapter rows by the "
+             f"{r.machine.get('lora_kernels', '?')} kernels", "",
              "| configuration | tokens/s |", "|---|---|"]
     shared = f"engine, {s['adapters']} adapters mixed, after a shared {s.get('shared_prefix', 0)}-token prefix"
     labels = {"engine_base": "engine, base only", "engine_mixed": f"engine, {s['adapters']} adapters mixed",

@@ -156,6 +156,7 @@ def run_traffic(s: TrafficSettings) -> TrafficResult:
         fresh = itertools.count()
         engine = Engine(registry, base_name, cfg)
         engine.start_sync()
+        result.machine["lora_kernels"] = engine.lora_kernels
         try:
             for round_ in range(s.repeat + 1):  # the first round warms up, untimed
                 order = list(runs.items())[::(-1 if round_ % 2 else 1)]
@@ -207,7 +208,8 @@ def format_traffic(r: TrafficResult) -> str:
              f"of rank {s['rank']}{rows_note(s)} (popularity 1/k^{s['zipf']:g}, "
              f"{r.adapters_used} used), {_slots(s['device_slots'])} on the device",
              f"machine: {r.machine['device']}, torch {r.machine['torch']}, {r.machine['dtype']}, "
-             f"load average at start {r.machine['load_avg']:.2f}; medians of {s['repeat']} rounds", "",
+             f"load average at start {r.machine['load_avg']:.2f}, adapter rows by the "
+             f"{r.machine.get('lora_kernels', '?')} kernels; medians of {s['repeat']} rounds", "",
              "| requests go to | requests/s | tokens/s | first token p50 / p90 (ms) | latency p50 / p90 (ms) |",
              "|---|---|---|---|---|"]
     labels = {"base": "the bare base", "adapters": f"their adapters ({s['adapters']}, {_slots(s['device_slots'])})"}

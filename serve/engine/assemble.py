@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..lora import triton_ops
 from ..lora.native import POOL_DTYPES
 from ..lora.pool import LoraPool
 from ..lora.residency import Residency
@@ -35,6 +36,10 @@ def assemble(resolver: Resolver, cfg: EngineConfig, recorder: StatsRecorder,
                                   runner.edge_dims(), cfg.edge_lora_rows, compute_dtype=cfg.torch_dtype())
     if pool.dtype in POOL_DTYPES:  # other row types (float16 under a float32 base) take the torch path
         pool.kernels = runner.kernels
+    if pool.kernels is None and cfg.use_triton_kernels():
+        runner.triton = triton_ops.load(cfg.torch_device(), cfg.torch_dtype())
+        if runner.triton is not None:  # decode steps read the pools in place: no gathered copies to keep
+            base.lora_batch_cache_bytes = 0
     residency = Residency(
         lambda ref, digest: loaders.load_adapter(resolver, ref, digest, runner, pool, cfg),
         pool, cfg.host_cache_bytes, cfg.load_workers, recorder.adapter_event)

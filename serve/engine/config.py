@@ -45,6 +45,10 @@ class EngineConfig:
     # decode steps at bucketed shapes, replayed from CUDA graphs (serve/engine/decode_graphs.py). None: on
     # a GPU unless HOTSWAP_CUDA_GRAPHS=0; True on the CPU runs the same bucketed steps eagerly (tests)
     decode_graphs: bool | None = None
+    # decode steps' LoRA from Triton kernels that read the pools in place (serve/lora/triton_ops.py), when
+    # Triton is installed and they pass a check at start. None: on a GPU unless HOTSWAP_TRITON_LORA=0;
+    # True elsewhere tries them too (on the CPU with TRITON_INTERPRET=1, the tests, and only without native_kernels)
+    triton_kernels: bool | None = None
 
     def __post_init__(self) -> None:
         assert self.max_batch_tokens > 0 and self.max_running > 0 and self.max_queue > 0
@@ -74,6 +78,11 @@ class EngineConfig:
         if self.decode_graphs is not None:
             return self.decode_graphs
         return self.torch_device().type == "cuda" and os.environ.get("HOTSWAP_CUDA_GRAPHS", "1") != "0"
+
+    def use_triton_kernels(self) -> bool:
+        if self.triton_kernels is not None:
+            return self.triton_kernels
+        return self.torch_device().type == "cuda" and os.environ.get("HOTSWAP_TRITON_LORA", "1") != "0"
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype is not None:

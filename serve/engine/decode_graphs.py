@@ -10,7 +10,8 @@ to ``rank_bucket`` (extra rows read the zero row). Everything that changes from 
 (token ids, positions, block tables, adapter row ids) goes through one int64 buffer that the graph
 reads; KV slots and the attention mask are derived from the block tables inside the step. Padded
 rows write their K/V into a spare KV block that no sequence owns, and their logits are dropped.
-Adapter rows are gathered from the pools inside the step, so a graph serves any adapters.
+Adapter rows are read from the pools inside the step (by the Triton kernels, serve/lora/triton_ops.py,
+else gathered), so a graph serves any adapters.
 
 On the CPU the same fixed-shape steps run eagerly (``capture=False``): the tests check them
 token for token against PEFT there, and on a GPU the captured ones too.

@@ -140,6 +140,14 @@ class Engine(ResidencyCommands):
         self._require_ready()
         return self._base.max_model_len
 
+    @property
+    def lora_kernels(self) -> str:
+        """What computes the base's adapter rows: "native" (the CPU kernels), "triton" (GPU decode
+        steps; prefill gathers) or "torch" (gather + batched matmuls)."""
+        self._require_ready()
+        runner = self._base.runner
+        return "native" if runner.lora.kernels is not None else "triton" if runner.triton is not None else "torch"
+
     def _require_ready(self) -> None:
         if self._state != "ready":
             hint = " (call start())" if self._state == "new" else f" ({self.failure})" if self.failure else ""

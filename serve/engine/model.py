@@ -19,6 +19,7 @@ from ..lora import ops
 from ..lora.edges import embed_delta, head_delta
 from ..lora.native import BaseLayers, CpuKernels
 from ..lora.pool import GROUPS, LoraPool
+from ..lora.triton_ops import TritonLora
 from .errors import IncompatibleAdapter
 from .kv_cache import KVCache
 from .metadata import StepMetadata
@@ -112,6 +113,7 @@ class LlamaRunner:
         self._kernels: CpuKernels | None = None
         self._native: dict[str, BaseLayers] | None = None
         self._norms_sq: dict[tuple[int, str], Tensor] = {}  # see module_norm_sq
+        self.triton: TritonLora | None = None  # GPU: decode steps' LoRA read from the pools in place
 
     @property
     def kernels(self) -> CpuKernels | None:
@@ -240,6 +242,11 @@ class LlamaRunner:
             calls[group](layer, x, y)
             return y
         pool, k, cached = self.lora, lora.rank, lora.gathered
+        if self.triton is not None and lora.block_len == 1 and lora.rows is not None:  # one token per block
+            self.triton.add(y, x, pool.a_stacked[group][layer], lora.rows[group],
+                            [pool.b_stacked[m][layer] for m in modules], [lora.rows[m] for m in modules], k,
+                            lora.token_index)
+            return y
         x_blocks = ops.gather_blocks(x, lora.token_index, lora.num_blocks, lora.block_len)
         if cached is not None:  # steady decoding: one product down, one (block-diagonal) back up
             h = ops.shrink(x_blocks, cached.a[group][layer])

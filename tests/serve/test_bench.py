@@ -21,6 +21,7 @@ def test_bench_measures_every_configuration_and_agrees_with_peft():
     # random adapters that really change the output, mixed in one batch: greedy rows equal PEFT's
     assert result.parity["engine_mixed_vs_peft_mixed_greedy"] == "3/3 rows identical"
     table = format_table(result)
+    assert result.machine["lora_kernels"] == "native" and "adapter rows by the native kernels" in table
     assert "| engine, 2 adapters mixed |" in table and "| mixed_vs_peft_mixed |" in table
     assert f"| {min(rounds):.2f} to {max(rounds):.2f} |" in table
     assert json.loads(to_json(result))["settings"]["shape"] == "tiny"
@@ -61,6 +62,7 @@ def test_bench_in_bfloat16_runs_the_engine_at_that_dtype():
     result = run(BenchSettings(base=None, shape="tiny", batch=2, prompt=8, new_tokens=3, adapters=2, rank=4,
                                repeat=1, device="cpu", dtype="bfloat16", skip_hf=True))
     assert result.machine["dtype"] == "bfloat16" and result.settings["dtype"] == "bfloat16"
+    assert result.machine["lora_kernels"] == "torch" and "adapter rows by the torch kernels" in format_table(result)
     assert set(result.tok_s) == {"engine_base", "engine_mixed"} and all(v > 0 for v in result.tok_s.values())
 
 
