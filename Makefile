@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HOTSWAP := $(VENV)/bin/hotswap
 export HOTSWAP_HOME ?= $(CURDIR)/.hotswap
 
-.PHONY: install test test-fast test-gpu demo bench clean
+.PHONY: install test test-fast test-gpu gpu-check demo bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,16 @@ test-fast: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
+
+# Everything GPU-related in one go, on a machine with CUDA: the GPU tests, then the bench on the 1B
+# Llama shape with 8 and 32 adapters, with the Triton decode kernels and without them (the gather path).
+GPU_BENCH := $(HOTSWAP) bench --shape 1b --device cuda --batch 32 --prompt 128 --new-tokens 64
+gpu-check: install
+	$(PY) -m pytest -q -m gpu
+	$(GPU_BENCH) --adapters 8 --repeat 2
+	HOTSWAP_TRITON_LORA=0 $(GPU_BENCH) --adapters 8 --repeat 2 --skip-hf
+	$(GPU_BENCH) --adapters 32 --repeat 1
+	HOTSWAP_TRITON_LORA=0 $(GPU_BENCH) --adapters 32 --repeat 1 --skip-hf
 
 # The main job on the embedded default: import SmolLM2-135M-Instruct, publish the shipped adapters
 # from their committed artifacts (each reproduced by `hotswap train adapters/NAME`), then serve them
