@@ -216,6 +216,9 @@ class LlamaRunner:
                                             torch.empty(n * k), n)
             return call.project(self._native["lm_head"], 0, last)
         logits = project(last, self.lm_head).float()
+        if self.triton is not None:  # each row's rows read in place, at fixed shapes (decode graphs)
+            self.triton.add(logits, last, pool.edge_a["lm_head"], rows, [pool.edge_b["lm_head"]], [rows], rows.shape[1])
+            return logits
         return logits.add_(head_delta(last, rows, pool.edge_a["lm_head"], pool.edge_b["lm_head"]).float())
 
     def _linear(self, x: Tensor, weight: Tensor, lora, layer: int, group: str, modules: tuple[str, ...]) -> Tensor:

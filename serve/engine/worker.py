@@ -86,7 +86,7 @@ class Worker:
         scores = [self._prompt_scores(seq, n) for seq, n in plan]
         logits = None
         if (self.graphs is not None and not any(scores) and all(n == 1 and seq.num_pending == 1 for seq, n in plan)
-                and not self._needs_eager(plan)):  # the captured steps apply the layers' plain LoRA only
+                and not self._needs_eager(plan)):
             logits = self.graphs.run([seq for seq, _ in plan])
             if logits is None:  # a capture failed on this device: eager from now on
                 self.graphs = None
@@ -122,14 +122,15 @@ class Worker:
         return slot.head, slot.labels
 
     def _needs_eager(self, plan: list[tuple[Sequence, int]]) -> bool:
-        """Whether a DoRA adapter, an edge (embed_tokens, lm_head) LoRA or a classification is in the step."""
+        """Whether the step holds what bucketed steps leave out: a classification, or an lm_head LoRA
+        without the Triton kernels (the torch path groups its rows by adapter, at data-dependent shapes)."""
         pool = self.runner.lora
         if pool is None:
             return False
         if any(seq.classify for seq, _ in plan):
             return True
-        slots = [pool.slot(seq.slot) for seq, _ in plan if seq.slot >= 0]
-        return any(slot.dora is not None or any(m in slot.rows for m in pool.edge_dims) for slot in slots)
+        return self.runner.triton is None and any(
+            "lm_head" in pool.slot(seq.slot).rows for seq, _ in plan if seq.slot >= 0)
 
     @staticmethod
     def _prompt_scores(seq: Sequence, n: int) -> range:

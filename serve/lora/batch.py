@@ -131,7 +131,7 @@ def _edge_rows(active: list[tuple[int, int, int]], num_tokens: int, slots: dict,
         if rank:
             rows = [[0] * rank for _ in range(num_tokens)]
             for start, n, s in active:
-                own = _pad(slots[s].rows.get(module, ()), rank)
+                own = pad_rows(slots[s].rows.get(module, ()), rank)
                 rows[start:start + n] = [own] * n
             found[module] = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
     return found or None
@@ -191,7 +191,7 @@ def row_ids(pool: LoraPool, block_slots: list, rank: int) -> dict[str, list[list
     a group ``[NB][n*rank]`` into its stacked A, a module ``[NB][rank]`` into its B. A block
     slot of None (a padded or bare-base row) reads only the zero row."""
     n = pool.max_rows + 1
-    per_module = {m: [_pad(slot.rows.get(m, ()) if slot is not None else (), rank) for slot in block_slots]
+    per_module = {m: [pad_rows(slot.rows.get(m, ()) if slot is not None else (), rank) for slot in block_slots]
                   for modules in GROUPS.values() for m in modules}
     rows: dict[str, list[list[int]]] = {}
     for group, modules in GROUPS.items():
@@ -202,6 +202,7 @@ def row_ids(pool: LoraPool, block_slots: list, rank: int) -> dict[str, list[list
     return rows
 
 
-def _pad(rows, rank: int) -> list[int]:
+def pad_rows(rows, rank: int) -> list[int]:
+    """``rows`` padded to ``rank`` with the zero row 0."""
     rows = list(rows)
     return rows + [0] * (rank - len(rows))

@@ -21,8 +21,10 @@ def dora_world(world, tmp_path_factory):
     return world
 
 
-@pytest.mark.parametrize("overrides", [{}, {"native_kernels": False}, {"decode_graphs": True}],
-                         ids=["native", "torch", "bucketed"])
+@pytest.mark.parametrize("overrides", [
+    {}, {"native_kernels": False}, {"decode_graphs": True},
+    {"decode_graphs": True, "native_kernels": False, "triton_kernels": True}],
+    ids=["native", "torch", "bucketed", "bucketed-triton"])
 def test_dora_rows_in_a_mixed_batch_match_peft(dora_world, overrides):
     models = [None, "dora-all", "chat", "dora-qv", "sql", "dora-all"]
     want = peft_rows(dora_world, models, prompts=[0, 1, 2, 3, 4, 5], new=10)
@@ -31,6 +33,8 @@ def test_dora_rows_in_a_mixed_batch_match_peft(dora_world, overrides):
         preload(engine, [m for m in models if m])
         outs = engine.generate_sync(prompt_requests(models, prompts=[0, 1, 2, 3, 4, 5], new=10))
         assert [list(o.token_ids) for o in outs] == want
+        if overrides.get("decode_graphs"):  # the DoRA rows decoded at the graphs' shapes, not eagerly
+            assert engine._base.graphs.steps >= 9
     finally:
         engine.stop_sync()
 

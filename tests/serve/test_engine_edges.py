@@ -79,6 +79,25 @@ def test_edge_rows_in_a_mixed_batch_match_peft(edge_world, overrides):
         engine.stop_sync()
 
 
+@pytest.mark.parametrize("models, overrides", [
+    ([None, "edge-embed", "chat", "edge-embed"], {}),  # embed_tokens LoRA at the graphs' shapes
+    (MIXED, {"native_kernels": False, "triton_kernels": True})],  # lm_head's too, with the Triton kernels
+    ids=["embed", "all-edges-triton"])
+def test_edge_rows_decode_at_the_graphs_shapes(edge_world, models, overrides):
+    """An edge adapter in a batch does not send its decode steps to the eager path (on a GPU, the
+    whole batch would lose its graphs); every row still equals PEFT's."""
+    prompts = list(range(len(models)))
+    want = peft_rows(edge_world, models, prompts=prompts, new=10)
+    engine = start_engine(edge_world.home, decode_graphs=True, **overrides)
+    try:
+        preload(engine, [m for m in models if m])
+        outs = engine.generate_sync(prompt_requests(models, prompts=prompts, new=10))
+        assert [list(o.token_ids) for o in outs] == want
+        assert engine._base.graphs.steps >= 9
+    finally:
+        engine.stop_sync()
+
+
 @pytest.mark.parametrize("overrides", [{}, {"native_kernels": False}], ids=["native", "torch"])
 def test_edge_ranks_pad_only_the_edges(edge_world, overrides):
     """The layers pad to the step's highest layer rank, not to an edge's: an lm_head-only adapter's step
