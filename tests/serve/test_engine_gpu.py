@@ -73,3 +73,24 @@ def test_bfloat16_on_the_gpu_serves_mixed_batches_deterministically(world):
         eng.stop_sync()
     assert all(len(o.token_ids) == NEW for o in first)
     assert [list(o.token_ids) for o in again] == [list(o.token_ids) for o in first]
+
+
+def test_dora_and_edge_rows_in_cuda_graphs_match_peft(world, tmp_path_factory):
+    """DoRA and embed_tokens/lm_head adapters beside plain ones decode from the graphs (lm_head's LoRA
+    through the Triton kernels), in float32, token for token as PEFT."""
+    from dataclasses import replace
+
+    from .engine_support import publish_specs
+    from .test_engine_dora import DORA
+    from .test_engine_edges import EDGE
+
+    publish_specs(world, tmp_path_factory.mktemp("gpu-dora-edges"), [replace(s, name=f"gpu-{s.name}") for s in DORA + EDGE])
+    models = [None, "gpu-dora-all", "gpu-edge-all", "chat", "gpu-edge-head", "gpu-dora-qv", "gpu-edge-embed"]
+    eng = start_engine(world.home, device="cuda", dtype="float32")
+    try:
+        preload(eng, [m for m in models if m])
+        outs = eng.generate_sync(prompt_requests(models))
+        assert eng._base.runner.triton is not None and eng._base.graphs.steps >= NEW - 1
+    finally:
+        eng.stop_sync()
+    assert [list(o.token_ids) for o in outs] == peft_rows(world, models)
