@@ -29,42 +29,49 @@ except ImportError:
 
 log = logging.getLogger("hotswap.engine")
 
-_BLOCK_COLS = 16  # shrink: rank columns per program
-_BLOCK_IN = 128  # shrink: input features per loop iteration
-_BLOCK_OUT = 128  # expand: output features per program
+# Tile sizes. A decode step's LoRA is a few small products per layer, so what costs is latency: no
+# program walks a long loop. The shrink splits the input features over programs, each writing a
+# partial sum; the expand adds the partials in a fixed order (no atomics: a greedy run repeats
+# itself bit for bit) before it multiplies by B.
+_TILE = 16384  # elements of the A or B tile one program holds
+_MAX_COLS = 64  # shrink: rank columns per program, at most
 
 
-def _shrink_kernel(x_ptr, tok_ptr, a_ptr, rows_ptr, h_ptr, in_dim, num_cols, x_stride, a_stride,
+def _shrink_kernel(x_ptr, tok_ptr, a_ptr, rows_ptr, part_ptr, in_dim, num_cols, num_splits, x_stride, a_stride,
                    HAS_TOK: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_IN: tl.constexpr):
-    """h[b, c] = x[tok[b]] . a[rows[b, c]], for block b (program axis 0) and rank columns c (axis 1)."""
+    """part[b, s, c] = x[tok[b], s-th chunk] . a[rows[b, c], s-th chunk], for block b (program axis 0),
+    input chunk s (axis 1) and rank columns c (axis 2)."""
     b = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    split = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_ok = cols < num_cols
     t = tl.load(tok_ptr + b) if HAS_TOK else b
     rows = tl.load(rows_ptr + b * num_cols + cols, mask=col_ok, other=0)
-    acc = tl.zeros((BLOCK_COLS,), dtype=tl.float32)
-    for start in range(0, in_dim, BLOCK_IN):
-        feats = start + tl.arange(0, BLOCK_IN)
-        feat_ok = feats < in_dim
-        xv = tl.load(x_ptr + t * x_stride + feats, mask=feat_ok, other=0.0).to(tl.float32)
-        av = tl.load(a_ptr + rows[:, None] * a_stride + feats[None, :], mask=col_ok[:, None] & feat_ok[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.sum(av * xv[None, :], axis=1)
-    tl.store(h_ptr + b * num_cols + cols, acc, mask=col_ok)
+    feats = split * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    feat_ok = feats < in_dim
+    xv = tl.load(x_ptr + t * x_stride + feats, mask=feat_ok, other=0.0).to(tl.float32)
+    av = tl.load(a_ptr + rows[:, None] * a_stride + feats[None, :], mask=col_ok[:, None] & feat_ok[None, :],
+                 other=0.0).to(tl.float32)
+    tl.store(part_ptr + (b * num_splits + split) * num_cols + cols, tl.sum(av * xv[None, :], axis=1), mask=col_ok)
 
 
-def _expand_kernel(h_ptr, tok_ptr, b_ptr, rows_ptr, y_ptr, out_dim, rank, h_cols, h_col0, b_stride, y_stride, y_col0,
-                   HAS_TOK: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_OUT: tl.constexpr):
-    """y[tok[b], y_col0 + n] += sum_j h[b, h_col0 + j] * b[rows[b, j], n], for block b (axis 0) and
-    output features n (axis 1): each (token, feature) is written by one program, so no atomics."""
+def _expand_kernel(part_ptr, tok_ptr, b_ptr, rows_ptr, y_ptr, out_dim, rank, num_cols, num_splits, col0, b_stride,
+                   y_stride, y_col0, HAS_TOK: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                   BLOCK_OUT: tl.constexpr):
+    """y[tok[b], y_col0 + n] += sum_j h[b, j] * b[rows[b, j], n] with h[b, j] = sum_s part[b, s, col0 + j],
+    for block b (axis 0) and output features n (axis 1): each (token, feature) is written by one
+    program, so no atomics."""
     b = tl.program_id(0)
     outs = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     out_ok = outs < out_dim
     ranks = tl.arange(0, BLOCK_RANK)
     rank_ok = ranks < rank
+    splits = tl.arange(0, BLOCK_SPLITS)
     t = tl.load(tok_ptr + b) if HAS_TOK else b
     rows = tl.load(rows_ptr + b * rank + ranks, mask=rank_ok, other=0)
-    hv = tl.load(h_ptr + b * h_cols + h_col0 + ranks, mask=rank_ok, other=0.0)
+    parts = tl.load(part_ptr + (b * num_splits + splits[:, None]) * num_cols + col0 + ranks[None, :],
+                    mask=(splits[:, None] < num_splits) & rank_ok[None, :], other=0.0)
+    hv = tl.sum(parts, axis=0)
     bv = tl.load(b_ptr + rows[:, None] * b_stride + outs[None, :], mask=rank_ok[:, None] & out_ok[None, :],
                  other=0.0).to(tl.float32)
     delta = tl.sum(bv * hv[:, None], axis=0)
@@ -96,19 +103,26 @@ class TritonLora:
         if num_blocks == 0:
             return
         assert x.stride(1) == 1 and y.stride(1) == 1 and a_pool.is_contiguous(), "rows must be contiguous"
-        h = torch.empty(num_blocks, num_cols, dtype=torch.float32, device=x.device)
+        p2 = self._next_pow2
+        block_cols = min(p2(num_cols), _MAX_COLS)
+        block_in = min(_TILE // block_cols, p2(x.shape[1]))
+        num_splits = -(-x.shape[1] // block_in)
+        parts = torch.empty(num_blocks, num_splits, num_cols, dtype=torch.float32, device=x.device)
         tok_arg = a_rows if tok is None else tok  # any tensor: the kernel does not read it without HAS_TOK
-        grid = (num_blocks, -(-num_cols // _BLOCK_COLS))
-        self._shrink[grid](x, tok_arg, a_pool, a_rows.contiguous(), h, x.shape[1], num_cols, x.stride(0),
-                           a_pool.stride(0), HAS_TOK=tok is not None, BLOCK_COLS=_BLOCK_COLS, BLOCK_IN=_BLOCK_IN)
+        grid = (num_blocks, num_splits, -(-num_cols // block_cols))
+        self._shrink[grid](x, tok_arg, a_pool, a_rows.contiguous(), parts, x.shape[1], num_cols, num_splits,
+                           x.stride(0), a_pool.stride(0), HAS_TOK=tok is not None, BLOCK_COLS=block_cols,
+                           BLOCK_IN=block_in)
+        block_rank = p2(rank)
         col = 0
         for i, (pool, rows) in enumerate(zip(b_pools, b_rows)):
             assert pool.is_contiguous(), "rows must be contiguous"
             out_dim = pool.shape[1]
-            grid = (num_blocks, -(-out_dim // _BLOCK_OUT))
-            self._expand[grid](h, tok_arg, pool, rows.contiguous(), y, out_dim, rank, num_cols, i * rank,
-                               pool.stride(0), y.stride(0), col, HAS_TOK=tok is not None,
-                               BLOCK_RANK=self._next_pow2(rank), BLOCK_OUT=_BLOCK_OUT)
+            block_out = min(_TILE // block_rank, p2(out_dim))
+            grid = (num_blocks, -(-out_dim // block_out))
+            self._expand[grid](parts, tok_arg, pool, rows.contiguous(), y, out_dim, rank, num_cols, num_splits,
+                               i * rank, pool.stride(0), y.stride(0), col, HAS_TOK=tok is not None,
+                               BLOCK_RANK=block_rank, BLOCK_SPLITS=p2(num_splits), BLOCK_OUT=block_out)
             col += out_dim
 
 
