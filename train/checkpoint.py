@@ -79,12 +79,14 @@ class Checkpoint:
 
 def load_checkpoint(run_dir: Path, recipe_digest: str) -> Checkpoint:
     folder = run_dir / CHECKPOINT_DIR
+    if not (folder / "state.json").is_file() and (run_dir / (CHECKPOINT_DIR + ".old") / "state.json").is_file():
+        folder = run_dir / (CHECKPOINT_DIR + ".old")  # a save stopped between its two renames: the previous one
     if not (folder / "state.json").is_file():
         raise CheckpointError(f"nothing to resume: {folder} holds no checkpoint")
     state = json.loads((folder / "state.json").read_text())
     if state["recipe_digest"] != recipe_digest:
         raise CheckpointError(
-            f"{folder} was written by a different recipe (digest {state['recipe_digest'][:19]}..., now "
+            f"{folder} was written by a different recipe or data (digest {state['recipe_digest'][:19]}..., now "
             f"{recipe_digest[:19]}...): method, data order and schedule would not match; start afresh without --resume"
         )
     # Our own file, but still loaded without unpickling arbitrary objects.

@@ -85,7 +85,9 @@ def run_cmd(
 ) -> None:
     """Train RECIPE with LoRA, DoRA or full fine-tuning; score it on the held-out set; optionally publish."""
     with _refusals():
-        from .publish import publish_result
+        from hotswap.hub import check_identifier
+
+        from .publish import entry_name, publish_result
         from .recipe import METHODS, load_recipe
         from .run import export as export_run
         from .run import prepare, run
@@ -93,6 +95,10 @@ def run_cmd(
         if method is not None and method not in METHODS:
             raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
         loaded = load_recipe(recipe, overrides, method=method)
+        if publish:  # refused now, not after the training run
+            check_identifier(entry_name(loaded, loaded.recipe.method, name), "name")
+            for alias in aliases:
+                check_identifier(alias, "alias")
         registry = _registry(home)
         prep = prepare(loaded, registry)  # every refusal about base, data and modules happens here
         run_dir = out or Path("runs") / f"{loaded.recipe.name}-{loaded.recipe.method}"

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .data import Example
+from .errors import DataError
 from .langid import detect_language, primary_subtag
 
 Scores = dict[str, float]
@@ -101,6 +102,22 @@ CLASSIFICATION_METRIC = "label_accuracy"
 def label_accuracy(answer: str, example: Example, language: str) -> Scores:
     """The predicted label (the head's most likely one) is the example's label."""
     return {CLASSIFICATION_METRIC: float(answer == example.completion.strip())}
+
+
+def check_references(metric: str, examples: list[Example], what: str) -> None:
+    """Refuse held-out references the metric cannot score, before any training: for ``json_fields``
+    each completion is a non-empty JSON object (the fields an answer must give)."""
+    if metric != "json_fields":
+        return
+    for number, example in enumerate(examples, start=1):
+        try:
+            want = json.loads(example.completion)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{what}: example {number}: metric json_fields needs a JSON object as the "
+                            f"completion ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(want, dict) or not want:
+            raise DataError(f"{what}: example {number}: metric json_fields needs a non-empty JSON object as the "
+                            f"completion, not {example.completion[:40]!r}")
 
 
 METRICS: dict[str, Metric] = {

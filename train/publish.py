@@ -17,8 +17,8 @@ from typing import Any
 from hotswap.hub import HubError, PublishResult, Registry
 
 from .errors import RecipeError, TrainError
-from .recipe import LoadedRecipe
-from .run import RECORD_FILES, RunResult
+from .recipe import METHODS, LoadedRecipe
+from .run import ARTIFACT_DIR, RECORD_FILES, RunResult
 
 
 def entry_name(loaded: LoadedRecipe, method: str, name: str | None = None) -> str:
@@ -33,24 +33,53 @@ def publish_result(registry: Registry, result: RunResult, name: str | None = Non
 
 def publish_artifact(registry: Registry, loaded: LoadedRecipe, folder: Path, name: str | None = None,
                      aliases: tuple[str, ...] = ()) -> PublishResult:
-    """Publish a result exported earlier (e.g. a recipe's committed artifact/) with its records."""
-    records = {}
-    for file in RECORD_FILES:
-        path = folder / file
-        if not path.is_file():
-            raise TrainError(f"{folder} lacks {file}; export a run with `hotswap train RECIPE --export DIR`")
-        records[file] = json.loads(path.read_text())
-    lineage = records["lineage.json"]
+    """Publish a result exported earlier (e.g. a recipe's committed artifact/) with its records; a run
+    folder, or its artifact/, works too (the run keeps its records beside artifact/)."""
+    files, records = _locate(folder)
+    metrics, lineage = _read_records(records)
     try:
         base = registry.resolve(loaded.recipe.base)
     except HubError as exc:
         raise RecipeError(f"base {loaded.recipe.base!r}: {exc}") from None
-    trained_on = lineage.get("base", {}).get("fingerprint")
+    trained_on = lineage["base"]["fingerprint"]
     if trained_on != base.metadata.fingerprint:
         raise TrainError(f"{folder} was trained on a base with fingerprint {trained_on}, but {base.ref} has "
                          f"{base.metadata.fingerprint}: retrain the recipe on this base")
-    return _publish(registry, loaded, lineage["method"], folder, records["metrics.json"]["metrics"], lineage,
-                    base.ref, name, aliases)
+    return _publish(registry, loaded, lineage["method"], files, metrics, lineage, base.ref, name, aliases)
+
+
+def _locate(folder: Path) -> tuple[Path, Path]:
+    """(the result's files, the folder of its records)."""
+    def has_records(path: Path) -> bool:
+        return all((path / file).is_file() for file in RECORD_FILES)
+    if has_records(folder) and not (folder / ARTIFACT_DIR).is_dir():
+        return folder, folder  # an export: files and records together
+    if has_records(folder):
+        return folder / ARTIFACT_DIR, folder  # a run folder
+    if folder.name == ARTIFACT_DIR and has_records(folder.parent):
+        return folder, folder.parent  # a run's artifact/
+    missing = next(file for file in RECORD_FILES if not (folder / file).is_file())
+    raise TrainError(f"{folder} lacks {missing}; give an exported result (`hotswap train RECIPE --export DIR`) "
+                     "or a run folder")
+
+
+def _read_records(folder: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """(held-out metrics, lineage), each record checked for what publishing reads."""
+    found = {}
+    for file in RECORD_FILES:
+        try:
+            found[file] = json.loads((folder / file).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TrainError(f"{folder / file} is not readable JSON: {exc}") from None
+    metrics, lineage = found["metrics.json"].get("metrics"), found["lineage.json"]
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) or v is None for v in metrics.values()):
+        raise TrainError(f"{folder / 'metrics.json'}: \"metrics\" must map metric names to numbers")
+    base = lineage.get("base") if isinstance(lineage, dict) else None
+    if (not isinstance(base, dict) or not isinstance(base.get("fingerprint"), str)
+            or lineage.get("method") not in METHODS):
+        raise TrainError(f"{folder / 'lineage.json'} must give \"method\" ({', '.join(METHODS)}) and "
+                         "\"base\": {\"fingerprint\": ...}")
+    return metrics, lineage
 
 
 def _publish(registry: Registry, loaded: LoadedRecipe, method: str, folder: Path, metrics: dict[str, float],

@@ -16,13 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hotswap.hub import InvalidName, check_identifier
+
 from .errors import RecipeError
 
 Method = Literal["lora", "dora", "full"]
 METHODS: tuple[str, ...] = ("lora", "dora", "full")
 RECIPE_FILE = "recipe.toml"
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 # BCP-47 as people write it: language, optional script, optional region, optional variants.
 _BCP47 = re.compile(r"[a-zA-Z]{2,3}(-[a-zA-Z]{4})?(-([a-zA-Z]{2}|[0-9]{3}))?(-([a-zA-Z0-9]{5,8}|[0-9][a-zA-Z0-9]{3}))*")
 
@@ -99,9 +100,19 @@ class Recipe(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.fullmatch(value) or len(value) > 64:
-            raise ValueError(f"{value!r} is not a registry name (lower-case letters, digits, '.', '_', '-')")
-        return value
+        try:  # the registry's own rule, so a run is never refused its name only after training
+            return check_identifier(value, "name")
+        except InvalidName as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _full_name_fits(self) -> Recipe:
+        if self.method == "full":  # published as <name>-full
+            try:
+                check_identifier(f"{self.name}-full", "name")
+            except InvalidName as exc:
+                raise ValueError(f"a full fine-tune is published as <name>-full: {exc}") from None
+        return self
 
     @field_validator("language")
     @classmethod

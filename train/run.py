@@ -10,6 +10,7 @@ Publishing is a separate step (publish.py) so a run can be inspected before it i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import resource
@@ -29,8 +30,9 @@ from .checkpoint import LoopState
 from .classify import encode_labelled, load_classifier, write_labels
 from .data import Example, dataset_digest, read_jsonl
 from .encode import Encoded, EncodeStats, encode_all, pad_id_of
-from .errors import RecipeError
+from .errors import RecipeError, TrainError
 from .evaluate import EvalReport, evaluate
+from .metrics import check_references
 from .model import Placement, check_targets, count_parameters, folder_size, load_base, make_trainable, save_result
 from .recipe import LoadedRecipe
 from .trainer import LoopConfig, StepHook, train_loop
@@ -85,6 +87,7 @@ def prepare(loaded: LoadedRecipe, registry: Registry) -> Prepared:
     if base.kind != "base":
         raise RecipeError(f"base {recipe.base!r} is a {base.kind}, not a base model")
     train_examples, eval_examples = read_jsonl(loaded.train_path), read_jsonl(loaded.eval_path)
+    check_references(recipe.metric, eval_examples, str(loaded.eval_path))
     place = Placement.pick()
     model, tokenizer = load_base(snapshot.path, place.device)
     if recipe.method != "full":
@@ -120,7 +123,11 @@ def run(prep: Prepared, run_dir: Path, resume: bool = False, eval_base: bool = F
     model = make_trainable(prep.model, recipe.method, recipe.lora, source, recipe.classifier)
     trainable, total = count_parameters(model)
     lr = recipe.train.full_lr if recipe.method == "full" else recipe.train.lr
-    config = LoopConfig(recipe.train, recipe.eval, lr, pad_id_of(prep.tokenizer), loaded.digest)
+    # a checkpoint resumes only the run it was written by: same recipe and same data (the data order
+    # a resumed run replays is drawn from them)
+    run_key = [loaded.digest, dataset_digest(loaded.train_path, loaded.eval_path)]
+    run_digest = "sha256:" + hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()
+    config = LoopConfig(recipe.train, recipe.eval, lr, pad_id_of(prep.tokenizer), run_digest)
     if prep.place.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -198,7 +205,16 @@ def _write_records(result: RunResult) -> None:
 
 
 def export(result: RunResult, folder: Path) -> Path:
-    """Copy the result and its records into `folder` (e.g. the recipe's committed artifact/)."""
+    """Copy the result and its records into `folder` (e.g. the recipe's committed artifact/). An
+    earlier export there is replaced whole, so none of its files (another method's weights, say) is
+    published with this one; a folder holding anything else is refused."""
+    if folder.exists():
+        entries = list(folder.iterdir()) if folder.is_dir() else [folder]
+        earlier = folder.is_dir() and (folder / "lineage.json").is_file() and all(p.is_file() for p in entries)
+        if entries and not earlier:
+            raise TrainError(f"--export {folder}: holds files that are not an earlier export; give an empty or new folder")
+        for path in entries if earlier else ():
+            path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(result.artifact.iterdir()):
         shutil.copy2(path, folder / path.name)

@@ -12,6 +12,7 @@ from .data import Example, read_jsonl
 from .encode import pad_id_of
 from .errors import RecipeError, TrainError
 from .evaluate import EvalReport, evaluate
+from .metrics import check_references
 from .model import ADAPTER_FILES, Placement, load_base
 from .recipe import LoadedRecipe
 
@@ -23,6 +24,7 @@ def score_target(loaded: LoadedRecipe, registry: Registry, ref: str | None = Non
         raise TrainError("give --ref or --adapter, not both")
     recipe = loaded.recipe
     examples = read_jsonl(loaded.eval_path)
+    check_references(recipe.metric, examples, str(loaded.eval_path))
     place = Placement.pick()
     try:
         entry = registry.resolve(ref or recipe.base)

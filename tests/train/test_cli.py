@@ -64,6 +64,17 @@ def test_refusals_exit_non_zero_with_reason_on_stderr(write_recipe, home, args, 
     assert message in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--alias", "Prod"], "alias 'Prod' is not an identifier"),
+    (["--name", "a..b"], "name 'a..b' is not an identifier"),
+])
+def test_a_name_or_alias_the_registry_refuses_stops_publish_before_training(write_recipe, home, tmp_path, args,
+                                                                            message):
+    result = _invoke(write_recipe(steps=1), "--home", home, "--publish", "--quiet", "--out", tmp_path / "r", *args)
+    assert result.exit_code == 1 and message in result.stderr
+    assert not (tmp_path / "r").exists()  # refused before the run began
+
+
 def test_unknown_base_and_bad_data_refused(write_recipe, home):
     result = _invoke(write_recipe(base="nope"), "--home", home)
     assert result.exit_code == 1 and "error: base 'nope'" in result.stderr

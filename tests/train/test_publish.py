@@ -81,6 +81,55 @@ def test_exported_artifact_publishes_later_with_its_records(write_recipe, regist
         publish_artifact(registry, load_recipe(folder), shipped)
 
 
+def test_a_run_folder_publishes_later_and_bad_records_are_named(write_recipe, registry, tmp_path):
+    """A run folder (or its artifact/) publishes without retraining; records that cannot be read, or
+    that lack what publishing needs, are refused with the file named."""
+    result = _run(write_recipe(steps=1), registry, tmp_path / "run")
+    loaded = result.loaded
+    for folder in (tmp_path / "run", tmp_path / "run" / "artifact"):
+        published = publish_artifact(registry, loaded, folder)
+        assert published.version.ref == "colours@1" and published.version.metadata.lineage == result.lineage
+    files = {p.name for p in registry.open("colours@1").path.iterdir()}
+    assert files == {"adapter_config.json", "adapter_model.safetensors"}  # no answers, history or records
+    shipped = export(result, tmp_path / "export")
+    (shipped / "metrics.json").write_text('{"metrics": ')
+    with pytest.raises(TrainError, match=r"export/metrics\.json is not readable JSON"):
+        publish_artifact(registry, loaded, shipped)
+    shipped = export(result, tmp_path / "export")
+    lineage = json.loads((shipped / "lineage.json").read_text())
+    del lineage["method"]
+    (shipped / "lineage.json").write_text(json.dumps(lineage))
+    with pytest.raises(TrainError, match=r"lineage\.json must give \"method\""):
+        publish_artifact(registry, loaded, shipped)
+    with pytest.raises(TrainError, match="lacks metrics.json"):
+        publish_artifact(registry, loaded, tmp_path)
+
+
+def test_export_replaces_an_earlier_export_and_refuses_other_folders(write_recipe, registry, tmp_path):
+    folder = write_recipe(steps=1)
+    export(_run(folder, registry, tmp_path / "lora"), tmp_path / "out")
+    export(_run(folder, registry, tmp_path / "full", overrides=["method=full"]), tmp_path / "out")
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in names and "adapter_model.safetensors" not in names  # no mix of the two
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(TrainError, match="holds files that are not an earlier export"):
+        export(_run(folder, registry, tmp_path / "again"), tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_json_fields_references_that_are_not_objects_are_refused_before_training(write_recipe, registry):
+    from hotswap.train.errors import DataError
+
+    folder = write_recipe(metric="json_fields")  # the fruit data's completions are plain words
+    with pytest.raises(DataError, match=r"eval\.jsonl: example 1: metric json_fields needs a JSON object"):
+        prepare(load_recipe(folder), registry)
+    records = [{"prompt": "p", "completion": "{}"}]
+    folder = write_recipe(metric="json_fields", eval_records=records)
+    with pytest.raises(DataError, match="needs a non-empty JSON object as the completion, not '{}'"):
+        prepare(load_recipe(folder), registry)
+
+
 def test_unknown_base_refused_before_training(write_recipe, registry):
     with pytest.raises(RecipeError, match="base 'nope'.*no entry named 'nope'"):
         prepare(load_recipe(write_recipe(base="nope")), registry)

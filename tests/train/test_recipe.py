@@ -52,7 +52,8 @@ def test_override_applies_and_is_validated(write_recipe):
     ('language = "english"', "BCP-47"),
     ('metric = "bleu"', "unknown metric 'bleu'"),
     ('method = "qlora"', "method"),
-    ('name = "Bad Name"', "registry name"),
+    ('name = "Bad Name"', "is not an identifier"),
+    ('name = "a..b"', "is not an identifier"),  # the registry's rule: names are never paths
 ])
 def test_bad_values_are_refused(write_recipe, line, message):
     folder = write_recipe()
@@ -113,3 +114,12 @@ def test_shipped_data_is_what_the_generator_writes(folder, tmp_path):
     subprocess.run([sys.executable, str(tmp_path / "make_data.py")], check=True, capture_output=True)
     for name in ("train.jsonl", "eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_a_full_fine_tunes_name_must_fit_with_its_suffix(write_recipe):
+    """A full fine-tune is published as <name>-full: a name that fits alone but not with the suffix is
+    refused when the recipe loads, not after training."""
+    folder = write_recipe(name="n" * 62)
+    assert load_recipe(folder).recipe.name == "n" * 62
+    with pytest.raises(RecipeError, match="published as <name>-full: name 'n{62}-full' is longer than 64"):
+        load_recipe(folder, method="full")

@@ -75,8 +75,22 @@ def test_resume_refuses_missing_or_foreign_checkpoint(write_recipe, registry, tm
     with pytest.raises(CheckpointError, match="nothing to resume"):
         _train(folder, registry, tmp_path / "empty", resume=True)
     _train(folder, registry, tmp_path / "run")
-    with pytest.raises(CheckpointError, match="different recipe"):
+    with pytest.raises(CheckpointError, match="different recipe or data"):
         _train(folder, registry, tmp_path / "run", resume=True, overrides=["train.lr=1e-4"])
+    with open(folder / "train.jsonl", "a") as handle:  # the same recipe over other data
+        handle.write('{"prompt": "colour of lemon?", "completion": "yellow"}\n')
+    with pytest.raises(CheckpointError, match="different recipe or data"):
+        _train(folder, registry, tmp_path / "run", resume=True)
+
+
+def test_resume_after_a_save_stopped_between_its_renames(write_recipe, registry, tmp_path):
+    """Saving moves the current checkpoint aside before the new one takes its place: a run stopped in
+    between resumes from the one moved aside."""
+    folder = write_recipe(steps=2)
+    _train(folder, registry, tmp_path / "run")
+    (tmp_path / "run" / "checkpoint").rename(tmp_path / "run" / "checkpoint.old")
+    resumed = _train(folder, registry, tmp_path / "run", resume=True)
+    assert resumed.loop.step == 2
 
 
 def test_early_stopping_keeps_best_weights(write_recipe, registry, tmp_path):
