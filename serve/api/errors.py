@@ -107,14 +107,21 @@ def describe(exc: BaseException, path: str = "") -> tuple[int, ErrorDetail, bool
         status = exc.status_code
         kind = INVALID if 400 <= status < 500 and status not in _HTTP_TYPES else _HTTP_TYPES.get(status, kind)
         message = exc.detail
-    elif isinstance(exc, PromptTooLong):
-        param = "messages" if path.endswith("chat/completions") else "prompt"
-    elif isinstance(exc, (AdapterNotFound, IncompatibleAdapter)) and param is None and "/v1/" in path:
-        param = "model" if "completions" in path else "ref"
+    elif isinstance(exc, InvalidRequest) and param == "prompt":  # the engine's name; each endpoint has its own
+        param = _prompt_field(path)
+    elif isinstance(exc, (AdapterNotFound, IncompatibleAdapter)) and param is None:
+        param = "ref" if path.startswith("/v1/adapters") else "model"
     elif spec is ERRORS[Exception]:
         log.exception("unexpected error on %s", path, exc_info=exc)
         message = f"internal error ({type(exc).__name__}); see the server log"
     return status, ErrorDetail(message=message or type(exc).__name__, type=kind, param=param, code=code), spec.retry_after
+
+
+def _prompt_field(path: str) -> str:
+    """The body field holding the prompt on the endpoint at ``path``."""
+    if path.endswith("chat/completions"):
+        return "messages"
+    return "input" if path.endswith("classify") else "prompt"
 
 
 def _validation_message(exc: ValidationException) -> tuple[str, str | None]:

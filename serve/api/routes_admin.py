@@ -11,6 +11,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 
 from ..engine import Target
+from ..lora.compose import is_composite
 from .admin_schemas import AdapterInfo, AdapterList, AliasInfo, AliasMove, EntryInfo, PublishResponse, Tier, UnloadResult
 from .auth import ANONYMOUS_ADMIN, require_admin
 from .exceptions import ApiProblem, Busy
@@ -95,6 +96,9 @@ async def _unpinned(services: Services, ref: str, timeout_s: float = 5.0) -> Ada
 
 
 async def _entry(services: Services, ref: str) -> Target:
+    if is_composite(ref):  # refused before the engine acts, so nothing is loaded or pinned that these can't undo
+        raise ApiProblem(f"{ref!r} is a combination of adapters: combinations are built on demand by requests "
+                         "and evicted like any adapter; load, pin, unpin or unload its parts", "ref")
     target = await services.catalog.resolve(ref, ANONYMOUS_ADMIN, param="ref")
     if target.kind == "base":
         raise ApiProblem(f"{ref!r} is the base, which is always loaded; name an adapter or a full model", "ref")

@@ -96,7 +96,7 @@ class Core:
             if seq.target.kind != "adapter":
                 return True
             try:
-                slot = self.residency.acquire(seq.target.digest)
+                slot = self.residency.acquire(seq.target.digest, seq.target.ref)
             except Exception as exc:
                 failed.append((seq, exc))
                 return False

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 
 class EngineError(Exception):
-    """Base class of every error the engine raises on purpose."""
+    """Base class of every error the engine raises on purpose. ``param``: the request field at fault,
+    when one is (the HTTP layer reports it as OpenAI's ``param``)."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineNotReady(EngineError):

@@ -104,8 +104,14 @@ class ModelPool:
             return [e.worker for e in self._entries.values() if e.worker is not None]
 
     def set_manual(self, digest: str, pinned: bool) -> None:
+        """Pin by hand; unpinning a model unloaded meanwhile does nothing. Raises KeyError when
+        pinning one that is not loaded."""
         with self._lock:
-            self._entries[digest].manual = pinned
+            entry = self._entries.get(digest)
+            if entry is None and pinned:
+                raise KeyError(digest)
+            if entry is not None:
+                entry.manual = pinned
 
     def evict(self, digest: str, busy: Callable[[Worker], bool]) -> bool:
         with self._lock:

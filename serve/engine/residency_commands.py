@@ -61,7 +61,7 @@ class ResidencyCommands:
             core.residency.request(target.ref, target.digest)
 
             def task():
-                if core.residency.acquire(target.digest) is None:
+                if core.residency.acquire(target.digest, target.ref) is None:
                     return None
                 core.residency.release(target.digest)
                 return self._residency_of(target.digest)
@@ -85,26 +85,43 @@ class ResidencyCommands:
         target = self.resolver.resolve(ref)
         done: Future = Future()
         core = self._core
-        owner = core.residency if target.kind == "adapter" else core.models
-        core.post(lambda: (owner.set_manual(target.digest, True), done.set_result(None)))
+
+        def command() -> None:  # an adapter unloaded since its load is loaded again; a model is not
+            try:
+                if target.kind == "adapter":
+                    core.residency.set_manual(target.digest, True, target.ref)
+                else:
+                    core.models.set_manual(target.digest, True)
+                done.set_result(None)
+            except KeyError:
+                done.set_exception(EngineError(f"{target.ref} was unloaded while being pinned; pin it again"))
+        core.post(command)
         await asyncio.wrap_future(done)
         return self._residency_of(target.digest)
 
     def unpin(self, ref: str) -> None:
         self._require_ready()
         target = self.resolver.resolve(ref)
-        owner = self._core.residency if target.kind == "adapter" else self._core.models
-        self._core.post(lambda: owner.set_manual(target.digest, False))
+        if target.kind == "adapter":
+            self._core.post(lambda: self._core.residency.set_manual(target.digest, False, target.ref))
+        else:
+            self._core.post(lambda: self._core.models.set_manual(target.digest, False))
 
     async def unload(self, ref: str) -> bool:
-        """Drop an adapter/model from device and host caches; False when it is pinned or in use."""
+        """Drop an adapter/model from device and host caches; False when it is pinned or in use (a
+        request for it running, or waiting to start)."""
         self._require_ready()
         target = self.resolver.resolve(ref)
-        core, future = self._core, Future()
-        if target.kind == "adapter":
-            core.post(lambda: future.set_result(core.residency.evict(target.digest)))
-        elif target.kind == "model":
-            core.post(lambda: future.set_result(core.models.evict(target.digest, lambda w: w.scheduler.has_work)))
-        else:
+        if target.kind not in ("adapter", "model"):
             return False
+        core, future = self._core, Future()
+
+        def command() -> None:
+            if any(seq.target.digest == target.digest for seq in core.seqs.values()):
+                future.set_result(False)
+            elif target.kind == "adapter":
+                future.set_result(core.residency.evict(target.digest))
+            else:
+                future.set_result(core.models.evict(target.digest, lambda w: w.scheduler.has_work))
+        core.post(command)
         return await asyncio.wrap_future(future)

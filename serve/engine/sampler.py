@@ -33,6 +33,8 @@ def apply_presence_frequency(logits: Tensor, generated: Tensor, presence: float,
     return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
+# Temperatures below this are greedy, as in vLLM: dividing logits by less overflows float32.
+SAMPLING_EPS = 1e-5
 _BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE's alphabet -> bytes
 
 
@@ -99,7 +101,8 @@ def sample(logits: Tensor, params: list[SamplingParams], history: list[list[int]
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         penalised = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-        if p.temperature == 0.0 and not penalised:
+        greedy = p.temperature < SAMPLING_EPS
+        if greedy and not penalised:
             continue
         row = logits[i].clone()
         if p.repetition_penalty != 1.0:
@@ -109,10 +112,15 @@ def sample(logits: Tensor, params: list[SamplingParams], history: list[list[int]
             generated = torch.tensor(history[i][prompt_lens[i] if prompt_lens else 0:], dtype=torch.long,
                                      device=row.device)
             row = apply_presence_frequency(row, generated, p.presence_penalty, p.frequency_penalty)
-        if p.temperature == 0.0:
+        # extreme settings overflow float32 (a repetition penalty of 1e-30 divides logits past its
+        # range): an infinite logit becomes the largest finite one, so the row stays samplable and
+        # no request sharing the step fails with it
+        row = torch.nan_to_num(row, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
+        if greedy:
             out[i] = int(row.argmax())
             continue
-        row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
+        row = torch.nan_to_num(row / p.temperature, nan=float("-inf"), posinf=torch.finfo(row.dtype).max)
+        row = filter_top_k_top_p(row, p.top_k, p.top_p)
         probs = row.softmax(-1)
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
     return out

@@ -126,13 +126,16 @@ class Residency:
                 del self._entries[digest]
 
     # --- engine thread ----------------------------------------------------------------
-    def acquire(self, digest: str) -> int | None:
+    def acquire(self, digest: str, ref: str) -> int | None:
         """Pin the adapter in a device slot and return the slot; None if it cannot be placed yet.
 
-        Raises the load error when the adapter was refused.
+        Raises the load error when the adapter was refused. An adapter unloaded while a request for
+        it waited (``evict`` spares only pinned ones) is loaded again.
         """
         with self._lock:
-            entry = self._entries[digest]
+            entry = self._entries.get(digest)
+            if entry is None:
+                entry = self._entries[digest] = Entry(ref=ref, digest=digest)
             if entry.error is not None:
                 raise entry.error
             if entry.slot is None:
@@ -168,9 +171,15 @@ class Residency:
             entry.pins -= 1
             entry.last_used = time.time()
 
-    def set_manual(self, digest: str, pinned: bool) -> None:
+    def set_manual(self, digest: str, pinned: bool, ref: str) -> None:
+        """Pin by hand (never evicted until unpinned); an adapter unloaded meanwhile is loaded again."""
         with self._lock:
-            self._entries[digest].manual = pinned
+            entry = self._entries.get(digest)
+            if entry is None and pinned:
+                entry = self._entries[digest] = Entry(ref=ref, digest=digest)
+                self._start_load(entry)
+            if entry is not None:
+                entry.manual = pinned
 
     def fits_ever(self, digest: str) -> bool | None:
         with self._lock:

@@ -83,6 +83,11 @@ def test_management_refusals(client):
     assert act(client, BASE, "load", status=400)["error"]["param"] == "ref"
     assert act(client, "other-fit", "load", status=400)["error"]["code"] == "incompatible_adapter"
     assert act(client, "globex-sqk", "pin", status=404)["error"]["code"] == "model_not_found"
+    combination = "acme-sql*0.5+acme-chat"  # built on demand by requests: not managed here
+    for action in ("load", "pin", "unpin", "unload"):
+        error = act(client, combination, action, status=400)["error"]
+        assert error["param"] == "ref" and "is a combination of adapters" in error["message"]
+    assert "*0.5" not in client.get("/metrics", headers=ADMIN).text  # nothing was loaded or pinned on the way
 
 
 def test_publish_upload_then_serve(client, store, tmp_path):

@@ -89,6 +89,8 @@ def test_classify_refusals(classify_server):
     assert client.post("/v1/classify", headers=ACME, json={"model": "acme-sentiment", "input": []}).status_code == 400
     unknown = client.post("/v1/classify", headers=ADMIN, json={"model": "nope", "input": "hello"})
     assert unknown.status_code == 404
+    too_long = client.post("/v1/classify", headers=ACME, json={"model": "acme-sentiment", "input": "word " * 400})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "input"
 
 
 def test_models_and_adapters_list_a_classifiers_labels(classify_server):

@@ -42,6 +42,11 @@ def post(client, path: str, body: dict, headers=ADMIN):
     ({"model": BASE, "prompt": "hi", "stop": [""]}, "stop"),
     ({"model": BASE, "prompt": "hi", "min_tokens": -1}, "min_tokens"),
     ({"model": "Not A Ref!", "prompt": "hi"}, "model"),
+    # checked by the engine, past the schema: each still names its field
+    ({"model": BASE, "prompt": "hi", "max_tokens": 5000}, "max_tokens"),
+    ({"model": BASE, "prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"model": BASE, "prompt": "hi", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"model": BASE, "prompt": [99999]}, "prompt"),
 ])
 def test_bad_completion_parameters_name_the_field(client, body, field):
     error = error_of(post(client, "/v1/completions", body), 400)
@@ -90,6 +95,10 @@ def test_unknown_model_is_404_with_nearest_names(client):
 def test_adapter_for_another_base_is_refused(client):
     error = error_of(post(client, "/v1/completions", {"model": "other-fit", "prompt": "hi"}), 400)
     assert error["code"] == "incompatible_adapter" and "other" in error["message"]
+    for path, body in [("/v1/classify", {"model": "other-fit", "input": "hi"}),  # `model` wherever it was sent
+                       ("/classify", {"model": "other-fit", "input": "hi"}),
+                       ("/tokenize", {"model": "other-fit", "prompt": "hi"})]:
+        assert error_of(post(client, path, body), 400)["param"] == "model", path
 
 
 def test_prompt_too_long(client):
@@ -99,6 +108,8 @@ def test_prompt_too_long(client):
     assert "256" in error["message"]
     chat = {"model": BASE, "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 4}
     assert error_of(post(client, "/v1/chat/completions", chat), 400)["param"] == "messages"
+    chat = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "min_tokens": 200}
+    assert error_of(post(client, "/v1/chat/completions", chat), 400)["param"] == "min_tokens"
 
 
 def test_unknown_route_and_wrong_method(client):

@@ -63,6 +63,20 @@ def test_top_k_one_is_greedy_and_repetition_penalty_matches_hf(engine, world):
     assert list(out.token_ids) == ref[0, len(ids):].tolist()[:len(out.token_ids)]
 
 
+def test_extreme_sampling_settings_fail_no_request_in_the_step(engine):
+    """A temperature of 1e-40 (greedy, as vLLM takes temperatures below 1e-5) and a repetition
+    penalty of 1e-40 (logits past float32's range) are served, and so is the request beside them."""
+    ids = ids_of(engine, 1)
+    greedy = engine.generate_sync([GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=8))])[0]
+    tiny_t, tiny_penalty, beside = engine.generate_sync([
+        GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=8, temperature=1e-40)),
+        GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(
+            max_tokens=8, temperature=1.0, repetition_penalty=1e-40, seed=1)),
+        GenerationRequest(prompt_token_ids=ids, sampling=SamplingParams(max_tokens=8))])
+    assert tiny_t.token_ids == greedy.token_ids and beside.token_ids == greedy.token_ids
+    assert len(tiny_penalty.token_ids) == 8 and tiny_penalty.finish_reason == "length"
+
+
 def test_stop_strings_cut_the_text(engine):
     free = engine.generate_sync([GenerationRequest(prompt=PROMPTS[4], sampling=SamplingParams(max_tokens=20))])[0]
     assert len(free.text) > 4

@@ -96,6 +96,28 @@ def test_pinned_adapter_is_never_evicted(world):
         engine.stop_sync()
 
 
+def test_unload_refuses_while_a_request_waits_and_pin_reloads_what_was_unloaded(world):
+    """A request waiting to start counts as a use: unloading its adapter is refused (and then it is
+    served from the adapter); an adapter unloaded after it loaded is loaded again by a pin."""
+    import asyncio
+
+    engine = start_engine(world.home, max_running=1)
+    try:
+        preload(engine, ["sql"])
+        running = engine.submit(req(engine, None, 0, new=40))
+        next(iter(running))  # the base request holds the only running place ...
+        waiting = engine.submit(req(engine, "sql", 1))  # ... so this one waits, holding no pin yet
+        assert asyncio.run(engine.unload("sql")) is False
+        assert list(waiting.result().token_ids) == expected(world, "sql", 1)
+        running.result()
+        assert asyncio.run(engine.unload("sql")) is True  # nothing uses it now
+        assert "sql@1" not in {r.ref for r in engine.residency()}
+        assert asyncio.run(engine.pin("sql")).tier == "device"
+        assert {r.ref: r.manually_pinned for r in engine.residency()}["sql@1"]
+    finally:
+        engine.stop_sync()
+
+
 def test_cold_load_runs_in_background_without_stalling_running_requests(world):
     engine = start_engine(world.home)
     try:
