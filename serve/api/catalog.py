@@ -69,6 +69,14 @@ class Catalog:
         for card in cards:
             if card.id == model:
                 return card
+        if "@" in model and not is_composite(model):  # any other version or alias that serves, e.g. the base's
+            try:
+                root = (await self.resolve(model, principal)).ref
+            except (UnknownModel, ApiProblem):
+                root = None
+            card = next((c for c in cards if c.root == root), None)
+            if card is not None:
+                return card.model_copy(update={"id": model, "versions": [], "aliases": {}})
         name = model.partition("@")[0]
         if name != self.base_name() and not principal.may_use(name):
             raise Forbidden(f"key {principal.name!r} may not use {name!r}", "model")

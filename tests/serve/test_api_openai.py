@@ -139,6 +139,12 @@ def test_retrieve_one_model(client):
     assert response.status_code == 200 and response.json()["root"] == "acme-sql@1"
     missing = client.get("/v1/models/acme-sqk", headers=ADMIN)
     assert missing.status_code == 404 and "acme-sql" in missing.json()["error"]["message"]
+    # whatever `model` may name has a card, the base's version included
+    base = client.get(f"/v1/models/{BASE}@1", headers=ADMIN).json()
+    assert base["id"] == f"{BASE}@1" and base["root"] == f"{BASE}@1" and base["kind"] == "base"
+    assert client.get(f"/v1/models/{BASE}@latest", headers=ADMIN).json()["root"] == f"{BASE}@1"
+    assert client.get("/v1/models/acme-sql@9", headers=ADMIN).status_code == 404
+    assert client.get("/v1/models/globex-sql@1", headers=ACME).status_code == 403
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(client):
