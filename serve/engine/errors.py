@@ -27,6 +27,9 @@ class InvalidRequest(EngineError):
 class PromptTooLong(InvalidRequest):
     """The prompt (plus max_tokens) does not fit the model's context or the KV cache."""
 
+    def __init__(self, message: str = "", param: str | None = "prompt") -> None:
+        super().__init__(message, param)
+
 
 class QueueFull(EngineError):
     """Too many requests are waiting; retry later."""

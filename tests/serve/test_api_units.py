@@ -110,6 +110,7 @@ def test_error_table(exc, status, code):
 def test_prompt_too_long_names_the_field_of_the_endpoint():
     assert describe(PromptTooLong("x"), "/v1/chat/completions")[1].param == "messages"
     assert describe(PromptTooLong("x"), "/v1/completions")[1].param == "prompt"
+    assert describe(PromptTooLong("x"), "/v1/classify")[1].param == "input"
 
 
 def test_exposition_of_histograms_is_cumulative_and_labels_are_escaped():
