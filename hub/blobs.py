@@ -51,7 +51,8 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def put(self, source: Path) -> tuple[str, int, bool]:
-        """Store `source`; return (sha256, size, newly_written). Identical content is stored once."""
+        """Store `source`; return (sha256, size, newly_written). Identical content is stored once;
+        a stored copy that no longer hashes right is replaced, so publishing intact files heals it."""
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
         tmp = Path(tmp_name)
         try:
@@ -67,7 +68,11 @@ class BlobStore:
             sha = digest.hexdigest()
             target = self.path(sha)
             if target.is_file():
-                return sha, size, False
+                try:
+                    self.check(sha)
+                    return sha, size, False
+                except CorruptionError:  # the fresh bytes just hashed right: they replace the bad ones
+                    pass
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)

@@ -90,9 +90,11 @@ def _card_body(version: Version, base_id: str | None, repo_id: str, tag: str) ->
 
 def read_card(path: Path, repo_id: str) -> dict[str, Any]:
     """The front matter of a card (empty when it has none)."""
+    import yaml
     from huggingface_hub.repocard import metadata_load
 
     try:
+        # ValueError: front matter that is not a mapping; YAMLError: not YAML at all
         return metadata_load(path) or {}
-    except (ValueError, UnicodeDecodeError) as exc:  # yaml's errors are ValueErrors
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise InvalidMetadata(f"the model card (README.md) of {repo_id} has unreadable front matter: {exc}") from None

@@ -11,7 +11,9 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import IncompatibleAdapter, UnsafeContent
+from .errors import IncompatibleAdapter, InvalidMetadata, UnsafeContent
+
+MAX_LABELS = 1_000_000  # labels of one classifier; far beyond any real one
 
 # PEFT writes adapter tensors as `base_model.model.<module path>.<lora part>.weight`.
 _PEFT_PREFIX = "base_model.model."
@@ -31,7 +33,19 @@ def read_safetensors_header(path: Path) -> dict[str, list[int]]:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UnsafeContent(f"{path.name} is not a safetensors file: {exc}") from None
-    return {name: list(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+    if not isinstance(header, dict):
+        raise UnsafeContent(f"{path.name} is not a safetensors file: its header is not a JSON object")
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":  # free-form strings, no tensor
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape) \
+                or not isinstance(info.get("dtype"), str):
+            raise UnsafeContent(f"{path.name} is not a safetensors file: tensor {name!r} has no dtype and "
+                                f"shape of non-negative integers ({str(info)[:80]})")
+        shapes[name] = shape
+    return shapes
 
 
 def checkpoint_shapes(files: Iterable[Path], config: dict) -> dict[str, list[int]]:
@@ -51,12 +65,27 @@ def _module_matches(module: str, targets: list[str] | str) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
+def check_target_modules(adapter_config: dict) -> list[str] | str:
+    """adapter_config.json's ``target_modules``: a list of module names, or one regular expression."""
+    targets = adapter_config.get("target_modules") or []
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise IncompatibleAdapter(f"target_modules in adapter_config.json is not a valid regular expression "
+                                      f"({targets!r}: {exc})") from None
+    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise IncompatibleAdapter(f"target_modules in adapter_config.json must be a list of module names or one "
+                                  f"regular expression, not {str(targets)[:80]}")
+    return targets
+
+
 def check_adapter_fits(
     adapter_config: dict, adapter_shapes: dict[str, list[int]], base_shapes: dict[str, list[int]], base_ref: str
 ) -> None:
     """Raise `IncompatibleAdapter` naming the first module or shape that does not fit."""
     modules = sorted({n[: -len(".weight")] for n in base_shapes if n.endswith(".weight")})
-    targets = adapter_config.get("target_modules") or []
+    targets = check_target_modules(adapter_config)
     if isinstance(targets, list):
         for target in targets:
             if not any(_module_matches(m, [target]) for m in modules):
@@ -91,13 +120,25 @@ def _check_classifier_head(name: str, shape: list[int], base_shapes: dict[str, l
                                   f"[labels, {hidden}]")
 
 
+def _is_classifier_config(config: dict) -> bool:
+    architectures = config.get("architectures") or ()
+    return isinstance(architectures, list) and any(str(a).endswith("ForSequenceClassification")
+                                                   for a in architectures)
+
+
 def classifier_labels(config: dict) -> tuple[str, ...] | None:
     """A full checkpoint's label names, read from its ``config.json``, when it is a sequence classifier
-    (``*ForSequenceClassification`` among its architectures; transformers' ``LABEL_i`` for unnamed ones), else None."""
-    if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
+    (``*ForSequenceClassification`` among its architectures; transformers' ``LABEL_i`` for unnamed ones), else None.
+    Raises `InvalidMetadata` when neither ``id2label`` nor ``num_labels`` gives a usable label count."""
+    if not _is_classifier_config(config):
         return None
     id2label = config.get("id2label") if isinstance(config.get("id2label"), dict) else {}
-    count = len(id2label) or int(config.get("num_labels") or 2)
+    num_labels = config.get("num_labels")
+    count = len(id2label) or (2 if num_labels is None else num_labels)
+    # bool is an int to Python, not a count; the cap keeps a typo from building a huge list of names
+    if type(count) is not int or not 1 <= count <= MAX_LABELS:
+        raise InvalidMetadata(f"num_labels in config.json must be an integer from 1 to {MAX_LABELS}, "
+                              f"not {str(count)[:40]!r}")
     return tuple(str(id2label.get(str(i), f"LABEL_{i}")) for i in range(count))
 
 
@@ -109,7 +150,7 @@ def is_classifier(folder: Path) -> bool:
             config = json.loads((folder / "adapter_config.json").read_text())
             return str(config.get("task_type") or "").upper() == "SEQ_CLS"
         if (folder / "config.json").is_file():
-            return classifier_labels(json.loads((folder / "config.json").read_text())) is not None
+            return _is_classifier_config(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError, AttributeError):  # unreadable: whatever loads it next says what is wrong
         pass
     return False
@@ -121,15 +162,15 @@ def classifier_label_names(folder: Path) -> list[str] | None:
     None for a version that is not a classifier, or whose names cannot be read."""
     if not is_classifier(folder):
         return None
-    if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-        return list(classifier_labels(json.loads((folder / "config.json").read_text())) or ())
     try:
+        if (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            return list(classifier_labels(json.loads((folder / "config.json").read_text())) or ())
         if (folder / "labels.json").is_file():
             names = json.loads((folder / "labels.json").read_text())
             return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
         shapes = {name: shape for file in sorted(folder.glob("*.safetensors"))
                   for name, shape in read_safetensors_header(file).items()}
-    except (OSError, ValueError, UnsafeContent):
+    except (OSError, ValueError, UnsafeContent, InvalidMetadata):
         return None
     rows = _head_rows(shapes)
     return None if rows is None else [f"LABEL_{i}" for i in range(rows)]

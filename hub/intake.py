@@ -41,7 +41,11 @@ def scan_folder(folder: Path) -> list[StagedFile]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_NAMES)
         for dirname in dirnames:
-            _check_inside(root, Path(dirpath) / dirname, folder)
+            path = Path(dirpath) / dirname
+            _check_inside(root, path, folder)
+            if path.is_symlink():  # os.walk does not enter it: its files would silently be left out
+                raise UnsafeContent(f"{path.relative_to(folder).as_posix()} is a link to a folder; copy the "
+                                    "folder in its place (or link its files one by one)")
         for filename in sorted(filenames):
             if filename in IGNORED_NAMES:
                 continue

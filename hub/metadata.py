@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Kind = Literal["base", "adapter", "model"]
 KINDS: tuple[str, ...] = ("base", "adapter", "model")
@@ -37,7 +38,8 @@ class EntryMetadata(BaseModel):
     size_bytes: int = 0
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     tags: dict[str, str] = Field(default_factory=dict)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    # JSON has no NaN or infinity: stored, they would come back as null and no longer validate
+    metrics: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
     lineage: dict[str, Any] = Field(default_factory=dict, description="recipe, dataset digest, library versions, ...")
 
     @field_validator("language")
@@ -54,3 +56,30 @@ class EntryMetadata(BaseModel):
             if not key or "=" in key or len(key) > 64:
                 raise ValueError(f"tag key {key!r} must be 1-64 characters without '='")
         return value
+
+
+def read_stored(text: str, kind: str) -> EntryMetadata:
+    """The metadata of a stored row of an entry of `kind`. A row written before a rule was tightened
+    may no longer validate (a NaN metric was once stored, as null): its offending values are dropped,
+    so one such row cannot make every listing, gc or removal fail, and the version stays listable
+    and removable."""
+    data = json.loads(text)
+    try:
+        return EntryMetadata.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            _drop(data, error["loc"])
+    data.setdefault("kind", kind)
+    return EntryMetadata.model_validate(data)
+
+
+def _drop(data: dict[str, Any], loc: tuple[int | str, ...]) -> None:
+    """Delete the deepest value that `loc` (a pydantic error location) reaches in `data`."""
+    parent, key = None, None
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            break
+        parent, key, node = node, part, node[part]
+    if parent is not None:
+        del parent[key]

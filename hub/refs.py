@@ -29,6 +29,15 @@ def check_identifier(value: str, what: str = "name") -> str:
     return value
 
 
+def check_alias(value: str) -> str:
+    """An identifier that is not all digits: `name@7` always means version 7, so an alias `7` could
+    never be reached."""
+    check_identifier(value, "alias")
+    if re.fullmatch(r"[0-9]+", value):
+        raise InvalidName(f"alias {value!r} is a number, which a reference reads as a version; give it a letter")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Ref:
     """A parsed reference: exactly one of `version` (an integer) or `alias` is set."""
@@ -53,7 +62,7 @@ def parse_ref(text: str) -> Ref:
         return Ref(name, alias=LATEST)
     if not selector:
         raise InvalidName(f"reference {text!r} has an empty version after '@'")
-    if selector.isdigit():
+    if re.fullmatch(r"[0-9]+", selector):  # not str.isdigit(), which takes '³' and other digits int() refuses
         version = int(selector)
         if not 1 <= version <= MAX_VERSION:
             raise InvalidName(f"reference {text!r}: versions run from 1 to {MAX_VERSION}")

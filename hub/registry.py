@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import difflib
 import fcntl
-import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -18,12 +16,12 @@ from typing import Any
 
 from . import describe
 from .blobs import BlobStore
-from .errors import CorruptionError, HubError, InUseError, InvalidMetadata, NotFoundError
+from .errors import CorruptionError, InUseError, InvalidMetadata, NotFoundError
 from .index import AliasEvent, Index, VersionRow
 from .intake import scan_folder
-from .metadata import KINDS, EntryMetadata
-from .refs import LATEST, Ref, check_identifier, parse_ref
-from .snapshots import snapshot_folder
+from .metadata import KINDS, EntryMetadata, read_stored
+from .refs import LATEST, Ref, check_alias, check_identifier, parse_ref
+from .snapshots import prune as prune_snapshots, snapshot_folder
 from .versions import Problem, PublishResult, Snapshot, Version, version_digest, weights_fingerprint
 
 
@@ -103,7 +101,7 @@ class Registry:
     ) -> PublishResult:
         """Store a folder as the next version of `name` after the safety and compatibility checks."""
         check_identifier(name, "name")
-        aliases = [check_identifier(a, "alias") for a in aliases]
+        aliases = [check_alias(a) for a in aliases]
         if kind not in KINDS:
             raise InvalidMetadata(f"kind {kind!r} is not one of {', '.join(KINDS)}")
         existing = self._index.entry_kind(name)
@@ -210,18 +208,20 @@ class Registry:
 
     def alias(self, ref: str | Version, alias: str) -> Version:
         """Point `alias` at the version `ref` names now; the move is atomic and recorded."""
-        check_identifier(alias, "alias")
-        version = self.resolve(ref)
-        with self._index.transaction() as db:
+        check_alias(alias)
+        if isinstance(ref, Version):  # looked up again: it may have been removed since
+            ref = Ref(ref.name, version=ref.version)
+        with self._index.transaction() as db:  # resolved under the lock: no removal can slip in between
+            version = self.resolve(ref)
             Index.set_alias(db, version.name, alias, version.version)
         return version
 
     def unalias(self, name: str, alias: str) -> None:
         if alias == LATEST:
             raise InvalidMetadata("'latest' is maintained by publish and cannot be removed")
-        if self._index.alias_target(check_identifier(name), alias) is None:
-            raise NotFoundError(f"{name} has no alias {alias!r}")
         with self._index.transaction() as db:
+            if self._index.alias_target(check_identifier(name), alias) is None:
+                raise NotFoundError(f"{name} has no alias {alias!r}")
             Index.set_alias(db, name, alias, None)
 
     def rollback(self, name: str, alias: str) -> Version:
@@ -234,13 +234,16 @@ class Registry:
     # --- maintenance ----------------------------------------------------------------------
     def remove(self, ref: str, force: bool = False) -> Version:
         """Delete a version from the index (its blobs go at the next `gc`)."""
-        version = self.resolve(ref)
-        pointing = sorted(a for a, v in self.aliases(version.name).items() if v == version.version)
-        dependents = [v.ref for v in self.list() if v.metadata.base == version.ref]
-        if not force and (pointing or dependents):
-            why = f"aliases {', '.join(pointing)} point at it" if pointing else f"{', '.join(dependents)} are built on it"
-            raise InUseError(f"refusing to remove {version.ref}: {why} (use --force to remove it anyway)")
+        # Checked and deleted in one transaction: an alias moved onto the version (or a version
+        # built on it) in between would otherwise be left pointing at nothing.
         with self._index.transaction() as db:
+            version = self.resolve(ref)
+            pointing = sorted(a for a, v in self.aliases(version.name).items() if v == version.version)
+            dependents = [v.ref for v in self.list() if v.metadata.base == version.ref]
+            if not force and (pointing or dependents):
+                why = (f"aliases {', '.join(pointing)} point at it" if pointing
+                       else f"{', '.join(dependents)} are built on it")
+                raise InUseError(f"refusing to remove {version.ref}: {why} (use --force to remove it anyway)")
             db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (version.name, version.version))
             remaining = db.execute("SELECT MAX(version) FROM versions WHERE name = ?", (version.name,)).fetchone()[0]
             for alias in pointing:
@@ -253,10 +256,7 @@ class Registry:
             orphans = self.blobs.all_digests() - self._index.referenced_blobs()
             freed = sum(self.blobs.remove(sha) for sha in orphans)
             self.blobs.clear_tmp()
-            live = {v.digest for v in self.list()}
-            for folder in self._snapshots.iterdir():
-                if folder.name not in live:
-                    shutil.rmtree(folder, ignore_errors=True)
+            prune_snapshots(self._snapshots, {row.digest for row in self._index.versions()})
         return len(orphans), freed
 
     def verify(self, ref: str | None = None) -> list[Problem]:
@@ -278,7 +278,7 @@ class Registry:
 
 
 def _to_version(row: VersionRow) -> Version:
-    metadata = EntryMetadata.model_validate(json.loads(row.metadata))
+    metadata = read_stored(row.metadata, row.kind)
     return Version(row.name, row.version, row.kind, row.digest, metadata, datetime.fromisoformat(row.created_at))
 
 

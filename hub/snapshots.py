@@ -8,8 +8,10 @@ aside and renamed into place in one step, and a wrong one is renamed out of the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,30 +19,37 @@ from pathlib import Path
 from .errors import HubError
 
 Files = list[tuple[str, str, int]]  # (path in the version, sha256, size)
+STAGING, ASIDE = ".tmp-", ".old-"  # folders being built, and wrong ones being deleted
+STALE_AFTER_S = 3600  # a staging folder this old was left by a killed process
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 def snapshot_folder(root: Path, digest: str, files: Files, blob_path: Callable[[str], Path]) -> Path:
     """``root/<digest>``, holding a link per file to ``blob_path(sha)``; built if missing or wrong."""
     folder = root / digest
-    if holds_links(folder, files, blob_path):
-        return folder
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    for path, sha, _size in files:
-        link = staging / path
-        link.parent.mkdir(parents=True, exist_ok=True)
-        # relative links: the home folder can be moved or mounted elsewhere
-        os.symlink(os.path.relpath(blob_path(sha), (folder / path).parent), link)
-    for _attempt in range(3):
+    for _attempt in range(4):
+        if holds_links(folder, files, blob_path):
+            return folder
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=STAGING))
         try:
-            os.rename(staging, folder)  # refused while a folder with entries is there
-            return folder
-        except OSError:
+            for path, sha, _size in files:
+                link = staging / path
+                link.parent.mkdir(parents=True, exist_ok=True)
+                # relative links: the home folder can be moved or mounted elsewhere
+                os.symlink(os.path.relpath(blob_path(sha), (folder / path).parent), link)
+        except OSError:  # the staging folder was taken away mid-way; the check below says so
             pass
-        if holds_links(folder, files, blob_path):  # another process put the same links there first
-            shutil.rmtree(staging, ignore_errors=True)
-            return folder
-        _move_aside(folder, root)
-    shutil.rmtree(staging, ignore_errors=True)
+        # Only a whole folder goes into place: had another process deleted the staging folder
+        # mid-way, mkdir above would have made a new one holding only the links made since.
+        if holds_links(staging, files, blob_path):
+            try:
+                os.rename(staging, folder)  # refused while a folder with entries is there
+                return folder
+            except OSError:
+                pass
+        shutil.rmtree(staging, ignore_errors=True)
+        if not holds_links(folder, files, blob_path):  # else another process put the same links there first
+            _move_aside(folder, root)
     raise HubError(f"could not set up the snapshot folder {folder}: other processes keep replacing it")
 
 
@@ -48,9 +57,31 @@ def holds_links(folder: Path, files: Files, blob_path: Callable[[str], Path]) ->
     return folder.is_dir() and all((folder / p).resolve() == blob_path(s).resolve() for p, s, _ in files)
 
 
+def prune(root: Path, live: set[str]) -> None:
+    """Delete the folders of versions no longer in the index (`live` holds the digests of those that
+    are), and the staging and set-aside folders that killed processes left. A staging folder younger
+    than `STALE_AFTER_S` is another process's work in progress, and is left alone."""
+    for entry in root.iterdir():
+        if _DIGEST.fullmatch(entry.name):
+            gone = entry.name not in live
+        else:
+            gone = entry.name.startswith(ASIDE) or (entry.name.startswith(STAGING) and _age(entry) > STALE_AFTER_S)
+        if gone and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif gone:
+            entry.unlink(missing_ok=True)
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.lstat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def _move_aside(folder: Path, root: Path) -> None:
     """Take a wrong folder out of the way with one rename, then delete it."""
-    aside = root / f".old-{uuid.uuid4().hex}"
+    aside = root / f"{ASIDE}{uuid.uuid4().hex}"
     try:
         os.rename(folder, aside)
     except FileNotFoundError:

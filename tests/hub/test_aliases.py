@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from hotswap.hub import InUseError, InvalidMetadata, NotFoundError
+from hotswap.hub import InUseError, InvalidMetadata, InvalidName, NotFoundError
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_alias_moves_are_recorded_and_rolled_back(three_versions):
     assert reg.aliases("sql") == {"latest": 3, "prod": 1}
 
 
-def test_alias_errors(three_versions):
+def test_alias_errors(three_versions, make_adapter):
     reg = three_versions
     with pytest.raises(NotFoundError, match="no alias 'staging'"):
         reg.resolve("sql@staging")
@@ -41,6 +41,13 @@ def test_alias_errors(three_versions):
         reg.unalias("sql", "latest")
     with pytest.raises(NotFoundError, match="no earlier target"):
         reg.rollback("sql", "prod")
+    # `sql@7` always reads as version 7: an alias named 7 could never be reached
+    with pytest.raises(InvalidName, match="alias '7' is a number"):
+        reg.alias("sql@1", "7")
+    with pytest.raises(InvalidName, match="alias '12' is a number"):
+        reg.publish(make_adapter(seed=9), name="sql", aliases=["12"])
+    assert "7" not in reg.aliases("sql") and "12" not in reg.aliases("sql") and len(reg.versions("sql")) == 3
+    assert reg.alias("sql@1", "v7").version == 1  # digits beside a letter are fine
 
 
 def test_rm_refused_while_aliased_then_gc(three_versions):

@@ -1,6 +1,8 @@
 """Rule 7: parallel publishers from several processes, and a publisher killed mid-way."""
 
 import json
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -11,7 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hotswap.hub import NotFoundError, Registry
+from hotswap.hub import InUseError, NotFoundError, Registry
+from hotswap.hub.index import Index
 
 PUBLISH = [sys.executable, "-m", "hotswap.hub.cli", "hub", "publish"]
 
@@ -112,3 +115,80 @@ def _first_false(real):
         calls.append(args)
         return False if len(calls) == 1 else real(*args)
     return holds_links
+
+
+def test_gc_leaves_alone_the_snapshot_another_process_is_building(registry, monkeypatch):
+    """`hotswap hub gc` in another process runs while open() is making the links of a version."""
+    shutil.rmtree(registry.open("tiny").path)
+    other = Registry(registry.home)
+    monkeypatch.setattr(os, "symlink", _after_links(2, os.symlink, other.gc))
+    snap = registry.open("tiny")
+    assert sorted(p.name for p in snap.path.iterdir()) == sorted(p for p, _, _ in registry.files("tiny"))
+
+
+def test_a_staging_folder_emptied_mid_build_is_never_put_in_place(registry, monkeypatch):
+    """Should a staging folder still be deleted mid-way (by an older gc), the half-filled folder that
+    the next links would make is built again instead of being renamed into place."""
+    shutil.rmtree(registry.open("tiny").path)
+    staging = []
+    monkeypatch.setattr(os, "symlink", _after_links(2, os.symlink, lambda: shutil.rmtree(staging[0]), staging))
+    snap = registry.open("tiny")
+    assert sorted(p.name for p in snap.path.iterdir()) == sorted(p for p, _, _ in registry.files("tiny"))
+    assert all(p.resolve().is_file() for p in snap.path.iterdir())
+
+
+def test_gc_removes_dead_snapshots_and_only_stale_staging_folders(registry):
+    root = registry.open("tiny").path.parent
+    dead, stale, fresh, aside = root / ("0" * 64), root / ".tmp-stale", root / ".tmp-fresh", root / ".old-x"
+    for folder in (dead, stale, fresh, aside):
+        folder.mkdir()
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    registry.gc()
+    assert sorted(p.name for p in root.iterdir()) == sorted([registry.resolve("tiny").digest, fresh.name])
+
+
+def test_an_alias_moved_onto_a_version_while_it_is_removed_is_not_left_dangling(registry, make_adapter, monkeypatch):
+    registry.publish(make_adapter(seed=1), name="sql")
+    registry.publish(make_adapter(seed=2), name="sql")
+    other = Registry(registry.home)  # another process: `hotswap hub alias sql@1 prod`
+    monkeypatch.setattr(Index, "transaction", _first_in(registry, lambda: other.alias("sql@1", "prod")))
+    with pytest.raises(InUseError, match="aliases prod point at it"):
+        registry.remove("sql@1")
+    assert other.resolve("sql@prod").ref == "sql@1"
+
+
+def test_an_alias_is_never_pointed_at_a_version_removed_meanwhile(registry, make_adapter, monkeypatch):
+    registry.publish(make_adapter(seed=1), name="sql")
+    registry.publish(make_adapter(seed=2), name="sql")
+    other = Registry(registry.home)  # another process: `hotswap hub rm sql@1`
+    monkeypatch.setattr(Index, "transaction", _first_in(registry, lambda: other.remove("sql@1")))
+    with pytest.raises(NotFoundError, match="sql has no version 1"):
+        registry.alias("sql@1", "prod")
+    assert other.aliases("sql") == {"latest": 2}
+
+
+def _after_links(count, real, action, made=None):
+    """os.symlink that runs `action` once, right after the `count`th link (`made` collects the folders)."""
+    calls = []
+
+    def symlink(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if made is not None:
+            made.append(os.path.dirname(dst))
+        if len(calls) == count:
+            action()
+    return symlink
+
+
+def _first_in(registry, action):
+    """Index.transaction that runs `action` once, just before `registry` opens its first transaction."""
+    real, done = Index.transaction, []
+
+    def transaction(self):
+        if self is registry._index and not done:
+            done.append(True)
+            action()
+        return real(self)
+    return transaction

@@ -18,6 +18,7 @@ def test_parse_valid(text, expected):
     ("../x", "not an identifier"), ("/etc/passwd", "not an identifier"), ("a/b", "not an identifier"),
     ("Sql", "not an identifier"), ("", "non-empty"), ("sql@", "empty version"), ("sql@0", "versions run from 1"), ("sql@99999999999999999999", "versions run from 1"),
     ("x" * 65, "longer than 64"), ("a..b", "not an identifier"), ("sql@Prod", "not an identifier"),
+    ("sql@³", "not an identifier"), ("sql@١٢", "not an identifier"),  # other scripts' digits: versions are 0-9
 ])
 def test_parse_refuses(text, fragment):
     with pytest.raises(InvalidName, match=fragment):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,8 +30,8 @@ import pytest
 import yaml
 from huggingface_hub import constants, snapshot_download
 
-from hotswap.hub import (IncompatibleAdapter, InvalidName, NotFoundError, Registry, RemoteError,
-                         UnsafeContent)
+from hotswap.hub import (IncompatibleAdapter, InvalidMetadata, InvalidName, NotFoundError, Registry,
+                         RemoteError, UnsafeContent)
 from hotswap.hub.cli import main
 from hotswap.hub.remote import fetch_repo, pull_version, push_version
 
@@ -204,6 +205,16 @@ def test_pull_refuses_an_adapter_that_does_not_fit_its_base(hub, registry, make_
     with pytest.raises(IncompatibleAdapter, match=r"q_proj.*shape"):
         pull_version(registry, "org/misfit", "misfit")
     assert [v.name for v in registry.list()] == ["tiny"]
+
+
+@pytest.mark.parametrize("front", ["base_model: [unclosed", "- a list\n- not a mapping"])
+def test_pull_refuses_a_card_with_unreadable_front_matter(hub, registry, tiny_base_dir, tmp_path, front):
+    folder = shutil.copytree(tiny_base_dir, tmp_path / "badcard")
+    (folder / "README.md").write_text(f"---\n{front}\n---\n# card\n")
+    _upload_folder(hub, "org/badcard", folder)
+    with pytest.raises(InvalidMetadata, match=r"model card \(README.md\) of org/badcard has unreadable front matter"):
+        pull_version(registry, "org/badcard", "badcard")
+    assert [v.ref for v in registry.list()] == ["tiny@1"]
 
 
 def test_pull_matches_the_base_named_by_the_card(hub, registry, other_registry, make_adapter, tmp_path):

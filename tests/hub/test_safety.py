@@ -7,6 +7,8 @@ import pytest
 
 from hotswap.hub import CorruptionError, InvalidName, UnsafeContent
 
+from .conftest import TINY_SOURCE
+
 
 def test_pickle_refused_with_conversion_hint(registry, make_adapter):
     folder = make_adapter()
@@ -122,3 +124,35 @@ def test_snapshot_rebuilt_if_tampered_with(registry, make_adapter):
     snap = registry.open("sql")
     shutil.rmtree(snap.path)
     assert (registry.open("sql").path / "adapter_config.json").is_file()
+
+
+def _corrupt(registry, ref: str, path: str) -> str:
+    sha = next(s for p, s, _ in registry.files(ref) if p == path)
+    blob = registry.blobs.path(sha)
+    os.chmod(blob, 0o644)
+    blob.write_text("garbage")
+    os.chmod(blob, 0o444)
+    return sha
+
+
+def test_publishing_intact_files_again_heals_a_corrupt_blob(registry, tiny_base_dir):
+    sha = _corrupt(registry, "tiny", "config.json")
+    assert [(p.ref, p.path) for p in registry.verify()] == [("tiny@1", "config.json")]
+    again = registry.publish(tiny_base_dir, name="tiny", kind="base", source=TINY_SOURCE)
+    assert (again.version.ref, again.created) == ("tiny@1", False)
+    assert registry.verify() == [] and registry.open("tiny").version.ref == "tiny@1"
+
+    _corrupt(registry, "tiny", "config.json")  # the same files under a new name are whole from the start
+    twin = registry.publish(tiny_base_dir, name="twin", kind="base", source=TINY_SOURCE).version
+    assert registry.open(twin).version.ref == "twin@1" and registry.verify() == []
+    assert registry.blobs.path(sha).read_bytes() == (tiny_base_dir / "config.json").read_bytes()
+
+
+def test_a_link_to_a_folder_inside_is_refused_naming_it(registry, tiny_base_dir, tmp_path):
+    folder = shutil.copytree(tiny_base_dir, tmp_path / "linked")
+    (folder / "docs").mkdir()
+    (folder / "docs" / "card.md").write_text("hello")
+    os.symlink("docs", folder / "more-docs")  # os.walk would not enter it: its files would go missing
+    with pytest.raises(UnsafeContent, match="more-docs is a link to a folder"):
+        registry.publish(folder, name="linked", kind="base")
+    assert [v.ref for v in registry.list()] == ["tiny@1"]

@@ -167,6 +167,8 @@ def test_alias_moves_reach_the_next_request(client, store, tmp_path):
     assert client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 9}).status_code == 404
     assert client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 0}).status_code == 400
     assert client.put("/v1/hub/acme-moving/aliases/Bad!", headers=ADMIN, json={"version": 1}).status_code == 400
+    numeric = client.put("/v1/hub/acme-moving/aliases/7", headers=ADMIN, json={"version": 1})  # reads as version 7
+    assert numeric.status_code == 400 and "is a number" in numeric.json()["error"]["message"]
 
 
 def test_unpin_of_what_is_not_pinned_changes_nothing(client):
