@@ -106,20 +106,18 @@ class Registry:
             raise InvalidMetadata(f"kind {kind!r} is not one of {', '.join(KINDS)}")
         existing = self._index.entry_kind(name)
         if existing is not None and existing != kind:
-            raise InvalidMetadata(f"{name} is a {existing}; it cannot take a {kind} version")
+            raise InvalidMetadata(f"{name} is {_a(existing)}; it cannot take {_a(kind)} version")
         staged = scan_folder(Path(folder))
         fields: dict[str, Any] = dict(kind=kind, task=task, language=language, tags=tags, metrics=metrics,
                                       lineage=lineage, source=source)
+        base_snap = self.open(base or self.match_base(describe.declared_base(staged))) if kind == "adapter" or base \
+            else None
+        if base_snap is not None and base_snap.version.kind != "base":  # before reading it as one
+            raise InvalidMetadata(f"{base_snap.version.ref} is {_a(base_snap.version.kind)}, not a base")
         if kind == "adapter":
-            base_snap = self.open(base or self.match_base(describe.declared_base(staged)))
             fields |= describe.adapter_fields(staged, base_snap)
         else:
-            base_snap = self.open(base) if base else None
-            if base_snap is not None and base_snap.version.kind != "base":
-                raise InvalidMetadata(f"{base_snap.version.ref} is a {base_snap.version.kind}, not a base")
             fields |= describe.checkpoint_fields(staged, kind, base_snap)
-        if kind == "adapter" and base_snap.version.kind != "base":
-            raise InvalidMetadata(f"{base_snap.version.ref} is a {base_snap.version.kind}, not a base")
         describe.build_metadata(fields)  # refuse bad metadata before any byte is stored
 
         with self._store_lock(exclusive=False):
@@ -183,6 +181,8 @@ class Registry:
              base: str | None = None, tag: str | None = None) -> list[Version]:
         """Every version matching all the filters given (`tag` is `key` or `key=value`)."""
         found = []
+        if base and "@" in base:  # an alias or `latest` means the version it names now
+            base = self.resolve(base).ref
         for version in map(_to_version, self._index.versions()):
             meta = version.metadata
             key, _, value = (tag or "").partition("=")
@@ -282,3 +282,5 @@ def _to_version(row: VersionRow) -> Version:
     return Version(row.name, row.version, row.kind, row.digest, metadata, datetime.fromisoformat(row.created_at))
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind == "adapter" else f"a {kind}"

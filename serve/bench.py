@@ -97,7 +97,7 @@ def prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
         source = Registry(s.home)
         snap = source.open(s.base)
         if snap.version.kind != "base":
-            raise SystemExit(f"{s.base} is a {snap.version.kind}, not a base")
+            raise SystemExit(f"{s.base} is {'an' if snap.version.kind == 'adapter' else 'a'} {snap.version.kind}, not a base")
         shutil.copytree(snap.path, folder)
         source.close()
     registry.publish(folder, name="bench-base", kind="base")

@@ -85,7 +85,7 @@ def prepare(loaded: LoadedRecipe, registry: Registry) -> Prepared:
     except HubError as exc:
         raise RecipeError(f"base {recipe.base!r}: {exc}") from None
     if base.kind != "base":
-        raise RecipeError(f"base {recipe.base!r} is a {base.kind}, not a base model")
+        raise RecipeError(f"base {recipe.base!r} is {'an' if base.kind == 'adapter' else 'a'} {base.kind}, not a base model")
     train_examples, eval_examples = read_jsonl(loaded.train_path), read_jsonl(loaded.eval_path)
     check_references(recipe.metric, eval_examples, str(loaded.eval_path))
     place = Placement.pick()

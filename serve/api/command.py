@@ -84,7 +84,7 @@ def serve(
         typer.echo(f"error: --base {base}: {exc}", err=True)
         raise typer.Exit(2) from None
     if version.kind != "base":
-        typer.echo(f"error: --base {base}: {version.ref} is a {version.kind}, not a base", err=True)
+        typer.echo(f"error: --base {base}: {version.ref} is {'an' if version.kind == 'adapter' else 'a'} {version.kind}, not a base", err=True)
         raise typer.Exit(2)
 
     app = create_app(Engine(registry, base, config), registry, settings)

@@ -47,7 +47,7 @@ class Resolver:
     def open_base(self) -> tuple[Target, Path]:
         version = self._resolve(self.base_ref)
         if version.kind != "base":
-            raise IncompatibleAdapter(f"{version.ref} is a {version.kind}, not a base")
+            raise IncompatibleAdapter(f"{version.ref} is {'an' if version.kind == 'adapter' else 'a'} {version.kind}, not a base")
         self.base_version = version
         return Target("base", version.ref, version.digest), self.open(version).path
 

@@ -49,6 +49,11 @@ def test_base_matched_from_adapter_config_or_refused(registry, make_adapter):
     with pytest.raises(NotFoundError, match="org/unknown-model.*matches no base.*--base"):
         registry.publish(folder, name="auto2")
     assert registry.publish(folder, name="auto2", base="tiny").created
+    with pytest.raises(InvalidMetadata, match="auto@1 is an adapter, not a base"):  # said before reading it as one
+        registry.publish(make_adapter(seed=5), name="auto3", base="auto")
+    registry.alias("tiny@1", "prod")
+    assert {v.ref for v in registry.list(base="tiny@prod")} == {v.ref for v in registry.list(base="tiny")} == {
+        "auto@1", "auto2@1"}
 
 
 def test_incompatible_shapes_refused_naming_module(registry, make_adapter, tmp_path):
@@ -90,7 +95,7 @@ def test_metadata_validated(registry, make_adapter):
     with pytest.raises(InvalidMetadata, match="kind 'lora' is not one of"):
         registry.publish(make_adapter(), name="x", kind="lora")
     registry.publish(make_adapter(), name="x", language="pt-BR")
-    with pytest.raises(InvalidMetadata, match="x is a adapter; it cannot take a base"):
+    with pytest.raises(InvalidMetadata, match="x is an adapter; it cannot take a base"):
         registry.publish(make_adapter(), name="x", kind="base")
 
 
