@@ -33,7 +33,8 @@ log = logging.getLogger("hotswap.engine")
 # program walks a long loop. The shrink splits the input features over programs, each writing a
 # partial sum; the expand adds the partials in a fixed order (no atomics: a greedy run repeats
 # itself bit for bit) before it multiplies by B.
-_TILE = 16384  # elements of the A or B tile one program holds
+_TILE = 8192  # elements of the A or B tile one program holds: 32 a thread in 8 warps
+_WARPS = 8
 _MAX_COLS = 64  # shrink: rank columns per program, at most
 
 
@@ -112,7 +113,7 @@ class TritonLora:
         grid = (num_blocks, num_splits, -(-num_cols // block_cols))
         self._shrink[grid](x, tok_arg, a_pool, a_rows.contiguous(), parts, x.shape[1], num_cols, num_splits,
                            x.stride(0), a_pool.stride(0), HAS_TOK=tok is not None, BLOCK_COLS=block_cols,
-                           BLOCK_IN=block_in)
+                           BLOCK_IN=block_in, num_warps=_WARPS)
         block_rank = p2(rank)
         col = 0
         for i, (pool, rows) in enumerate(zip(b_pools, b_rows)):
@@ -122,7 +123,8 @@ class TritonLora:
             grid = (num_blocks, -(-out_dim // block_out))
             self._expand[grid](parts, tok_arg, pool, rows.contiguous(), y, out_dim, rank, num_cols, num_splits,
                                i * rank, pool.stride(0), y.stride(0), col, HAS_TOK=tok is not None,
-                               BLOCK_RANK=block_rank, BLOCK_SPLITS=p2(num_splits), BLOCK_OUT=block_out)
+                               BLOCK_RANK=block_rank, BLOCK_SPLITS=p2(num_splits), BLOCK_OUT=block_out,
+                               num_warps=_WARPS)
             col += out_dim
 
 
