@@ -116,6 +116,8 @@ def render(api: ApiMetrics, stats: EngineStats, residency: list[AdapterResidency
             "Prompt tokens whose KV came from the prefix cache instead of being computed.",
             [({}, stats.prefix_cache_hits)])
     _family(out, "hotswap_engine_steps_total", "counter", "Forward steps run.", [({}, stats.steps)])
+    _family(out, "hotswap_engine_preemptions_total", "counter", "Running requests put back to wait for KV room "
+            "(their KV is computed again when they resume).", [({}, stats.preemptions)])
     _family(out, "hotswap_engine_requests_rejected_total", "counter", "Requests the engine refused, by error.",
             [({"error": k}, n) for k, n in sorted(stats.requests_rejected.items())])
     _histograms(out, "hotswap_engine_queue_wait_seconds", "Submit to first scheduled.", [({}, stats.queue_wait)])

@@ -55,6 +55,7 @@ class EngineConfig:
         assert self.kv_block_size > 0 and self.kv_cache_bytes > 0
         assert self.max_rank > 0 and self.lora_capacity_bytes >= 0 and self.host_cache_bytes >= 0
         assert self.edge_lora_rows >= 0
+        assert self.load_workers >= 1, f"load_workers must be at least 1, got {self.load_workers}"
         assert self.lora_batch_cache_bytes is None or self.lora_batch_cache_bytes >= 0
         assert self.dtype in (None, *DTYPES), f"unknown dtype {self.dtype!r}"
         assert self.lora_dtype in (None, *DTYPES), f"unknown lora_dtype {self.lora_dtype!r}"

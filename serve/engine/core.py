@@ -112,7 +112,7 @@ class Core:
 
         start = time.perf_counter()
         try:
-            plan, sampled = worker.step(try_start, self._unpin)
+            plan, sampled = worker.step(try_start, self._preempted)
         except Exception as exc:  # the step's KV writes are in doubt: end its sequences, keep serving
             log.exception("engine step failed")
             worker.blocks.forget_cached()
@@ -140,6 +140,10 @@ class Core:
                 self._emit(seq, token, logprobs)
         return True
 
+    def _preempted(self, seq: Sequence) -> None:
+        self.recorder.incr("preemptions")
+        self._unpin(seq)
+
     def _unpin(self, seq: Sequence) -> None:
         if seq.pinned:
             self.residency.release(seq.target.digest)
@@ -164,6 +168,8 @@ class Core:
             try:
                 worker = self.models.get(digest, lambda w: w.scheduler.has_work)
             except Exception as exc:
+                if isinstance(exc, KeyError):  # unloaded between this request's submit and its admission
+                    exc = EngineError(f"{seqs[0].target.ref} was unloaded before this request started; send it again")
                 for seq in list(seqs):
                     self.fail(seq, exc)
                 self.model_waiting.pop(digest, None)
@@ -182,7 +188,7 @@ class Core:
             self.recorder.observe("ttft", now - seq.arrival)
         reason = None
         if token in seq.eos_ids and not seq.sampling.ignore_eos:
-            delta, reason = "", "stop"
+            delta, reason = seq.detok.flush(), "stop"  # text held back as a possible stop string's start
         else:
             delta, hit = seq.detok.add(token)
             if hit:

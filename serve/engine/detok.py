@@ -34,11 +34,11 @@ class Detokenizer:
         return self._release()
 
     def _release(self) -> tuple[str, bool]:
-        for s in self.stop:
-            at = self.text.find(s, max(0, self._sent - len(s) + 1))
-            if at >= 0:
-                self.text = self.text[:at]
-                return self.flush(), True
+        # the stop string that begins first in the text ends it, whatever their order in `stop`
+        found = [at for s in self.stop if (at := self.text.find(s, max(0, self._sent - len(s) + 1))) >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            return self.flush(), True
         hold = 0
         for s in self.stop:  # the longest tail of text that is a proper prefix of a stop string
             for n in range(min(len(s) - 1, len(self.text)), 0, -1):

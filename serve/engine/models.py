@@ -61,7 +61,8 @@ class ModelPool:
 
     def get(self, digest: str, busy: Callable[[Worker], bool]) -> Worker | None:
         """The loaded worker, or None while loading; starts the load when the budget allows
-        (evicting idle models). Raises the load error. Engine thread only."""
+        (evicting idle models). Raises the load error, and KeyError for a model unloaded since its
+        request. Engine thread only."""
         with self._lock:
             entry = self._entries[digest]
             if entry.error is not None:

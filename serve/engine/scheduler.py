@@ -106,7 +106,10 @@ class Scheduler:
         bs, upto = self.blocks.block_size, seq.num_computed + n
         if upto // bs > seq.num_registered:
             extend_block_hashes(seq.block_hashes, seq.token_ids, upto, bs, seq.cache_key)
-            self.blocks.register(seq.block_table, seq.block_hashes, seq.num_registered)
+            # only the blocks this step fills: the hashes of a prompt's later blocks exist already
+            # (computed at admission), and a sequence cancelled or preempted mid-prefill must leave
+            # no block cached whose KV was never written
+            self.blocks.register(seq.block_table, seq.block_hashes[:upto // bs], seq.num_registered)
             seq.num_registered = upto // bs
 
     def _preempt(self, seq: Sequence, on_preempt: Callable[[Sequence], None]) -> None:

@@ -45,6 +45,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens of started requests
     prefix_cache_hits: int = 0  # of those, tokens whose KV came from the prefix cache
     steps: int = 0
+    preemptions: int = 0  # running sequences put back to wait for KV room (recomputed when they resume)
     adapter_hits: dict[str, int] = field(default_factory=dict)  # tier ("device", "host", "disk") -> count
     adapter_evictions: dict[str, int] = field(default_factory=dict)  # tier -> count
     model_loads: int = 0

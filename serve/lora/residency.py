@@ -74,8 +74,8 @@ class Residency:
         """A request for this adapter arrived: count the tier it is found in, start a cold load."""
         with self._lock:
             entry = self._entries.get(digest)
-            if entry is None:
-                entry = self._entries[digest] = Entry(ref=ref, digest=digest)
+            if entry is None or (entry.error is not None and entry.pins == 0):  # a new request tries again:
+                entry = self._entries[digest] = Entry(ref=ref, digest=digest)  # the refusal may have passed
             tier = "device" if entry.slot is not None else "host" if entry.host is not None else "disk"
             self._on_event("hit", tier, 0.0)
             entry.last_used = time.time()
@@ -96,6 +96,9 @@ class Residency:
                 entry.error, entry.loading = exc, None
         else:
             with self._lock:
+                if self._entries.get(entry.digest) is not entry:  # unloaded while it loaded: keep nothing
+                    self.wake()
+                    return
                 entry.host, entry.loading = host, None
                 entry.load_seconds = time.perf_counter() - start
                 self._host_lru[entry.digest] = None

@@ -103,6 +103,7 @@ def test_residency_cache_and_queue_figures(client):
     assert value(s, "hotswap_queue_depth") == 0 and value(s, "hotswap_requests_running") == 0
     assert value(s, "hotswap_ready") == 1
     assert value(s, "hotswap_kv_blocks", state="total") > 0
+    assert value(s, "hotswap_engine_preemptions_total") == 0  # a KV cache this size never runs short here
 
 
 def test_prefix_cache_figures(client):

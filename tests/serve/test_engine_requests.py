@@ -85,6 +85,41 @@ def test_stop_strings_cut_the_text(engine):
     assert cut.finish_reason == "stop"
     assert cut.text == free.text[:free.text.find(stop)]
     assert stop not in cut.text
+    # of several stop strings, the one that begins first ends the text, whatever their order
+    late, early = free.text[4], free.text[3]
+    for order in ((late, early), (early, late)):
+        out = engine.generate_sync([GenerationRequest(prompt=PROMPTS[4], sampling=SamplingParams(
+            max_tokens=20, stop=order))])[0]
+        assert out.text == free.text[:min(free.text.find(late), free.text.find(early))]
+
+
+def test_the_earliest_stop_string_in_one_tokens_text_wins():
+    """Two stop strings arriving in the same token: the text ends where the first of them begins,
+    whatever their order in ``stop``."""
+    from hotswap.serve.engine.detok import Detokenizer
+
+    tok = tiny_tokenizer()
+    def text_of(t: int) -> str:
+        return tok.decode([t], skip_special_tokens=True)
+    token = next(t for t in range(len(tok)) if len(set(text_of(t))) >= 2 and text_of(t).isprintable())
+    text = text_of(token)
+    later = next(c for c in text if c != text[0])
+    for stop in ((later, text[0]), (text[0], later)):
+        detok = Detokenizer(tok, stop)
+        delta, hit = detok.add(token)
+        assert hit and delta + detok.flush() == "" and detok.text == "", stop
+
+
+def test_text_held_back_for_a_stop_string_is_sent_when_eos_ends_the_request(engine):
+    """A tail that could begin a stop string waits for the next token; if that token is the end of
+    the sequence, the tail is still part of the answer."""
+    request = GenerationRequest(prompt="tiny model", model="sql", sampling=SamplingParams(max_tokens=40))
+    free = engine.generate_sync([request])[0]
+    assert free.finish_reason == "stop" and free.text  # this adapter ends its answer with EOS here
+    held = GenerationRequest(prompt="tiny model", model="sql", sampling=SamplingParams(
+        max_tokens=40, stop=(free.text[-1] + "\x00never",)))
+    out = engine.generate_sync([held])[0]
+    assert out.text == free.text and out.token_ids == free.token_ids
 
 
 def test_chat_uses_the_base_chat_template(engine, world):

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hotswap.hub import Registry
-from hotswap.serve.engine import GenerationRequest, SamplingParams
+from hotswap.serve.engine import EngineError, GenerationRequest, SamplingParams
 
 from .engine_support import (ADAPTERS, BASE, PROMPTS, AdapterSpec, peft_greedy, preload, save_adapter,  # noqa: F401
                              start_engine, tiny_tokenizer, world)
@@ -114,6 +114,55 @@ def test_unload_refuses_while_a_request_waits_and_pin_reloads_what_was_unloaded(
         assert "sql@1" not in {r.ref for r in engine.residency()}
         assert asyncio.run(engine.pin("sql")).tier == "device"
         assert {r.ref: r.manually_pinned for r in engine.residency()}["sql@1"]
+    finally:
+        engine.stop_sync()
+
+
+def test_unload_during_a_load_keeps_the_engine_serving(world, monkeypatch):
+    """An adapter unloaded while its files are still being read: the finished load is dropped, and the
+    engine goes on serving (that adapter too, loaded again)."""
+    import asyncio
+
+    from hotswap.serve.engine import loaders
+
+    load = loaders.load_adapter
+
+    def slow_load(*args, **kwargs):  # a slow disk
+        time.sleep(0.5)
+        return load(*args, **kwargs)
+    monkeypatch.setattr(loaders, "load_adapter", slow_load)
+    engine = start_engine(world.home)
+    try:
+        engine.load_future("sql")
+        time.sleep(0.1)
+        assert asyncio.run(engine.unload("sql")) is True
+        time.sleep(0.6)  # the load ends after the unload (the pending load command then loads it again)
+        assert engine.ready and engine.stats().host_cache_bytes_used >= 0
+        out = engine.generate_sync([req(engine, "sql", 1)])[0]
+        assert list(out.token_ids) == expected(world, "sql", 1) and engine.ready
+    finally:
+        engine.stop_sync()
+
+
+def test_a_failed_load_is_tried_again_by_the_next_request(world, monkeypatch):
+    """A load that failed (the disk briefly unreadable, say) fails the requests waiting for it; the
+    next request for the adapter tries again instead of being refused for good."""
+    from hotswap.serve.engine import loaders
+
+    load, calls = loaders.load_adapter, []
+
+    def flaky_load(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("the registry's disk is briefly unreadable")
+        return load(*args, **kwargs)
+    monkeypatch.setattr(loaders, "load_adapter", flaky_load)
+    engine = start_engine(world.home)
+    try:
+        with pytest.raises(EngineError, match="OSError: the registry.s disk is briefly unreadable"):
+            engine.generate_sync([req(engine, "sql", 1)])
+        out = engine.generate_sync([req(engine, "sql", 1)])[0]
+        assert list(out.token_ids) == expected(world, "sql", 1) and len(calls) == 2
     finally:
         engine.stop_sync()
 

@@ -252,3 +252,55 @@ def test_a_failed_step_leaves_no_cached_block_behind(engine, world, monkeypatch)
     again = run(engine, None, ids)
     assert again.usage.cached_tokens == 0
     assert list(again.token_ids) == peft_greedy(world.base_dir, None, ids, 8)
+
+
+def _long_ids(n: int = 100) -> list[int]:
+    return tiny_tokenizer()("the quick brown fox jumps over the lazy dog " * 40)["input_ids"][:n]
+
+
+def test_a_prompt_preempted_mid_prefill_leaves_no_uncomputed_block_cached(world):
+    """Only blocks a step fills are offered to the cache. Here a long prompt, computed 16 tokens a
+    step beside a decoding request, is preempted for KV room after two chunks and starts again: it must
+    not take its own later blocks back from the cache, whose KV was never written."""
+    block_bytes = 2 * 3 * 16 * 2 * 16 * 4  # K and V of one 16-token block of the tiny base, float32
+    ids, other = _long_ids(), tiny_tokenizer()("hello world, how are you today? once upon a")["input_ids"][:14]
+    want = peft_greedy(world.base_dir, world.adapter_dirs["sql"], ids, 8)
+    eng = start_engine(world.home, max_batch_tokens=16, kv_cache_bytes=8 * block_bytes)
+    try:
+        preload(eng, ["sql"])
+        decoding, long = eng.submit_many([
+            GenerationRequest(prompt_token_ids=other, sampling=SamplingParams(max_tokens=40, ignore_eos=True)),
+            GenerationRequest(prompt_token_ids=ids, model="sql", sampling=SamplingParams(max_tokens=8))])
+        assert list(long.result().token_ids) == want
+        decoding.result()
+        assert eng.stats().preemptions >= 1
+    finally:
+        eng.stop_sync()
+
+
+def test_a_prompt_cancelled_mid_prefill_leaves_no_uncomputed_block_cached(world):
+    ids = _long_ids()
+    want = peft_greedy(world.base_dir, world.adapter_dirs["sql"], ids, 8)
+    eng = start_engine(world.home, max_batch_tokens=16)
+    try:
+        preload(eng, ["sql"])
+        core, worker = eng._core, eng._base
+        step, cut = worker.step, []
+
+        def cancel_after_first_chunk(*args, **kwargs):  # as a client hanging up during a long prompt
+            out = step(*args, **kwargs)
+            seq = core.seqs.get("long")
+            if seq is not None and seq.num_computed >= 16 and not cut:
+                cut.append(worker.blocks.num_cached)
+                core.cancel("long")
+            return out
+        worker.step = cancel_after_first_chunk
+        first = eng.submit(GenerationRequest(prompt_token_ids=ids, model="sql", request_id="long",
+                                             sampling=SamplingParams(max_tokens=8)))
+        assert first.result().finish_reason == "cancelled" and cut == [1]  # the one block computed
+        worker.step = step
+        again = eng.generate_sync([GenerationRequest(prompt_token_ids=ids, model="sql",
+                                                     sampling=SamplingParams(max_tokens=8))])[0]
+        assert list(again.token_ids) == want and again.usage.cached_tokens == 16
+    finally:
+        eng.stop_sync()
