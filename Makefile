@@ -1,5 +1,5 @@
 # Two set-up commands: `make demo` runs the main job on the embedded base, `make test` runs the tests.
-# Each creates .venv if absent and installs what it needs (torch pinned to the 2.13.0 CPU wheel).
+# Each creates .venv if absent and installs what it needs (torch pinned to 2.13.0: the build the index offers).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

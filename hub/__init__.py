@@ -18,7 +18,7 @@ from .errors import (
 )
 from .index import AliasEvent
 from .metadata import KINDS, EntryMetadata
-from .refs import LATEST, Ref, check_identifier, parse_ref
+from .refs import LATEST, Ref, check_alias, check_identifier, parse_ref
 from .registry import Registry, default_home
 from .versions import Problem, PublishResult, Snapshot, Version
 
@@ -26,5 +26,5 @@ __all__ = [
     "AliasEvent", "CorruptionError", "EntryMetadata", "HubError", "ImportFailed", "IncompatibleAdapter",
     "InUseError", "InvalidMetadata", "InvalidName", "KINDS", "LATEST", "NotFoundError", "Problem",
     "PublishResult", "Ref", "Registry", "RemoteError", "Snapshot", "UnsafeContent", "Version",
-    "check_identifier", "classifier_label_names", "classifier_labels", "default_home", "is_classifier", "parse_ref",
+    "check_alias", "check_identifier", "classifier_label_names", "classifier_labels", "default_home", "is_classifier", "parse_ref",
 ]

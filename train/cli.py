@@ -85,7 +85,7 @@ def run_cmd(
 ) -> None:
     """Train RECIPE with LoRA, DoRA or full fine-tuning; score it on the held-out set; optionally publish."""
     with _refusals():
-        from hotswap.hub import check_identifier
+        from hotswap.hub import check_alias, check_identifier
 
         from .publish import entry_name, publish_result
         from .recipe import METHODS, load_recipe
@@ -98,7 +98,7 @@ def run_cmd(
         if publish:  # refused now, not after the training run
             check_identifier(entry_name(loaded, loaded.recipe.method, name), "name")
             for alias in aliases:
-                check_identifier(alias, "alias")
+                check_alias(alias)
         registry = _registry(home)
         prep = prepare(loaded, registry)  # every refusal about base, data and modules happens here
         run_dir = out or Path("runs") / f"{loaded.recipe.name}-{loaded.recipe.method}"

@@ -15,7 +15,7 @@ from ..engine import AdapterNotFound, AdapterResidency, Engine, EngineNotReady, 
 from ..lora.compose import is_composite, parse_composite
 from .admin_schemas import AdapterInfo, Residency
 from .auth import Principal
-from .exceptions import ApiProblem, Forbidden, UnknownModel
+from .exceptions import ApiProblem, BadReference, Forbidden, UnknownModel
 from .hub_access import HubAccess
 from .openai_schemas import ModelCard
 from .settings import ServerSettings
@@ -112,7 +112,7 @@ def _parts(model: str, param: str) -> list[str]:
     try:
         return [ref for ref, _ in parse_composite(model)]
     except ValueError as exc:
-        raise ApiProblem(f"{param}: {exc}", param) from None
+        raise BadReference(f"{param}: {exc}", param) from None
 
 
 def checked_ref(text: str, param: str) -> Ref:
@@ -120,7 +120,7 @@ def checked_ref(text: str, param: str) -> Ref:
     try:
         return parse_ref(text)
     except InvalidName as exc:
-        raise ApiProblem(f"{param}: {exc}", param) from None
+        raise BadReference(f"{param}: {exc}", param) from None
 
 
 def _entry_names(reg: Registry) -> list[str]:

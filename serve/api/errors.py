@@ -35,7 +35,7 @@ from ..engine import (
     PromptTooLong,
     QueueFull,
 )
-from .exceptions import ApiProblem, BadUpload, Busy, ClientGone, Forbidden, Unauthenticated, UnknownModel
+from .exceptions import ApiProblem, BadReference, BadUpload, Busy, ClientGone, Forbidden, Unauthenticated, UnknownModel
 from .metrics import MODEL_SCOPE_KEY
 from .openai_schemas import ErrorDetail, ErrorResponse
 
@@ -59,7 +59,8 @@ ERRORS: dict[type[BaseException], ErrorSpec] = {
     Busy: ErrorSpec(409, "conflict_error", "adapter_busy"),
     BadUpload: ErrorSpec(400, INVALID, "bad_upload"),
     ClientGone: ErrorSpec(499, "client_closed_request"),  # nobody reads it; counted in the metrics
-    ApiProblem: ErrorSpec(400, INVALID),
+    BadReference: ErrorSpec(400, INVALID, "invalid_name"),
+    ApiProblem: ErrorSpec(400, INVALID, "invalid_value"),
     # the engine
     PromptTooLong: ErrorSpec(400, INVALID, "context_length_exceeded"),
     InvalidRequest: ErrorSpec(400, INVALID, "invalid_value"),

@@ -18,6 +18,10 @@ class ApiProblem(Exception):
             self.param = param
 
 
+class BadReference(ApiProblem):
+    """A malformed model or adapter reference (a bad name, version 0, an empty alias)."""
+
+
 class Unauthenticated(ApiProblem):
     """No API key, or one the server does not know."""
 

@@ -87,6 +87,9 @@ def test_unknown_model_is_404_with_nearest_names(client):
     assert "staging" in error["message"] and "prod" in error["message"]
     huge = "acme-sql@" + "9" * 30  # beyond any version the registry hands out: a bad reference, not a 500
     assert error_of(post(client, "/v1/completions", {"model": huge, "prompt": "hi"}), 400)["param"] == "model"
+    for bad in ("acme-sql@0", "Bad_Name", "acme-sql@", "acme-sql*x+acme-chat"):  # malformed: invalid_name
+        error = error_of(post(client, "/v1/completions", {"model": bad, "prompt": "hi"}), 400)
+        assert (error["code"], error["param"]) == ("invalid_name", "model"), bad
     assert "versions run from 1" in error_of(client.get(f"/v1/adapters/{huge}", headers=ADMIN), 400)["message"]
     error = error_of(post(client, "/v1/adapters/acme-chta/load", {}), 404)
     assert error["param"] == "ref" and "acme-chat" in error["message"]

@@ -66,6 +66,7 @@ def test_refusals_exit_non_zero_with_reason_on_stderr(write_recipe, home, args, 
 
 @pytest.mark.parametrize("args, message", [
     (["--alias", "Prod"], "alias 'Prod' is not an identifier"),
+    (["--alias", "7"], "alias '7' is a number"),
     (["--name", "a..b"], "name 'a..b' is not an identifier"),
 ])
 def test_a_name_or_alias_the_registry_refuses_stops_publish_before_training(write_recipe, home, tmp_path, args,
