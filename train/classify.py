@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hotswap.hub import classifier_labels, is_classifier
+from hotswap.hub import classifier_label_names, classifier_labels, is_classifier
 
 from .data import Example
 from .encode import EncodeStats, Encoded
@@ -78,6 +78,8 @@ def load_scored_classifier(base_folder: Path, adapter: Path | None, model_folder
             raise DataError(f"{what} is not a sequence-classification adapter (PEFT task_type SEQ_CLS)")
         if (adapter / LABELS_FILE).is_file():
             _check_labels(what, json.loads((adapter / LABELS_FILE).read_text()), labels)
+        elif len(rows := classifier_label_names(adapter) or labels) != len(labels):  # unnamed: count the head's rows
+            raise DataError(f"{what} has a head over {len(rows)} labels, but the recipe names {len(labels)}")
     torch.manual_seed(seed)
     model = load_classifier(base_folder, labels, pad_id, device)
     if adapter is None:

@@ -7,6 +7,7 @@ and exits with status 1."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +52,16 @@ def _refusals() -> Iterator[None]:
     except (TrainError, HubError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+def _writable_folder(folder: Path, option: str) -> None:
+    from .errors import TrainError
+
+    if folder.exists() and not folder.is_dir():
+        raise TrainError(f"{option}: {folder} is a file, not a folder")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise TrainError(f"{option}: {existing} is not writable")
 
 
 def _emit(payload: dict[str, Any], as_json: bool, lines: list[str]) -> None:
@@ -99,9 +110,10 @@ def run_cmd(
             check_identifier(entry_name(loaded, loaded.recipe.method, name), "name")
             for alias in aliases:
                 check_alias(alias)
+        run_dir = out or Path("runs") / f"{loaded.recipe.name}-{loaded.recipe.method}"
+        _writable_folder(run_dir, "--out")
         registry = _registry(home)
         prep = prepare(loaded, registry)  # every refusal about base, data and modules happens here
-        run_dir = out or Path("runs") / f"{loaded.recipe.name}-{loaded.recipe.method}"
         result = run(prep, run_dir, resume=resume, eval_base=eval_base, show_progress=not quiet)
         payload: dict[str, Any] = {
             "recipe": loaded.recipe.name, "method": result.method, "run_dir": str(run_dir),
@@ -138,6 +150,8 @@ def eval_cmd(
         from .scoring import score_target
 
         loaded = load_recipe(recipe, overrides)
+        if answers is not None:  # refused before the evaluation, not after it
+            _writable_folder(answers.parent, "--answers")
         target, report, examples = score_target(loaded, _registry(home), ref, adapter)
         if answers is not None:
             report.write_answers(answers, examples)

@@ -40,9 +40,12 @@ def read_jsonl(path: Path) -> list[Example]:
     """Every example of a JSONL file; `DataError` names the file and line of the first bad one."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # lines end at "\n" only: JSON strings may hold U+2028 and U+2029, which splitlines() splits on
+        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except FileNotFoundError:
         raise DataError(f"{path}: no such data file") from None
+    except OSError as exc:  # a folder, no permission
+        raise DataError(f"{path}: not readable ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from None
     examples = []

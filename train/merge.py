@@ -16,6 +16,7 @@ of the sites' weight updates; `linear` keeps the rank but only approximates it."
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def merge_adapters(registry: Registry, refs: list[str], weights: list[float], me
         raise MergeError("name at least two adapters to merge")
     if len(weights) != len(refs):
         raise MergeError(f"{len(refs)} adapters but {len(weights)} weights: give one weight per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise MergeError(f"weights must be finite numbers, not {', '.join(map(str, weights))}")
     if density is not None and not 0 < density <= 1:
         raise MergeError(f"density {density} must be in (0, 1]")
     versions = _resolve_adapters(registry, refs)

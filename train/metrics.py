@@ -36,14 +36,16 @@ def strip_fence(text: str) -> str:
 
 
 # --- text-to-SQL ------------------------------------------------------------------------------
-_SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\d+(?:\.\d+)?|[A-Za-z_][A-Za-z_0-9.]*|<=|>=|<>|!=|[=<>(),*;+\-/%]")
+# Every character lands in some token (the last alternative takes any other one), so two queries
+# that differ anywhere but in case and spacing never normalise alike.
+_SQL_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\d+(?:\.\d+)?|[^\W\d][\w.]*|<=|>=|<>|!=|\|\||\S")
 
 
 def normalize_sql(text: str) -> str:
     """Keyword/identifier case, spacing, a trailing semicolon and `!=` vs `<>` do not matter;
-    string literals keep their case."""
+    string literals and quoted identifiers keep their case."""
     tokens = _SQL_TOKEN.findall(strip_fence(text))
-    out = [t if t.startswith("'") else ("<>" if t == "!=" else t.lower()) for t in tokens]
+    out = [t if t[0] in "'\"" else ("<>" if t == "!=" else t.lower()) for t in tokens]
     while out and out[-1] == ";":
         out.pop()
     return " ".join(out)
@@ -83,12 +85,19 @@ def _squash(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def _states(reply: str, fact: str) -> bool:
+    """Whether the squashed reply states the fact as a whole: not inside a longer number or word
+    (order 58963 is not in 589631, "6. oktober" not in "16. oktober"); a word may go on after it
+    ("3 werktag" is in "3 werktagen")."""
+    return re.search(r"(?<!\w)" + re.escape(_squash(fact)) + r"(?!\d)", reply) is not None
+
+
 def support_reply(answer: str, example: Example, language: str) -> Scores:
     """In the recipe's language (function-word identification) and stating every required fact
     (order numbers, dates, amounts: the example's meta.facts) verbatim."""
-    facts = example.meta.get("facts", [])
+    facts = example.meta["facts"]  # a non-empty list of strings: check_references saw to it
     reply = _squash(answer)
-    found = sum(1 for fact in facts if _squash(str(fact)) in reply)
+    found = sum(1 for fact in facts if _states(reply, fact))
     right_language = detect_language(answer) == primary_subtag(language)
     all_facts = found == len(facts)
     return {"support_reply": float(right_language and all_facts), "right_language": float(right_language),
@@ -106,7 +115,15 @@ def label_accuracy(answer: str, example: Example, language: str) -> Scores:
 
 def check_references(metric: str, examples: list[Example], what: str) -> None:
     """Refuse held-out references the metric cannot score, before any training: for ``json_fields``
-    each completion is a non-empty JSON object (the fields an answer must give)."""
+    each completion is a non-empty JSON object (the fields an answer must give); for ``support_reply``
+    each example's ``meta.facts`` is a non-empty list of strings."""
+    if metric == "support_reply":
+        for number, example in enumerate(examples, start=1):
+            facts = example.meta.get("facts")
+            if not isinstance(facts, list) or not facts or not all(isinstance(f, str) and f.strip() for f in facts):
+                raise DataError(f"{what}: example {number}: metric support_reply needs meta.facts, a non-empty list "
+                                f"of the facts a reply must state (strings), not {str(facts)[:40]}")
+        return
     if metric != "json_fields":
         return
     for number, example in enumerate(examples, start=1):

@@ -41,6 +41,10 @@ def publish_artifact(registry: Registry, loaded: LoadedRecipe, folder: Path, nam
         base = registry.resolve(loaded.recipe.base)
     except HubError as exc:
         raise RecipeError(f"base {loaded.recipe.base!r}: {exc}") from None
+    trained_by = (lineage.get("recipe") or {}).get("name")
+    if trained_by != loaded.recipe.name:  # else its name, task, language and metric tags would be another's
+        raise TrainError(f"{folder} was trained by recipe {trained_by!r}, not {loaded.recipe.name!r}: publish it "
+                         "with its own recipe")
     trained_on = lineage["base"]["fingerprint"]
     if trained_on != base.metadata.fingerprint:
         raise TrainError(f"{folder} was trained on a base with fingerprint {trained_on}, but {base.ref} has "

@@ -29,7 +29,8 @@ _BCP47 = re.compile(r"[a-zA-Z]{2,3}(-[a-zA-Z]{4})?(-([a-zA-Z]{2}|[0-9]{3}))?(-([
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are valid TOML, but no learning rate, epoch count or scale can be either
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataFiles(_Section):
@@ -129,6 +130,12 @@ class Recipe(_Section):
             raise ValueError(f"unknown metric {self.metric!r} (known: {', '.join(sorted(METRICS))})")
         if (self.labels is not None) != (self.metric == CLASSIFICATION_METRIC):
             raise ValueError(f"metric {CLASSIFICATION_METRIC!r} goes with labels (a classification recipe), and only with them")
+        if self.metric == "support_reply":  # it checks the reply's language: one it cannot tell would score 0
+            from .langid import STOPWORDS, primary_subtag
+
+            if primary_subtag(self.language) not in STOPWORDS:
+                raise ValueError(f"metric support_reply tells the languages {', '.join(sorted(STOPWORDS))} apart, "
+                                 f"not {self.language!r}")
         return self
 
     @model_validator(mode="after")
@@ -190,7 +197,10 @@ def recipe_path(spec: str | Path) -> Path:
 def load_recipe(spec: str | Path, overrides: list[str] | tuple[str, ...] = (), method: str | None = None) -> LoadedRecipe:
     """Read, override and validate a recipe; raise `RecipeError` naming every bad field."""
     path = recipe_path(spec)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc})") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -36,11 +36,17 @@ class LoopConfig:
     recipe_digest: str
 
 
-def total_steps(settings: TrainSettings, num_examples: int) -> int:
+def total_micro_batches(settings: TrainSettings, num_examples: int) -> int:
+    """Micro-batches of the run: ``max_steps`` whole steps, else ``epochs`` passes over the data
+    (counted in micro-batches, as ``micro_batch`` walks the epochs, so grad_accum > 1 adds none)."""
     if settings.max_steps:
-        return settings.max_steps
-    per_epoch = math.ceil(num_examples / (settings.batch_size * settings.grad_accum))
-    return max(1, math.ceil(settings.epochs * per_epoch))
+        return settings.max_steps * settings.grad_accum
+    return max(1, math.ceil(settings.epochs * math.ceil(num_examples / settings.batch_size)))
+
+
+def total_steps(settings: TrainSettings, num_examples: int) -> int:
+    """Optimizer steps; the last one may take fewer than grad_accum micro-batches."""
+    return math.ceil(total_micro_batches(settings, num_examples) / settings.grad_accum)
 
 
 def micro_batch(data: list[Encoded], settings: TrainSettings, index: int) -> list[Encoded]:
@@ -94,6 +100,7 @@ def train_loop(model: nn.Module, train: list[Encoded], held_out: list[Encoded], 
                run_dir: Path, place: Placement, resume: bool = False, on_step: StepHook | None = None,
                show_progress: bool = True) -> LoopState:
     settings = config.train
+    micro_batches = total_micro_batches(settings, len(train))
     steps = total_steps(settings, len(train))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=settings.weight_decay)
@@ -109,20 +116,22 @@ def train_loop(model: nn.Module, train: list[Encoded], held_out: list[Encoded], 
     model.train()
     bar = tqdm(total=steps, initial=loop.step, desc="train", unit="step", disable=not show_progress, dynamic_ncols=True)
     while loop.step < steps and not loop.stopped_early:
-        loss = _optimizer_step(model, train, settings, loop.step, params, optimizer, config.pad_id, place)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves it on)
+        count = min(settings.grad_accum, micro_batches - loop.step * settings.grad_accum)
+        loss = _optimizer_step(model, train, settings, loop.step, count, params, optimizer, config.pad_id, place)
         scheduler.step()
         loop.step += 1
-        loop.history.append({"step": loop.step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+        loop.history.append({"step": loop.step, "loss": loss, "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if config.eval.every and loop.step % config.eval.every == 0 and loop.step < steps:
-            _evaluate(model, held_out, config, loop, run_dir, place, bar)
+            _evaluate(model, held_out, config, loop, run_dir, place, bar, last=False)
         if settings.checkpoint_every and loop.step % settings.checkpoint_every == 0:
             save_checkpoint(run_dir, trainable_state(model), optimizer, scheduler, loop, config.recipe_digest)
         if on_step is not None:
             on_step(loop)
     if not loop.evals or loop.evals[-1]["step"] != loop.step:
-        _evaluate(model, held_out, config, loop, run_dir, place, bar)
+        _evaluate(model, held_out, config, loop, run_dir, place, bar, last=True)
     bar.close()
     save_checkpoint(run_dir, trainable_state(model), optimizer, scheduler, loop, config.recipe_digest)
     if loop.best_step is not None and loop.best_step != loop.step and (run_dir / BEST_FILE).is_file():
@@ -130,15 +139,16 @@ def train_loop(model: nn.Module, train: list[Encoded], held_out: list[Encoded], 
     return loop
 
 
-def _optimizer_step(model, train, settings: TrainSettings, step: int, params, optimizer, pad_id: int,
+def _optimizer_step(model, train, settings: TrainSettings, step: int, count: int, params, optimizer, pad_id: int,
                     place: Placement) -> float:
+    """One optimizer step over ``count`` micro-batches (grad_accum, or fewer for an epoch's end)."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for k in range(settings.grad_accum):
+    for k in range(count):
         batch = collate(micro_batch(train, settings, step * settings.grad_accum + k), pad_id)
         batch = {name: t.to(place.device) for name, t in batch.items()}
         with place.autocast():
-            loss = model(**batch).loss / settings.grad_accum
+            loss = model(**batch).loss / count
         loss.backward()
         total += loss.item()
     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -146,7 +156,10 @@ def _optimizer_step(model, train, settings: TrainSettings, step: int, params, op
     return total
 
 
-def _evaluate(model, held_out, config: LoopConfig, loop: LoopState, run_dir: Path, place: Placement, bar) -> None:
+def _evaluate(model, held_out, config: LoopConfig, loop: LoopState, run_dir: Path, place: Placement, bar,
+              last: bool) -> None:
+    """Measure the held-out loss; keep the best weights; stop early after ``patience`` evaluations
+    without improvement (not at the run's last one: every step has run then)."""
     eval_loss = evaluate_loss(model, held_out, config.eval.batch_size, config.pad_id, place)
     loop.evals.append({"step": loop.step, "eval_loss": eval_loss})
     bar.write(f"step {loop.step}: held-out loss {eval_loss:.4f}", file=sys.stderr)
@@ -156,7 +169,7 @@ def _evaluate(model, held_out, config: LoopConfig, loop: LoopState, run_dir: Pat
             save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, run_dir / BEST_FILE)
         return
     loop.bad_evals += 1
-    if config.eval.patience and loop.bad_evals >= config.eval.patience:
+    if config.eval.patience and loop.bad_evals >= config.eval.patience and not last:
         loop.stopped_early = True
         bar.write(f"early stop at step {loop.step}: no improvement in {loop.bad_evals} evaluations "
                   f"(best {loop.best_eval_loss:.4f} at step {loop.best_step})", file=sys.stderr)

@@ -88,6 +88,11 @@ def test_scoring_refuses_a_classifier_under_a_generation_recipe_and_the_reverse(
     (adapter / "labels.json").write_text(json.dumps(list(reversed(LABELS))))
     with pytest.raises(DataError, match=r"classifies into \[.*\], but the recipe's labels are"):
         score_target(loaded, registry, adapter=adapter)
+    (adapter / "labels.json").unlink()  # unnamed labels: the head's row count must still be the recipe's
+    fewer = load_recipe(write(write_recipe, labels=LABELS[:-1], records=[r for r in RECORDS if r["completion"] != LABELS[-1]],
+                              steps=1))
+    with pytest.raises(DataError, match=f"has a head over {len(LABELS)} labels, but the recipe names {len(LABELS) - 1}"):
+        score_target(fewer, registry, adapter=adapter)
 
 
 @pytest.mark.parametrize("changes, reason", [

@@ -76,6 +76,14 @@ def test_a_name_or_alias_the_registry_refuses_stops_publish_before_training(writ
     assert not (tmp_path / "r").exists()  # refused before the run began
 
 
+def test_unusable_output_paths_are_refused_before_any_work(write_recipe, home, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    result = _invoke(write_recipe(steps=1), "--home", home, "--quiet", "--out", tmp_path / "a-file")
+    assert result.exit_code == 1 and "--out: " in result.stderr and "is a file, not a folder" in result.stderr
+    result = _invoke("eval", write_recipe(), "--home", home, "--answers", tmp_path / "a-file" / "answers.jsonl")
+    assert result.exit_code == 1 and "--answers: " in result.stderr and "is a file" in result.stderr
+
+
 def test_unknown_base_and_bad_data_refused(write_recipe, home):
     result = _invoke(write_recipe(base="nope"), "--home", home)
     assert result.exit_code == 1 and "error: base 'nope'" in result.stderr

@@ -45,6 +45,21 @@ def test_bad_line_named_with_file_and_line(tmp_path, bad, message):
         read_jsonl(path)
 
 
+def test_lines_end_at_newlines_only(tmp_path):
+    """U+2028 and U+2029 may stand raw inside a JSON string (json.dumps writes them so with
+    ensure_ascii=False): they do not end a line."""
+    path = tmp_path / "data.jsonl"
+    records = [{"prompt": "line one\u2028line two\u2029end", "completion": "ok"}, {"prompt": "b", "completion": "c"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in records), encoding="utf-8")
+    examples = read_jsonl(path)
+    assert len(examples) == 2 and examples[0].messages[-1]["content"] == "line one\u2028line two\u2029end"
+
+
+def test_a_folder_given_as_data_is_named(tmp_path):
+    with pytest.raises(DataError, match="not readable"):
+        read_jsonl(tmp_path)
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(DataError, match="no such data file"):
         read_jsonl(tmp_path / "none.jsonl")

@@ -77,6 +77,9 @@ def test_ties_and_dare_publish_and_dare_is_seeded(registry, two):
 def test_refusals(registry, two, tiny_chat_dir, tmp_path):
     with pytest.raises(MergeError, match="2 adapters but 1 weights"):
         merge_adapters(registry, ["site-a", "site-b"], [1.0], "linear", "x")
+    for weights in ([float("nan"), 0.5], [float("inf"), 0.5]):
+        with pytest.raises(MergeError, match="weights must be finite numbers"):
+            merge_adapters(registry, ["site-a", "site-b"], weights, "cat", "x")
     with pytest.raises(MergeError, match="not one of"):
         merge_adapters(registry, ["site-a", "site-b"], [1.0, 1.0], "svd", "x")
     with pytest.raises(MergeError, match="tiny@1 is a base"):

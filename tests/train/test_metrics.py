@@ -21,6 +21,11 @@ def test_sql_normalisation():
         "sql_exact_match": 0.0}  # literals keep their case
     assert sql_exact_match("SELECT name FROM customers", _ex(ref), "en")["sql_exact_match"] == 0.0
     assert normalize_sql("a != 1") == normalize_sql("a <> 1")
+    # no character is dropped: queries that differ in anything but case and spacing stay apart
+    assert normalize_sql("SELECT a || b FROM t") != normalize_sql("SELECT a b FROM t")
+    assert normalize_sql('SELECT x FROM t WHERE city = "Paris"') != normalize_sql("SELECT x FROM t WHERE city = paris")
+    assert normalize_sql("SELECT ä FROM t") != normalize_sql("SELECT ö FROM t")
+    assert normalize_sql("SELECT `a` FROM t") != normalize_sql("SELECT a FROM t")
 
 
 def test_json_fields():
@@ -49,3 +54,30 @@ def test_support_reply_needs_language_and_every_fact():
     assert english["support_reply"] == 0.0 and english["facts_recall"] == 1.0
     missing = support_reply("Ihre Bestellung 48213 ist unterwegs. Danke!", example, "de-DE")
     assert missing["support_reply"] == 0.0 and missing["right_language"] == 1.0 and missing["facts_recall"] == 0.5
+
+
+def test_support_reply_facts_are_whole_not_inside_longer_numbers():
+    """Order 58963 is not stated by 589631, 3,50 € not by 103,50 €, 6. Oktober not by 16. Oktober;
+    a fact may run on into a longer word (3 Werktag, 3 Werktagen)."""
+    example = _ex("ignored", facts=["58963", "3,50 €", "6. Oktober"])
+    wrong = support_reply("Ihre Bestellung 589631 wird storniert. Sie erhalten 103,50 € zurück, bis zum 16. Oktober.",
+                          example, "de")
+    assert wrong["facts_recall"] == 0.0 and wrong["support_reply"] == 0.0
+    right = support_reply("Ihre Bestellung 58963 wird storniert. Sie erhalten 3,50 € zurück, bis zum 6. Oktober.",
+                          example, "de")
+    assert right["support_reply"] == 1.0
+    assert support_reply("Die Lieferung dauert 3 Werktagen, danke.", _ex("x", facts=["3 Werktag"]),
+                         "de")["facts_recall"] == 1.0
+
+
+def test_support_reply_references_need_their_facts():
+    import pytest
+
+    from hotswap.train.errors import DataError
+    from hotswap.train.metrics import check_references
+
+    for facts in (None, "55675", 5, [], ["ok", 3]):
+        meta = {} if facts is None else {"facts": facts}
+        with pytest.raises(DataError, match="example 1: metric support_reply needs meta.facts"):
+            check_references("support_reply", [_ex("reply", **meta)], "eval.jsonl")
+    check_references("support_reply", [_ex("reply", facts=["55675"])], "eval.jsonl")

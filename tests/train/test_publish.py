@@ -103,6 +103,9 @@ def test_a_run_folder_publishes_later_and_bad_records_are_named(write_recipe, re
         publish_artifact(registry, loaded, shipped)
     with pytest.raises(TrainError, match="lacks metrics.json"):
         publish_artifact(registry, loaded, tmp_path)
+    other = load_recipe(write_recipe(name="support-bot"))  # another recipe would publish it under its own tags
+    with pytest.raises(TrainError, match="was trained by recipe 'colours', not 'support-bot'"):
+        publish_artifact(registry, other, tmp_path / "run")
 
 
 def test_export_replaces_an_earlier_export_and_refuses_other_folders(write_recipe, registry, tmp_path):

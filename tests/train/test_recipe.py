@@ -116,6 +116,27 @@ def test_shipped_data_is_what_the_generator_writes(folder, tmp_path):
         assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("override, field", [
+    ("train.epochs=inf", "train.epochs"), ("train.lr=nan", "train.lr"), ("lora.alpha=inf", "lora.alpha")])
+def test_non_finite_numbers_are_refused(write_recipe, override, field):
+    with pytest.raises(RecipeError, match=field.replace(".", r"\.") + ": Input should be a finite number"):
+        load_recipe(write_recipe(), [override])
+
+
+def test_a_recipe_that_is_not_utf8_is_named(write_recipe):
+    folder = write_recipe()
+    (folder / "recipe.toml").write_bytes(b'name = "caf\xe9"\n')
+    with pytest.raises(RecipeError, match="not UTF-8 text"):
+        load_recipe(folder)
+
+
+def test_support_reply_needs_a_language_it_can_tell(write_recipe):
+    folder = write_recipe(metric="support_reply")
+    assert load_recipe(folder, ["language=de"]).recipe.language == "de"
+    with pytest.raises(RecipeError, match="support_reply tells the languages de, en, .* apart, not 'ja'"):
+        load_recipe(folder, ["language=ja"])
+
+
 def test_a_full_fine_tunes_name_must_fit_with_its_suffix(write_recipe):
     """A full fine-tune is published as <name>-full: a name that fits alone but not with the suffix is
     refused when the recipe loads, not after training."""

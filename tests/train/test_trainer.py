@@ -10,7 +10,7 @@ from hotswap.train.errors import CheckpointError
 from hotswap.train.model import trainable_state
 from hotswap.train.recipe import load_recipe
 from hotswap.train.run import prepare, run
-from hotswap.train.trainer import micro_batch
+from hotswap.train.trainer import micro_batch, total_micro_batches, total_steps
 
 
 def _train(folder, registry, run_dir, **kwargs):
@@ -101,6 +101,32 @@ def test_early_stopping_keeps_best_weights(write_recipe, registry, tmp_path):
     assert result.loop.best_step < result.loop.step
     assert result.metrics["eval_loss"] == min(e["eval_loss"] for e in result.loop.evals)
     assert result.loop.evals[-1]["eval_loss"] > result.metrics["eval_loss"]
+
+
+@pytest.mark.parametrize("examples, batch, accum, epochs, micro, steps", [
+    (9, 8, 4, 1.0, 2, 1),  # one step of 2 micro-batches: one pass, not two
+    (10, 4, 2, 1.0, 3, 2),  # the second step takes the epoch's last micro-batch alone
+    (100, 8, 4, 0.5, 7, 2),
+    (100, 8, 1, 2.0, 26, 26),
+])
+def test_epochs_count_micro_batches(write_recipe, examples, batch, accum, epochs, micro, steps):
+    settings = load_recipe(write_recipe()).recipe.train.model_copy(update={
+        "max_steps": None, "batch_size": batch, "grad_accum": accum, "epochs": epochs})
+    assert (total_micro_batches(settings, examples), total_steps(settings, examples)) == (micro, steps)
+
+
+def test_the_logged_rate_is_the_one_each_step_used(write_recipe, registry, tmp_path):
+    result = _train(write_recipe(steps=4), registry, tmp_path / "run")  # no warm-up: 1e-2 decaying linearly
+    assert [round(h["lr"], 6) for h in result.loop.history] == [0.01, 0.0075, 0.005, 0.0025]
+
+
+def test_a_bad_last_evaluation_is_no_early_stop(write_recipe, registry, tmp_path):
+    """Patience running out at the run's last evaluation stops nothing: every step ran."""
+    # with min_delta this large no evaluation after the first counts as an improvement
+    folder = write_recipe(steps=4, eval_every=2, patience=1, extra="min_delta = 100.0")
+    result = _train(folder, registry, tmp_path / "run")
+    assert result.loop.step == 4 and [e["step"] for e in result.loop.evals] == [2, 4]
+    assert result.loop.bad_evals == 1 and result.loop.stopped_early is False
 
 
 def test_epochs_cover_every_example_once_per_epoch(write_recipe):
