@@ -165,7 +165,8 @@ class Run:
     def _record(self, choice: Choice) -> None:
         usage = choice.usage or Usage(choice.stream.prompt_tokens, 0)
         ttft = None if choice.first_token_at is None else choice.first_token_at - self.started
-        self.metrics.finished(self.target.ref, self.endpoint, choice.finish_reason or "stop", usage.prompt_tokens,
+        prompt_tokens = usage.prompt_tokens if choice.index % self.n == 0 else 0  # n samples share a prompt, as in usage
+        self.metrics.finished(self.target.ref, self.endpoint, choice.finish_reason or "stop", prompt_tokens,
                               usage.completion_tokens, ttft, time.perf_counter() - self.started)
 
     def usage(self) -> Usage:

@@ -65,6 +65,14 @@ def test_per_model_request_token_and_latency_figures(client):
     assert delta("hotswap_generation_tokens_total", model="tiny@1") == 4
     assert delta("hotswap_request_errors_total", model="none", status="404") == 1
     assert delta("hotswap_request_errors_total", model="acme-sql@1", status="400") == 1
+    # n samples of one prompt count its tokens once, as `usage` does
+    before = scrape(client)
+    sampled = client.post("/v1/completions", headers=ADMIN, json={
+        "model": "acme-sql@1", "prompt": "hello world", "max_tokens": 2, "n": 3, "seed": 1, "ignore_eos": True})
+    assert sampled.status_code == 200, sampled.text
+    after = scrape(client)
+    assert value(after, "hotswap_prompt_tokens_total", model="acme-sql@1") - value(
+        before, "hotswap_prompt_tokens_total", model="acme-sql@1") == sampled.json()["usage"]["prompt_tokens"]
 
     for family in ("hotswap_time_to_first_token_seconds", "hotswap_time_per_output_token_seconds"):
         count = value(s, f"{family}_count", model="acme-sql@1")
