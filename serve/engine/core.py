@@ -40,7 +40,7 @@ class Core:
     def post(self, command: Callable[[], None]) -> None:
         with self.lock:
             if self.dead is not None:
-                raise EngineNotReady(f"the engine is failed ({self.dead})")
+                raise EngineNotReady(f"the engine is not running ({self.dead})")
             self.commands.append(command)
         self.wake.set()
 
@@ -83,6 +83,14 @@ class Core:
             self._gauges()
             if not worked:
                 self.wake.wait(IDLE_WAIT_S)
+        with self.lock:  # from now on post() refuses; what slipped in before runs once, so nothing waits forever
+            self.dead = EngineNotReady("the engine stopped")
+            leftover, self.commands = self.commands, deque()
+        for command in leftover:
+            try:
+                command()
+            except Exception:
+                log.exception("engine command failed")
         for seq in list(self.seqs.values()):
             self.finish(seq, "cancelled")
         for _, future in self.pending:

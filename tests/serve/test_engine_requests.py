@@ -158,6 +158,30 @@ def test_cancel_while_waiting_and_stop_ends_streams(world):
         eng.submit(GenerationRequest(prompt="x"))
 
 
+def test_a_request_submitted_as_the_engine_stops_still_ends(world):
+    """A submit that passed its readiness check just before stop() queued its admission after the
+    loop's last pass: the stream still ends (cancelled) instead of waiting forever."""
+    import threading
+
+    eng = start_engine(world.home)
+    hold, held = threading.Event(), threading.Event()
+    eng._core.post(lambda: (held.set(), hold.wait(10)))  # the loop is inside this command ...
+    assert held.wait(10)
+    late = eng.submit(GenerationRequest(prompt=PROMPTS[1], sampling=SamplingParams(max_tokens=5)))  # ... queued
+    eng._state = "stopping"  # what stop_sync() sets first
+    hold.set()
+    eng._thread.join(10)
+    ended: list = []
+    waiter = threading.Thread(target=lambda: ended.append(late.result()), daemon=True)  # without a fix: forever
+    waiter.start()
+    waiter.join(10)
+    assert ended and ended[0].finish_reason == "cancelled"
+    with pytest.raises(EngineNotReady, match="not running"):
+        eng._core.post(lambda: None)
+    eng._state = "ready"
+    eng.stop_sync()
+
+
 def test_bad_requests_get_typed_errors_and_serving_goes_on(engine, world, tmp_path):
     sp = SamplingParams(max_tokens=4)
     with pytest.raises(AdapterNotFound, match="no entry named 'nosuch'"):
