@@ -1,7 +1,10 @@
 """Read a PEFT LoRA adapter and decide whether the engine can apply it exactly; refuse it otherwise.
 
-The tensors in the file, not the config's ``target_modules``, say which (layer, module) pairs an
-adapter changes; the config supplies ranks' scaling (alpha, rsLoRA, per-module patterns). Anything
+The file's tensors say which (layer, module) pairs an adapter changes, and they must be the pairs
+PEFT would wrap (``target_modules``, ``layers_to_transform``, ``exclude_modules``, matched by PEFT's own
+rule): PEFT ignores tensors of modules its config does not target, and starts a targeted module whose
+tensors are missing from its initialisation, so either mismatch is refused rather than served
+differently. The config supplies ranks' scaling (alpha, rsLoRA, per-module patterns). Anything
 that would change the forward in a way the batched LoRA math does not reproduce is refused with the
 reason: biases, modules_to_save, weight-modifying initialisations, ...
 DoRA is applied: its magnitude vectors are read here and turned into per-output scales at load.
@@ -19,6 +22,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # The seven linear module types of a Llama decoder layer, in the engine's order, with the
 # sub-module that holds them.
@@ -57,12 +61,13 @@ _REFUSED = {
 # init_lora_weights values after which the trained adapter only fits a rewritten base.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+# PEFT saves every key under base_model.model.; it loads none without it
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
                   r"(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?)$")
-_HEAD_KEY = re.compile(r"^(?:base_model\.model\.)?score(?:\.modules_to_save(?:\.default)?)?\.weight$")
+_HEAD_KEY = re.compile(r"^base_model\.model\.score(?:\.modules_to_save(?:\.default)?)?\.weight$")
 # what PEFT puts in modules_to_save of a SEQ_CLS adapter by itself: a Llama's head is named score
 _CLASSIFIER_NAMES = {"classifier", "score"}
-_EDGE_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.(embed_tokens)\.lora_embedding_([AB])"
+_EDGE_KEY = re.compile(r"^base_model\.model\.(?:model\.(embed_tokens)\.lora_embedding_([AB])"
                        r"|(lm_head)\.lora_([AB])\.weight|(?:model\.)?(embed_tokens|lm_head)\.base_layer\.(weight))$")
 
 
@@ -132,9 +137,69 @@ def check_config(config: dict, max_rank: int) -> None:
                      and k not in ("bias", "ensure_weight_tying") and v not in (None, False, {}, [], "", 0))
     if unknown:
         raise AdapterRefused(f"unknown adapter config fields {unknown}: cannot tell whether they change the forward")
+    _check_numbers(config)
     ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
     if max(ranks) > max_rank:
         raise AdapterRefused(f"rank {max(ranks)} is above the engine's max_rank {max_rank}")
+
+
+def _check_numbers(config: dict) -> None:
+    """Ranks are positive integers, alphas numbers, and pattern keys regular expressions."""
+    ranks = {"r": config.get("r", 8), **{f"rank_pattern[{k!r}]": v for k, v in (config.get("rank_pattern") or {}).items()}}
+    for field, value in ranks.items():
+        if type(value) is not int or value < 1:
+            raise AdapterRefused(f"{field}={value!r}: a rank is a positive integer")
+    alphas = {"lora_alpha": config.get("lora_alpha", 8),
+              **{f"alpha_pattern[{k!r}]": v for k, v in (config.get("alpha_pattern") or {}).items()}}
+    for field, value in alphas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AdapterRefused(f"{field}={value!r}: an alpha is a finite number")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(field) or {}:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise AdapterRefused(f"{field} key {pattern!r} is not a regular expression: {exc}") from None
+
+
+def _targeted(config: dict) -> Callable[[str], bool]:
+    """Whether PEFT would put a LoRA layer on the module of this name (its own matching rule:
+    target_modules as names, suffixes or one regular expression, layers_to_transform and
+    layers_pattern, exclude_modules, and "all-linear" for every linear layer but lm_head)."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = config.get("target_modules") or []
+    if targets == "all-linear" or (isinstance(targets, list) and "all-linear" in targets):
+        targets = list(MODULES)
+    fields = SimpleNamespace(target_modules=targets, exclude_modules=config.get("exclude_modules"),
+                             modules_to_save=config.get("modules_to_save"), target_parameters=None,
+                             layers_to_transform=config.get("layers_to_transform"),
+                             layers_pattern=config.get("layers_pattern"))
+    try:
+        check_target_module_exists(fields, "model.layers.0.self_attn.q_proj")
+    except re.error as exc:
+        raise AdapterRefused(f"target_modules or exclude_modules is not a regular expression: {exc}") from None
+    return lambda name: bool(check_target_module_exists(fields, name))
+
+
+def _check_targets(config: dict, pairs: dict, num_layers: int, dims: dict) -> None:
+    """The file's pairs are exactly those PEFT would wrap, but for wrapped pairs without tensors
+    whose initialisation leaves them without effect (B = 0: init_lora_weights true or "gaussian")."""
+    targeted = _targeted(config)
+    for layer, module in pairs:
+        if not targeted(_module_path(layer, module)):
+            raise AdapterRefused(f"{_where(layer, module)}: the file holds its LoRA tensors, but adapter_config.json does "
+                                 "not target it (target_modules, layers_to_transform, exclude_modules): PEFT would "
+                                 "ignore them")
+    if config.get("init_lora_weights", True) in (True, "gaussian"):
+        return
+    everything = [(layer, m) for layer in range(num_layers) for m in MODULES] + [(0, m) for m in EDGES if m in dims]
+    missing = next((pair for pair in everything if pair not in pairs and targeted(_module_path(*pair))), None)
+    if missing is not None:
+        raise AdapterRefused(f"{_where(*missing)}: adapter_config.json targets it but the file holds no tensors for it; "
+                             f"PEFT would start it from init_lora_weights={config.get('init_lora_weights')!r}")
 
 
 def _is_classifier(config: dict) -> bool:
@@ -173,6 +238,9 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
     base_copies: dict[str, str] = {}
     head = None
     for key in tensor_shapes:
+        if not key.startswith("base_model.model."):
+            raise AdapterRefused(f"{key}: PEFT saves every key under base_model.model. and would load none of "
+                                 "this file's; save the adapter with PEFT's save_pretrained")
         if _HEAD_KEY.match(key) and _is_classifier(config):
             head = key
             continue
@@ -235,6 +303,7 @@ def build_spec(config: dict, tensor_shapes: dict[str, tuple[int, ...]], num_laye
         want = dims[module] if module == "embed_tokens" else dims[module][::-1]  # both [vocab, hidden]
         if tuple(tensor_shapes[key]) != want:
             raise AdapterRefused(f"{key}: shape {tuple(tensor_shapes[key])}, but the base's {module} weight is {want}")
+    _check_targets(config, pairs, num_layers, dims)
     if _is_classifier(config):
         if head is None:
             raise AdapterRefused("task_type SEQ_CLS but the file holds no classification head (score.weight)")

@@ -9,6 +9,7 @@ the device pool (``LoraPool.activate``), so the serving path never multiplies by
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 import warnings
@@ -78,19 +79,36 @@ def read_safetensors(path: Path, pin_memory: bool = False) -> tuple[Tensor, dict
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterRefused(f"{path.name} has an unreadable header: {exc}") from None
     start = 8 + length
+    if not isinstance(header, dict):
+        raise AdapterRefused(f"{path.name} is not a safetensors file: its header is not a JSON object")
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _DTYPES.get(info.get("dtype"))
+        dtype = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
         if dtype is None:
-            raise AdapterRefused(f"{name}: dtype {info.get('dtype')} is not a float type the engine loads")
-        begin, end = (start + o for o in info["data_offsets"])
+            raise AdapterRefused(f"{name}: dtype {info.get('dtype') if isinstance(info, dict) else info!r} is not "
+                                 "a float type the engine loads")
+        begin, end = _extent(path, name, info, dtype.itemsize, start, size)
         raw = buffer[begin:end]
         if begin % dtype.itemsize:  # an unaligned tensor: copy it out instead of viewing it
             raw = raw.clone()
         tensors[name] = raw.view(dtype).view(info["shape"])
     return buffer, tensors
+
+
+def _extent(path: Path, name: str, info: dict, itemsize: int, start: int, size: int) -> tuple[int, int]:
+    """A tensor's [begin, end) in the file, checked against its shape and the file's size (a truncated
+    or hand-edited file is refused, not read past its end)."""
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if (not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)):
+        raise AdapterRefused(f"{path.name}: tensor {name} has no usable shape and data_offsets")
+    begin, end = start + offsets[0], start + offsets[1]
+    if not start <= begin <= end <= size or end - begin != math.prod(shape) * itemsize:
+        raise AdapterRefused(f"{path.name}: tensor {name}'s bytes [{offsets[0]}, {offsets[1]}) do not hold its shape "
+                             f"{shape} within the file (truncated or damaged)")
+    return begin, end
 
 
 def _check_finite(tensors: dict[str, Tensor]) -> None:
@@ -116,6 +134,16 @@ def load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dic
 
     Raises ``AdapterRefused`` with the reason when the adapter cannot be applied exactly.
     """
+    try:
+        return _load_adapter(folder, digest, ref, num_layers, dims, max_rank, pin_memory)
+    except AdapterRefused:
+        raise
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:  # a file no check above foresaw: refused, not a 500
+        raise AdapterRefused(f"unreadable adapter ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_adapter(folder: Path, digest: str, ref: str, num_layers: int, dims: dict[str, tuple[int, int]],
+                  max_rank: int, pin_memory: bool) -> HostAdapter:
     config = read_config(folder)
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():

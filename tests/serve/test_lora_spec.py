@@ -69,7 +69,8 @@ def test_tensor_refusals(tensors, reason):
 
 def test_scales_follow_alpha_rslora_and_patterns():
     tensors = {**shapes("q_proj", r=8), **shapes("down_proj", parent="mlp", r=2), **shapes("q_proj", r=8, layer=1)}
-    config = {**BASE_CONFIG, "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"layers.1.self_attn.q_proj": 4}}
+    config = {**BASE_CONFIG, "target_modules": ["q_proj", "down_proj"], "rank_pattern": {"down_proj": 2},
+              "alpha_pattern": {"layers.1.self_attn.q_proj": 4}}
     spec = build_spec(config, tensors, num_layers=2, dims=DIMS, max_rank=64)
     assert spec.scales == {(0, "q_proj"): 2.0, (0, "down_proj"): 8.0, (1, "q_proj"): 0.5}
     assert spec.module_rank("q_proj") == 8 and spec.module_rank("down_proj") == 2
@@ -100,7 +101,8 @@ def test_edge_lora_is_read_with_its_base_copies():
     assert spec.modules == ("q_proj",) and spec.targets == ("q_proj", "embed_tokens", "lm_head")
     assert spec.keys[(0, "embed_tokens")] == (f"{EMBED}.lora_embedding_A", f"{EMBED}.lora_embedding_B")
     assert spec.base_copies == {"embed_tokens": f"{EMBED}.base_layer.weight", "lm_head": f"{HEAD}.base_layer.weight"}
-    assert build_spec(BASE_CONFIG, EDGE_TENSORS, num_layers=2, dims=DIMS, max_rank=64).base_copies is None
+    edges_only = {**BASE_CONFIG, "target_modules": ["embed_tokens", "lm_head"]}
+    assert build_spec(edges_only, EDGE_TENSORS, num_layers=2, dims=DIMS, max_rank=64).base_copies is None
 
 
 @pytest.mark.parametrize("config, reason", [
@@ -136,3 +138,71 @@ def test_a_classification_adapter_brings_its_head():
 def test_classification_refusals(config, tensors, reason):
     with pytest.raises(AdapterRefused, match=reason):
         build_spec(config, tensors, num_layers=2, dims=DIMS, max_rank=64)
+
+
+@pytest.mark.parametrize("config, tensors, reason", [
+    # tensors of a module the config does not target: PEFT ignores them
+    (BASE_CONFIG, {**shapes(), **shapes("v_proj")}, "layer 0 v_proj: the file holds its LoRA tensors, but"),
+    ({**BASE_CONFIG, "layers_to_transform": [0]}, {**shapes(), **shapes(layer=1)}, "layer 1 q_proj: the file holds"),
+    ({**BASE_CONFIG, "exclude_modules": ["model.layers.0.self_attn.q_proj"]}, {**shapes(), **shapes(layer=1)},
+     "layer 0 q_proj: the file holds"),
+    ({**BASE_CONFIG, "target_modules": r".*\.1\.self_attn\.q_proj"}, {**shapes(), **shapes(layer=1)},
+     "layer 0 q_proj: the file holds"),
+    # a targeted module without tensors starts from its initialisation in PEFT: random B here
+    ({**BASE_CONFIG, "init_lora_weights": False}, shapes(), "layer 1 q_proj: adapter_config.json targets it but"),
+    # keys PEFT would not load at all
+    (BASE_CONFIG, {k.removeprefix("base_model.model."): v for k, v in shapes().items()}, "would load none"),
+])
+def test_the_file_must_hold_what_peft_would_apply(config, tensors, reason):
+    with pytest.raises(AdapterRefused, match=reason):
+        build_spec(config, tensors, num_layers=2, dims=DIMS, max_rank=64)
+
+
+def test_what_peft_targets_by_its_rules_is_accepted():
+    two_layers = {**shapes(), **shapes(layer=1)}
+    for config in ({**BASE_CONFIG, "target_modules": r".*\.self_attn\.q_proj"},
+                   {**BASE_CONFIG, "target_modules": "all-linear", "exclude_modules": ["k_proj", "v_proj", "o_proj",
+                                                                                      "gate_proj", "up_proj",
+                                                                                      "down_proj"]},
+                   {**BASE_CONFIG, "layers_to_transform": [1], "layers_pattern": "layers", "init_lora_weights": False}):
+        tensors = shapes(layer=1) if config.get("layers_to_transform") else two_layers
+        assert build_spec(config, tensors, num_layers=2, dims=DIMS, max_rank=64).modules == ("q_proj",)
+    # a targeted module without tensors and B starting at zero changes nothing in PEFT either
+    assert set(build_spec(BASE_CONFIG, shapes(), num_layers=2, dims=DIMS, max_rank=64).ranks) == {(0, "q_proj")}
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"r": None}, "r=None: a rank is a positive integer"),
+    ({"rank_pattern": {"q_proj": "4"}}, "rank_pattern\\['q_proj'\\]='4'"),
+    ({"rank_pattern": {"q_proj": 0}}, "a rank is a positive integer"),
+    ({"lora_alpha": "16"}, "an alpha is a finite number"),
+    ({"alpha_pattern": {"(": 3}}, "alpha_pattern key '\\(' is not a regular expression"),
+])
+def test_unusable_numbers_and_patterns_are_refused(change, reason):
+    with pytest.raises(AdapterRefused, match=reason):
+        check_config({**BASE_CONFIG, **change}, max_rank=64)
+
+
+def test_a_truncated_or_damaged_file_is_refused(tmp_path):
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import save_file
+
+    from hotswap.serve.lora.weights import read_safetensors
+
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"a": torch.ones(4, 8), "b": torch.ones(8, 4)}, path)
+    assert set(read_safetensors(path)[1]) == {"a", "b"}
+    data = path.read_bytes()
+    path.write_bytes(data[:-64])  # the last tensor's bytes run past the end
+    with pytest.raises(AdapterRefused, match="do not hold its shape .* within the file"):
+        read_safetensors(path)
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    header["a"]["shape"] = [5, 8]  # more values than its bytes hold
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+    with pytest.raises(AdapterRefused, match="tensor a's bytes"):
+        read_safetensors(path)
