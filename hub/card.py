@@ -40,7 +40,7 @@ def render_card(registry: Registry, version: Version, repo_id: str, tag: str, fo
         model_name=version.name, eval_results=evals or None,
         hotswap={"ref": version.ref, "kind": version.kind, "digest": version.digest, **saved},
     )
-    return f"---\n{data.to_yaml()}\n---\n\n{_card_body(version, base_id, repo_id, tag)}"
+    return f"---\n{data.to_yaml()}\n---\n\n{_card_body(version, base_id, repo_id, tag, pipeline)}"
 
 
 def _base_source(registry: Registry, version: Version, repo_id: str) -> str | None:
@@ -63,7 +63,7 @@ def _dataset_id(lineage: dict[str, Any]) -> str:
     return value if isinstance(value, str) and value else "custom"
 
 
-def _card_body(version: Version, base_id: str | None, repo_id: str, tag: str) -> str:
+def _card_body(version: Version, base_id: str | None, repo_id: str, tag: str, pipeline: str) -> str:
     meta = version.metadata
     base = " ".join(filter(None, [f"`{meta.base}`" if meta.base else None, f"({base_id})" if base_id else None]))
     rows = [("hotswap ref", f"`{version.ref}`"), ("kind", version.kind), ("task", meta.task),
@@ -81,9 +81,11 @@ def _card_body(version: Version, base_id: str | None, repo_id: str, tag: str) ->
              "## Lineage", "", "```json", json.dumps(meta.lineage, indent=2, sort_keys=True), "```", "",
              "## Use", "", "```sh", f"hotswap hub pull {repo_id}@{tag} --name {version.name}", "```", ""]
     if version.kind == "adapter" and base_id:
+        # a SEQ_CLS adapter's head (modules_to_save) only fits a sequence-classification model
+        auto = "AutoModelForSequenceClassification" if pipeline == "text-classification" else "AutoModelForCausalLM"
         lines += ["or with PEFT:", "", "```python", "from peft import PeftModel",
-                  "from transformers import AutoModelForCausalLM", "",
-                  f'base = AutoModelForCausalLM.from_pretrained("{base_id}")',
+                  f"from transformers import {auto}", "",
+                  f'base = {auto}.from_pretrained("{base_id}")',
                   f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="{tag}")', "```", ""]
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ Conventions (a repo holds the versions of one entry):
 
 Environment, as huggingface_hub reads it: HF_ENDPOINT (a mirror or Hub-compatible server; re-read
 at each call), HF_TOKEN (credentials), HF_HUB_OFFLINE (push is refused; pull takes the revision
-from the Hugging Face cache, where some earlier download must have put it).
+from the Hugging Face cache, where some earlier download must have put all of its wanted files).
 
 Online pulls download into a temporary folder inside the registry home, not into the Hugging Face
 cache: the registry keeps its own content-addressed copy, so a cache copy would double the disk."""
@@ -168,26 +168,73 @@ def fetch_repo(repo_id: str, rev: str | None, dest: Path, allow_patterns: list[s
     into the new folder `dest`; return the commit id they come from. Pickle files are refused
     before any download. Online, nothing is written to the Hugging Face cache."""
     from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.utils import filter_repo_objects
 
     with _remote_errors(repo_id, rev):
         if constants.is_offline_mode():
-            # huggingface_hub answers offline from its cache only; copy that snapshot, links followed
-            cached = Path(snapshot_download(repo_id, revision=rev, allow_patterns=allow_patterns))
-            shutil.copytree(cached, dest)
-            return cached.name  # the cache names each snapshot folder by its commit id
+            return _fetch_cached(repo_id, rev, dest, allow_patterns)
         # Pin the commit first: a branch that moves mid-download cannot mix two revisions' files.
         info = HfApi(endpoint=endpoint()).model_info(repo_id, revision=rev)
-        wanted = filter_repo_objects([s.rfilename for s in info.siblings or []], allow_patterns=allow_patterns)
-        pickles = sorted(p for p in wanted if p.lower().endswith(PICKLE_SUFFIXES))
-        if pickles:  # refused before downloading (publish would refuse them too)
-            raise UnsafeContent(f"{repo_id}@{rev or 'main'} holds pickle files ({', '.join(pickles)}), which can "
-                                f"run code when loaded; only safetensors weights are accepted: {CONVERT_HINT}")
+        _refuse_pickles(repo_id, rev, [s.rfilename for s in info.siblings or []], allow_patterns)
         bookkeeping = dest / ".cache"  # huggingface_hub's download state, dropped once done
         snapshot_download(repo_id, revision=info.sha, local_dir=dest, cache_dir=bookkeeping / "hub",
                           allow_patterns=allow_patterns, endpoint=endpoint())
         shutil.rmtree(bookkeeping, ignore_errors=True)
         return info.sha
+
+
+def _fetch_cached(repo_id: str, rev: str | None, dest: Path, allow_patterns: list[str] | None) -> str:
+    """Offline: copy the wanted files of the cached commit, only when every one of them is cached.
+
+    A cached snapshot folder may be partial (PeftModel.from_pretrained fetches two files, not the
+    card), and a partial copy would publish another version (other digest, no task or metrics), so
+    the commit's file list, which snapshot_download caches beside it, must be there and complete."""
+    from huggingface_hub import errors, snapshot_download
+
+    def incomplete(why: str) -> RemoteError:
+        return RemoteError(f"HF_HUB_OFFLINE is set and {repo_id}@{rev or 'main'} is not completely in the local "
+                           f"Hugging Face cache ({why}); pull it without HF_HUB_OFFLINE")
+
+    try:  # LocalEntryNotFoundError (nothing cached) goes on to _remote_errors
+        cached = Path(snapshot_download(repo_id, revision=rev, allow_patterns=allow_patterns))
+    except getattr(errors, "IncompleteSnapshotError", ()):  # raised since huggingface_hub 2.x
+        raise incomplete("some of its files are missing") from None
+    commit = cached.name  # the cache names each snapshot folder by its commit id
+    listed = _cached_file_list(repo_id, commit)
+    if listed is None:
+        raise incomplete(f"no file list of commit {commit} is cached, so its completeness cannot be checked")
+    wanted = _refuse_pickles(repo_id, rev, listed, allow_patterns)
+    missing = [path for path in wanted if not (cached / path).is_file()]
+    if missing:
+        raise incomplete(f"{', '.join(missing[:5])} missing")
+    dest.mkdir(parents=True)
+    for path in wanted:
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached / path, dest / path)  # follows the cache's links to its blobs
+    return commit
+
+
+def _cached_file_list(repo_id: str, commit: str) -> list[str] | None:
+    """Every file of `commit` as huggingface_hub cached its listing; None without one (or before 2.x)."""
+    import huggingface_hub
+
+    if not hasattr(huggingface_hub, "get_cached_repo_tree"):
+        return None
+    try:
+        return [entry.path for entry in huggingface_hub.get_cached_repo_tree(repo_id, revision=commit)]
+    except huggingface_hub.errors.CachedRepoTreeNotFoundError:
+        return None
+
+
+def _refuse_pickles(repo_id: str, rev: str | None, files: list[str], allow_patterns: list[str] | None) -> list[str]:
+    """The files `allow_patterns` selects; refused before any copy when one is a pickle (as publish would)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    wanted = list(filter_repo_objects(files, allow_patterns=allow_patterns))
+    pickles = sorted(p for p in wanted if p.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise UnsafeContent(f"{repo_id}@{rev or 'main'} holds pickle files ({', '.join(pickles)}), which can "
+                            f"run code when loaded; only safetensors weights are accepted: {CONVERT_HINT}")
+    return wanted
 
 
 def _take_card(folder: Path, repo_id: str) -> dict[str, Any]:

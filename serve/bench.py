@@ -36,6 +36,7 @@ SHAPES = {  # random-init Llama shapes (the anchors' table)
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
+SHAPE_POSITIONS = 4096  # the random-init shapes' context (max_position_embeddings)
 COLD = 3  # adapters kept cold for the load timing
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -87,7 +88,7 @@ def prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
     folder = work / "base"
     if s.shape is not None:
         torch.manual_seed(0)
-        config = LlamaConfig(**SHAPES[s.shape], max_position_embeddings=4096)
+        config = LlamaConfig(**SHAPES[s.shape], max_position_embeddings=SHAPE_POSITIONS)
         with torch.device(device):  # random init of a large shape is much faster on a GPU
             model = LlamaForCausalLM(config)
         model.to("cpu", dtype).save_pretrained(folder)  # in the dtype it is served in: less to write and hash
@@ -237,14 +238,14 @@ def run(s: BenchSettings) -> BenchResult:
                 result.tok_s[key] = total / statistics.median(values)
             result.phases_ms = {key: {name: statistics.median(p[name] for p in phases[key]) for name in ("ttft", "tpot")}
                                 for key in runs if key in phases}
-            loads = []
+            loads, before = [], engine.stats()  # the histogram also holds the warm-up loads: not cold
             for i in range(s.adapters, s.adapters + COLD):
                 start = time.perf_counter()
                 engine.load_future(f"bench-a{i}").result()
                 loads.append((time.perf_counter() - start) * 1000)
             result.load_ms["engine_registry_to_slot"] = statistics.median(loads)
-            result.load_ms["engine_adapter_load_hist_mean"] = (engine.stats().adapter_load.total * 1000
-                                                               / max(1, engine.stats().adapter_load.count))
+            result.load_ms["engine_adapter_load_hist_mean"] = _mean_ms(before.adapter_load,
+                                                                       engine.stats().adapter_load)
         finally:
             engine.stop_sync()
         result.load_ms["adapter_file_mb"] = (adapter_dirs[-1] / "adapter_model.safetensors").stat().st_size / 1e6

@@ -26,9 +26,10 @@ def format_table(r: BenchResult) -> str:
              f"load average at start {r.machine['load_avg']:.2f}, adapter rows by the "
              f"{r.machine.get('lora_kernels', '?')} kernels", "",
              "| configuration | tokens/s |", "|---|---|"]
-    shared = f"engine, {s['adapters']} adapters mixed, after a shared {s.get('shared_prefix', 0)}-token prefix"
-    labels = {"engine_base": "engine, base only", "engine_mixed": f"engine, {s['adapters']} adapters mixed",
-              "peft_mixed": f"HF PEFT mixed batch, {s['adapters']} adapters", "hf_base": "HF generate, base",
+    mixed = min(s["adapters"], s["batch"])  # request i names adapter i % adapters: a batch mixes at most its size
+    shared = f"engine, {mixed} adapters mixed, after a shared {s.get('shared_prefix', 0)}-token prefix"
+    labels = {"engine_base": "engine, base only", "engine_mixed": f"engine, {mixed} adapters mixed",
+              "peft_mixed": f"HF PEFT mixed batch, {mixed} adapters", "hf_base": "HF generate, base",
               "prefix_cold": f"{shared}: computed", "prefix_warm": f"{shared}: from the prefix cache"}
     lines += [f"| {labels[k]} | {v:,.1f} |" for k, v in r.tok_s.items()]
     if r.phases_ms:  # where an engine run's time goes: its prefill, then its decode steps

@@ -113,9 +113,11 @@ async def _drive(engine, workload: list[TrafficRequest], models: list[str | None
 
 
 def _p50_p90(values: list[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
-    return pick(0.5), pick(0.9)
+    """Median and 90th percentile, in ms, interpolated between the nearest values (numpy's default
+    rule): an even count's median is the mean of the middle two, and p90 is below the maximum."""
+    if len(values) < 2:  # quantiles needs two values; one value is every percentile
+        return values[0] * 1000, values[0] * 1000
+    return statistics.median(values) * 1000, statistics.quantiles(values, n=10, method="inclusive")[-1] * 1000
 
 
 def _adapter_bytes(hf_config, rank: int, dtype: torch.dtype) -> int:

@@ -63,19 +63,61 @@ def bench(
         raise typer.BadParameter("batch, prompt, new-tokens, adapters, rank and repeat must be >= 1")
     if shared_prefix < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--shared-prefix")
-    if traffic:
+    if traffic:  # lengths vary to 1.5x the means (bench_traffic._lengths)
+        _check_context(base, home, shape, prompt + prompt // 2, new_tokens + new_tokens // 2, 0, traffic=True)
         _traffic(traffic, rate, zipf, slots, shared_prefix, json_out, base=base, home=home, shape=shape, prompt=prompt,
                  new_tokens=new_tokens, adapters=adapters, rank=rank, repeat=repeat, device=device, dtype=dtype,
                  lora_dtype=lora_dtype, dora=dora, edges=edges)
         return
     if dora and not skip_hf:
         raise typer.BadParameter("PEFT's mixed batch does not take DoRA adapters: add --skip-hf", param_hint="--dora")
+    if adapters > batch:  # request i goes to adapter i % adapters: the rest would never be mixed in
+        raise typer.BadParameter(f"{adapters} adapters cannot all be mixed in a batch of {batch} requests; "
+                                 "give --batch at least --adapters (or use --traffic for more adapters than "
+                                 "a batch)", param_hint="--adapters")
+    _check_context(base, home, shape, prompt, new_tokens, shared_prefix)
     settings = BenchSettings(base=base, home=home, shape=shape, batch=batch, prompt=prompt, new_tokens=new_tokens,
                              adapters=adapters, rank=rank, repeat=repeat, device=device,
                              dtype=dtype, lora_dtype=lora_dtype, skip_hf=skip_hf, shared_prefix=shared_prefix,
                              dora=dora, edges=edges)
     result = run(settings)
     typer.echo(to_json(result) if json_out else format_table(result))
+
+
+def _check_context(base: str, home: str | None, shape: str | None, prompt: int, new_tokens: int,
+                   shared_prefix: int, traffic: bool = False) -> None:
+    """Refuse a request longer than the base's context now: the engine would refuse it only after
+    every model and adapter had been built."""
+    import json
+
+    from hotswap.hub import HubError, Registry
+
+    from .bench import SHAPE_POSITIONS
+    from .engine.worker import MAX_CONTEXT
+
+    if shape is not None:
+        positions = SHAPE_POSITIONS
+    else:
+        try:
+            registry = Registry(home)
+            try:
+                config = registry.open(base, verify=False).path / "config.json"  # the set-up verifies it
+                positions = json.loads(config.read_text()).get("max_position_embeddings", MAX_CONTEXT)
+            finally:
+                registry.close()
+        except HubError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--base") from None
+        except (OSError, ValueError):  # not a readable base: the set-up says what is wrong with it
+            return
+    limit = min(positions, MAX_CONTEXT)  # the engine's context, as it would take it (max_model_len unset)
+    total = shared_prefix + prompt + new_tokens
+    if total > limit:
+        parts = (f"the longest request, {prompt} + {new_tokens} tokens (--prompt and --new-tokens are means, "
+                 "lengths go to 1.5x)" if traffic else
+                 f"{'--shared-prefix + ' if shared_prefix else ''}--prompt + --new-tokens = "
+                 f"{' + '.join(str(n) for n in (shared_prefix, prompt, new_tokens) if n)}")
+        raise typer.BadParameter(f"{parts} = {total} tokens exceeds the base's context of {limit} tokens",
+                                 param_hint="--prompt")
 
 
 def _traffic(requests: int, rate: float, zipf: float, slots: int, shared_prefix: int, json_out: bool, **common) -> None:

@@ -18,8 +18,9 @@ import sys
 import threading
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PROMPT = [{"role": "user", "content": "In one sentence, what is a LoRA adapter?"}]
 
@@ -30,6 +31,7 @@ class Showcase:
     messages: list[dict[str, str]]
     source: str  # where the prompt came from
     classifier: bool = False  # a classification recipe's adapter (``labels``): answered on /v1/classify
+    ref: str = ""  # the version asked: the newest that fits the served base (the bare name may not)
 
 
 def shipped_prompts(adapters_dir: Path) -> dict[str, Showcase]:
@@ -40,30 +42,32 @@ def shipped_prompts(adapters_dir: Path) -> dict[str, Showcase]:
             recipe = tomllib.loads(recipe_file.read_text())
             name, eval_file = recipe["name"], recipe_file.parent / recipe["data"]["eval"]
             first = json.loads(next(line for line in eval_file.read_text().splitlines() if line.strip()))
-        except (OSError, KeyError, StopIteration, ValueError) as exc:
-            print(f"demo: skipping {recipe_file}: {exc}", file=sys.stderr)
+            # the prompt the trainer sees (train/data.py): every turn before the final answer,
+            # assistant turns included; a classifier reads the last of them alone (train/classify.py)
+            turns = ([dict(m) for m in first["messages"][:-1]] if "messages" in first
+                     else [{"role": "user", "content": first["prompt"]}])
+            text = turns[-1]["content"]
+        except (OSError, KeyError, StopIteration, ValueError, IndexError, TypeError) as exc:
+            print(f"demo: skipping {recipe_file}: {exc!r}", file=sys.stderr)
             continue
         if recipe.get("labels"):  # a classifier reads the text alone: no chat template, no system prompt
-            found[name] = Showcase(name, [{"role": "user", "content": first["prompt"]}],
+            found[name] = Showcase(name, [{"role": "user", "content": text}],
                                    f"{eval_file.relative_to(adapters_dir.parent)}, line 1", classifier=True)
             continue
-        if "messages" in first:
-            turns = [m for m in first["messages"] if m["role"] != "assistant"] or first["messages"][:-1]
-            while turns and turns[-1]["role"] == "assistant":
-                turns.pop()
-        else:
-            turns = [{"role": "user", "content": first["prompt"]}]
         if recipe.get("system") and not (turns and turns[0]["role"] == "system"):
             turns.insert(0, {"role": "system", "content": recipe["system"]})
         found[name] = Showcase(name, turns, f"{eval_file.relative_to(adapters_dir.parent)}, line 1")
     return found
 
 
-def servable_adapters(registry, base_ref: str) -> list[str]:
+def servable_adapters(registry, base_ref: str) -> dict[str, str]:
+    """name -> ref of its newest version that fits this base (its `latest` may be trained on another)."""
     base = registry.resolve(base_ref)
-    names = {v.name for v in registry.list(kind="adapter")
-             if v.metadata.base_fingerprint == base.metadata.fingerprint}
-    return sorted(names)
+    fitting = [v for v in registry.list(kind="adapter") if v.metadata.base_fingerprint == base.metadata.fingerprint]
+    newest: dict[str, Any] = {}
+    for version in sorted(fitting, key=lambda v: v.version):  # a later version replaces an earlier one
+        newest[version.name] = version
+    return {name: newest[name].ref for name in sorted(newest)}
 
 
 def start_server(app, host: str, port: int):
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in sorted(set(prompts) - set(in_registry)):
         print(f"demo: shipped adapter {name} is not in the registry: "
               f"hotswap train publish {args.adapters_dir / name}", file=sys.stderr)
-    showcases = [prompts.get(n) or Showcase(n, DEFAULT_PROMPT, "a generic prompt") for n in in_registry]
+    showcases = [replace(prompts.get(n) or Showcase(n, DEFAULT_PROMPT, "a generic prompt"), ref=ref)
+                 for n, ref in in_registry.items()]
 
     settings = ServerSettings(host=args.host, port=args.port)
     settings.check_binding()
@@ -174,22 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     for show in showcases:
         question = show.messages[-1]["content"]
         if show.classifier:
-            base_says, adapter_says = "(no classification head)", classify(url, show.adapter, question)
+            base_says, adapter_says = "(no classification head)", classify(url, show.ref, question)
         else:
-            base_says = answer(client, base.name, show.messages, args.max_tokens)
-            adapter_says = answer(client, show.adapter, show.messages, args.max_tokens)
+            # by ref: `base.name` is its `latest`, maybe not the base served here
+            base_says = answer(client, base.ref, show.messages, args.max_tokens)
+            adapter_says = answer(client, show.ref, show.messages, args.max_tokens)
         rows.append((show, base_says, adapter_says))
-        print(f"=== {show.adapter}  (prompt: {show.source})\n  prompt : {question}\n"
+        print(f"=== {show.ref}  (prompt: {show.source})\n  prompt : {question}\n"
               f"  {base.name:<7}: {base_says}\n  adapter: {adapter_says}\n")
     if not showcases:
         print("no adapters of this base in the registry yet: publish one (hotswap train publish adapters/<name>)\n")
     if args.markdown:
         args.markdown.write_text(markdown(base.name, rows))
         print(f"answers written to {args.markdown}")
-    first = next((s for s in showcases if not s.classifier), Showcase(base.name, DEFAULT_PROMPT, ""))
-    print(examples(url, base.name, first.adapter, first.messages))
+    first = next((s for s in showcases if not s.classifier), Showcase(base.name, DEFAULT_PROMPT, "", ref=base.ref))
+    print(examples(url, base.ref, first.ref, first.messages))
     for show in (s for s in showcases if s.classifier):
-        text = json.dumps({"model": show.adapter, "input": show.messages[-1]["content"]}).replace("'", "'\\''")
+        text = json.dumps({"model": show.ref, "input": show.messages[-1]["content"]}).replace("'", "'\\''")
         print(f"\n# Classification with {show.adapter}\ncurl -s {url}/v1/classify -H 'Content-Type: application/json' \\\n"
               f"  -d '{text}'")
     if not args.serve:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import constants, hf_hub_download, snapshot_download
 
 from hotswap.hub import (IncompatibleAdapter, InvalidMetadata, InvalidName, NotFoundError, Registry,
                          RemoteError, UnsafeContent)
@@ -144,6 +144,22 @@ def test_model_card_fields(hub, registry, make_adapter, tiny_base_dir, tmp_path)
     assert front["library_name"] == "transformers" and front["base_model"] == TINY_SOURCE
     assert front["hotswap"]["kind"] == "base" and front["hotswap"]["source"] == TINY_SOURCE
     assert "language" not in front and "model-index" not in front
+
+
+def test_a_classifier_adapter_card_loads_it_on_a_classification_model(hub, registry, tiny_base_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification.from_pretrained(tiny_base_dir, num_labels=2)
+    model.name_or_path = TINY_SOURCE
+    config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    get_peft_model(model, config).save_pretrained(tmp_path / "intent-lora")
+    registry.publish(tmp_path / "intent-lora", name="intent", base="tiny")
+    push_version(registry, "intent", "org/intent-lora")
+    front, body = _card(hub.files_at("org/intent-lora"))
+    assert front["pipeline_tag"] == "text-classification" and front["library_name"] == "peft"
+    assert f'base = AutoModelForSequenceClassification.from_pretrained("{TINY_SOURCE}")' in body
+    assert "AutoModelForCausalLM" not in body
 
 
 def test_tag_pins_a_version_and_repush_is_a_no_op(hub, registry, other_registry, make_adapter, tmp_path):
@@ -291,6 +307,48 @@ def test_offline_mode_reads_only_the_hugging_face_cache(hub, registry, other_reg
     pulled = pull_version(other_registry, "org/sql@v1", "sql").version
     assert pulled.digest == version.digest and pulled.metadata.lineage["commit"] == pushed["commit"]
     assert len(hub.requests) == requests_before  # nothing went over the network
+
+
+def test_offline_pull_refuses_a_partly_cached_revision(hub, registry, other_registry, make_adapter, monkeypatch):
+    registry.publish(make_adapter(seed=11), name="sql", task="text-to-sql", metrics={"em": 0.5})
+    push_version(registry, "sql", "org/sql")
+    # what PeftModel.from_pretrained("org/sql", revision="v1") leaves in the cache: two files, no card
+    for path in ("adapter_config.json", "adapter_model.safetensors"):
+        hf_hub_download("org/sql", path, revision="v1", endpoint=hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RemoteError, match=r"org/sql@v1 is not completely in the local Hugging Face cache.*"
+                                          r"pull it without HF_HUB_OFFLINE"):
+        pull_version(other_registry, "org/sql@v1", "sql")
+    assert [v.name for v in other_registry.list()] == ["tiny"]
+    assert not list(other_registry.home.glob(".pull-*"))
+
+
+def test_offline_pull_refuses_a_snapshot_missing_a_listed_file(hub, other_registry, registry, make_adapter,
+                                                               monkeypatch):
+    registry.publish(make_adapter(seed=11), name="sql")
+    push_version(registry, "sql", "org/sql")
+    cached = Path(snapshot_download("org/sql", revision="v1", endpoint=hub.url))
+    (cached / "README.md").unlink()  # an interrupted download, or a cleaned-up cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RemoteError, match="not completely in the local Hugging Face cache"):
+        pull_version(other_registry, "org/sql@v1", "sql")
+    assert [v.name for v in other_registry.list()] == ["tiny"]
+
+
+def test_offline_fetch_takes_only_the_files_the_patterns_select(hub, make_adapter, tmp_path, monkeypatch):
+    folder = make_adapter(seed=15)
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04pickled")
+    (folder / "notes.md").write_text("x")
+    commit = _upload_folder(hub, "org/mixed", folder)
+    snapshot_download("org/mixed", endpoint=hub.url)  # the whole repo in the cache (another tool)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    dest = tmp_path / "fetched"
+    assert fetch_repo("org/mixed", None, dest, allow_patterns=["*.json", "*.safetensors"]) == commit
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+    with pytest.raises(UnsafeContent, match=r"pickle files \(adapter_model\.bin\)"):
+        fetch_repo("org/mixed", None, tmp_path / "all")
+    assert not (tmp_path / "all").exists()
 
 
 def test_cli_push_and_pull(hub, registry, other_registry, make_adapter, capsys):

@@ -6,7 +6,31 @@ import json
 
 from hotswap.serve.api import demo
 
-from .api_support import BASE, free_port, store  # noqa: F401
+from . import api_support
+from .api_support import BASE, free_port, save_adapter, save_base
+
+store = api_support.store  # the fixture, for this module's tests
+
+
+def _recipe(root, name: str, toml: str, first: dict) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "recipe.toml").write_text(f'name = "{name}"\n{toml}[data]\neval = "e.jsonl"\n')
+    (root / name / "e.jsonl").write_text(json.dumps(first) + "\n")
+
+
+def test_shipped_prompts_are_the_prompts_the_trainer_sees(tmp_path):
+    """A `messages` example's prompt is every turn before the final answer (train/data.py), earlier
+    assistant turns included; a classifier's text is the last of those turns (train/classify.py)."""
+    chat = [{"role": "user", "content": "list users"}, {"role": "assistant", "content": "SELECT name FROM users"},
+            {"role": "user", "content": "only admins"}, {"role": "assistant", "content": "SELECT ... admin"}]
+    _recipe(tmp_path, "sql-chat", 'system = "SQL only."\n', {"messages": chat})
+    _recipe(tmp_path, "topic", 'labels = ["a", "b"]\n',
+            {"messages": [{"role": "user", "content": "where is my parcel"}, {"role": "assistant", "content": "b"}]})
+    _recipe(tmp_path, "one-turn", "", {"messages": [{"role": "assistant", "content": "a"}]})
+    found = demo.shipped_prompts(tmp_path)
+    assert found["sql-chat"].messages == [{"role": "system", "content": "SQL only."}, *chat[:-1]]
+    assert found["topic"].classifier and found["topic"].messages == [{"role": "user", "content": "where is my parcel"}]
+    assert "one-turn" not in found  # no prompt before the answer: skipped with a reason, not a crash
 
 
 def test_demo_shows_base_and_adapters_then_exits(store, tmp_path, capsys):
@@ -66,4 +90,29 @@ def test_demo_classifies_with_a_shipped_classifier(store, tmp_path, capsys):
     shown = out[out.index("=== acme-topic"):]
     assert "where is my parcel" in shown and "(no classification head)" in shown and "(p=" in shown
     assert "refused: loose-topic@1 is a sequence-classification adapter" in out
-    assert "/v1/classify" in out and '"model": "acme-topic"' in out
+    assert "/v1/classify" in out and '"model": "acme-topic@1"' in out
+
+
+def test_demo_asks_the_served_base_and_each_adapters_newest_fitting_version(store, tmp_path, capsys):
+    """`tiny` and `globex-sql` name newer versions made for another base; the demo serves tiny@1 and
+    must ask it, and globex-sql@1, by ref."""
+    import shutil
+
+    from hotswap.hub import Registry
+
+    home = tmp_path / "home"
+    shutil.copytree(store.home, home)
+    registry = Registry(home)
+    other = save_base(tmp_path / "tiny-v2", hidden=32, seed=3)
+    assert registry.publish(other, name=BASE, kind="base", source="org/tiny").version.ref == f"{BASE}@2"
+    refit = save_adapter(other, tmp_path / "globex-v2", seed=21)
+    assert registry.publish(refit, name="globex-sql", base=f"{BASE}@2").version.ref == "globex-sql@2"
+    assert demo.servable_adapters(registry, f"{BASE}@1")["globex-sql"] == "globex-sql@1"
+    registry.close()
+    code = demo.main(["--base", f"{BASE}@1", "--home", str(home), "--adapters-dir", str(tmp_path / "none"),
+                      "--port", str(free_port()), "--max-tokens", "2", "--no-serve"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "=== globex-sql@1" in out and "=== acme-sql@2" in out
+    assert "refused" not in out
+    assert '"model": "tiny@1", "prompt"' in out  # the printed examples name what is served too

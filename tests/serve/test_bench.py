@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hotswap.serve.bench import BenchSettings, run
 from hotswap.serve.bench_report import format_table, to_json
 
@@ -94,3 +96,59 @@ def test_bench_command_refuses_an_unknown_dtype_or_shape():
     assert out.exit_code == 2 and "--skip-hf" in out.output
     out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--shared-prefix", "-1"])
     assert out.exit_code == 2 and "--shared-prefix" in out.output
+
+
+def test_load_histogram_mean_is_over_the_cold_loads_only(monkeypatch):
+    """The warm-up loads (the mixed batch's adapters, made resident before timing) are not cold
+    loads: here they report 100 s each, and the histogram mean must not see them."""
+    from hotswap.serve.engine.stats import StatsRecorder
+
+    report, loads = StatsRecorder.adapter_event, []
+
+    def slow_warm_ups(self, kind, tier, seconds):
+        if kind not in ("hit", "evict"):
+            loads.append(seconds)
+            seconds += 100.0 if len(loads) <= 2 else 0.0  # the first two: bench-a0 and bench-a1 warming up
+        report(self, kind, tier, seconds)
+
+    monkeypatch.setattr(StatsRecorder, "adapter_event", slow_warm_ups)
+    result = run(BenchSettings(base=None, shape="tiny", batch=2, prompt=8, new_tokens=2, adapters=2, rank=4,
+                               repeat=1, device="cpu", skip_hf=True))
+    assert len(loads) == 2 + 3  # two warm-ups, then the three cold loads
+    assert result.load_ms["engine_adapter_load_hist_mean"] == pytest.approx(sum(loads[2:]) * 1000 / 3)
+
+
+def _refusal(args: list[str]) -> str:
+    """The command's error, box and line wrapping removed; it must exit 2 (a usage error)."""
+    from typer.testing import CliRunner
+
+    from hotswap.serve.cli import bench_app
+
+    out = CliRunner().invoke(bench_app, args)
+    assert out.exit_code == 2 and isinstance(out.exception, SystemExit), out.output  # not a traceback
+    return " ".join(out.output.replace("│", " ").split())
+
+
+def test_bench_command_refuses_a_request_longer_than_the_context_before_any_set_up(tmp_path):
+    from hotswap.hub import Registry
+
+    from .api_support import save_base
+
+    said = _refusal(["--shape", "tiny", "--prompt", "4090", "--new-tokens", "32"])
+    assert "--prompt + --new-tokens = 4090 + 32 = 4122 tokens exceeds the base's context of 4096 tokens" in said
+    said = _refusal(["--shape", "tiny", "--prompt", "4010", "--shared-prefix", "64"])
+    assert "--shared-prefix + --prompt + --new-tokens = 64 + 4010 + 32 = 4106 tokens exceeds" in said
+    # a registry base: its own max_position_embeddings
+    registry = Registry(tmp_path / "home")
+    registry.publish(save_base(tmp_path / "short", max_len=128), name="short", kind="base")
+    registry.close()
+    home = ["--home", str(tmp_path / "home")]
+    said = _refusal(["--base", "short", *home, "--prompt", "100", "--new-tokens", "40"])
+    assert "= 140 tokens exceeds the base's context of 128 tokens" in said
+    said = _refusal(["--base", "nothing", *home])
+    assert "--base" in said and "'nothing'" in said
+
+
+def test_bench_command_refuses_more_adapters_than_the_batch_mixes():
+    said = _refusal(["--shape", "tiny", "--batch", "4", "--adapters", "8"])
+    assert "8 adapters cannot all be mixed in a batch of 4 requests" in said and "--adapters" in said

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 from typer.testing import CliRunner
 
-from hotswap.serve.bench_traffic import TrafficSettings, format_traffic, make_workload, run_traffic
+from hotswap.serve.bench_traffic import TrafficSettings, _p50_p90, format_traffic, make_workload, run_traffic
 from hotswap.serve.cli import bench_app
 
 
@@ -49,3 +50,20 @@ def test_traffic_options_are_checked():
     assert out.exit_code != 0 and "no shared prefix" in out.output
     out = runner.invoke(bench_app, ["--shape", "tiny", "--traffic", "4", "--rate", "0"])
     assert out.exit_code != 0 and "must be > 0" in out.output
+
+
+def test_percentiles_interpolate_between_the_nearest_values():
+    """An even count's median is the mean of the middle two; p90 of ten values is not the maximum."""
+    seconds = lambda *ms: [m / 1000 for m in ms]  # noqa: E731
+    assert _p50_p90(seconds(*range(1, 11))) == pytest.approx((5.5, 9.1))
+    assert _p50_p90(seconds(1, 2, 3, 4)) == pytest.approx((2.5, 3.7))
+    assert _p50_p90(seconds(4, 1, 3, 2)) == pytest.approx((2.5, 3.7))  # any order
+    assert _p50_p90(seconds(7)) == pytest.approx((7, 7))
+
+
+def test_traffic_refuses_requests_longer_than_the_context_at_their_longest():
+    """Lengths go to 1.5x the means: a mean of 2800 + 32 fits 4096, its longest, 4200 + 48, does not."""
+    out = CliRunner().invoke(bench_app, ["--shape", "tiny", "--traffic", "4", "--prompt", "2800", "--new-tokens", "32"])
+    said = " ".join(out.output.replace("│", " ").split())  # the error box's wrapping removed
+    assert out.exit_code == 2 and "the longest request, 4200 + 48 tokens" in said
+    assert "= 4248 tokens exceeds the base's context of 4096 tokens" in said
