@@ -67,7 +67,11 @@ def _read(resolver, ref: str, digest: str | None, runner: LlamaRunner, cfg: Engi
 
 def _load_combination(resolver, ref: str, digest: str, runner: LlamaRunner, cfg: EngineConfig) -> HostAdapter:
     # the parts are read into plain memory: only the combination is kept (pinned on a GPU)
-    parts = [(_read(resolver, part, None, runner, cfg), weight) for part, weight in parse_composite(ref)]
+    try:
+        parsed = parse_composite(ref)
+    except ValueError as exc:  # written by the resolver, so only a bug gets here: still a clear refusal
+        raise IncompatibleAdapter(str(exc)) from None
+    parts = [(_read(resolver, part, None, runner, cfg), weight) for part, weight in parsed]
     found = composite_digest([(host.digest, weight) for host, weight in parts])
     if found != digest:
         raise IncompatibleAdapter(f"{ref} now has digest {found[:12]}, expected {digest[:12]}")

@@ -19,6 +19,7 @@ from .spec import EDGES, MODULES, AdapterRefused, LoraSpec
 from .weights import HostAdapter
 
 MAX_PARTS = 8  # a combination's rank is the sum of its parts' ranks: keep it bounded
+MAX_WEIGHT = 1e4  # far beyond any useful mix; larger ones push float32 logits to inf
 
 
 def is_composite(model: str) -> bool:
@@ -39,8 +40,9 @@ def parse_composite(model: str) -> list[tuple[str, float]]:
             value = float(weight)
         except ValueError:
             raise ValueError(f"{model!r}: weight {weight!r} of {ref!r} is not a number") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{model!r}: weight {weight!r} of {ref!r} is not finite")
+        if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+            raise ValueError(f"{model!r}: weight {weight!r} of {ref!r} is not a finite number within "
+                             f"[-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
         parts.append((ref, value))
     if len(parts) > MAX_PARTS:
         raise ValueError(f"{model!r} combines {len(parts)} adapters; at most {MAX_PARTS}")
@@ -49,7 +51,12 @@ def parse_composite(model: str) -> list[tuple[str, float]]:
 
 def composite_ref(parts: list[tuple[str, float]]) -> str:
     """The exact form: every part's immutable ``name@version`` and its weight as a full float."""
-    return "+".join(f"{ref}*{weight!r}" for ref, weight in parts)
+    return "+".join(f"{ref}*{_exact(weight)}" for ref, weight in parts)
+
+
+def _exact(weight: float) -> str:
+    """The shortest text that reads back as exactly ``weight``, with no "+" (which separates parts)."""
+    return repr(weight).replace("e+", "e")
 
 
 def composite_digest(parts: list[tuple[str, float]]) -> str:

@@ -35,7 +35,8 @@ def test_parse_and_digest():
     assert parse_composite("sql*0.7+chat@2*-0.4+mlp") == [("sql", 0.7), ("chat@2", -0.4), ("mlp", 1.0)]
     assert composite_digest([("d1", 0.5), ("d2", 1.0)]) != composite_digest([("d1", 0.5), ("d2", 1.5)])
     assert composite_digest([("d1", 0.5), ("d2", 1.0)]) != composite_digest([("d2", 1.0), ("d1", 0.5)])
-    for bad, why in [("sql*abc", "'abc' of 'sql' is not a number"), ("sql*nan", "not finite"),
+    for bad, why in [("sql*abc", "'abc' of 'sql' is not a number"), ("sql*nan", "not a finite number"),
+                     ("sql*1e5", r"within \[-10000, 10000\]"),
                      ("sql++chat", "empty adapter name"), ("+".join(["sql"] * 9), "at most 8")]:
         with pytest.raises(ValueError, match=why):
             parse_composite(bad)
@@ -110,5 +111,8 @@ def test_bad_combinations_are_refused_with_the_reason(world, tmp_path):
             with pytest.raises(IncompatibleAdapter, match=why):
                 engine.submit(prompt_requests([model])[0]).result()
         assert engine.generate_sync(prompt_requests(["sql+mlp"]))[0].token_ids  # and serving goes on
+        # a weight whose exact form has an exponent ("1e-07") still reads back as one part
+        assert engine.generate_sync(prompt_requests(["sql*1e4+mlp*1e-7"]))[0].token_ids
+        assert engine.resolve("sql*1e4+mlp*1e-7").ref == "sql@1*10000.0+mlp@1*1e-07"
     finally:
         engine.stop_sync()
