@@ -101,6 +101,7 @@ static int NAME(lora)(int64_t n, int64_t din, const float *x, int64_t ldx, const
                       int64_t nk, int64_t nmod, int64_t k, const ROW *const *b, const int64_t *rows_b,
                       const int64_t *dout, float *y, int64_t ldy, const int64_t *tok, float *h)
 {
+    if (n == 0) return 0; /* no token: nothing to add (and no block to split the work by) */
     int64_t *start = malloc((n + 1) * sizeof(int64_t));
     if (start == NULL) return -1;
     const int64_t nb = make_blocks(n, rows_a, nk, start);

@@ -41,6 +41,15 @@ def test_fused_projection_adds_each_tokens_lora_to_the_base(adapter_of_token, to
     assert torch.allclose(y, x @ w.T + (ref - y0), atol=1e-4)
 
 
+def test_a_lora_call_without_adapter_tokens_changes_nothing():
+    x, y0, _ref, a_pool, b_pools, _, _ = kernel_case([], None, 3, seed=7)
+    rows_a, rows_b = torch.zeros(0, 15, dtype=torch.long), torch.zeros(3, 0, 5, dtype=torch.long)
+    call = native_kernels().group_call(PoolLayers([a_pool], [b_pools]), rows_a, rows_b, None, torch.empty(1), 3)
+    y = y0.clone()
+    call(0, x, y)
+    assert torch.equal(y, y0)
+
+
 def test_projections_refuse_inputs_that_do_not_fit():
     """Raw pointers again: a wrong width, dtype, layout or module split is an error, never a stray read."""
     x, _, _, a_pool, b_pools, rows_a, rows_b = kernel_case([0, 1], None, 2, seed=7)
