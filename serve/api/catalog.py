@@ -77,9 +77,10 @@ class Catalog:
             card = next((c for c in cards if c.root == root), None)
             if card is not None:
                 return card.model_copy(update={"id": model, "versions": [], "aliases": {}})
-        name = model.partition("@")[0]
-        if name != self.base_name() and not principal.may_use(name):
-            raise Forbidden(f"key {principal.name!r} may not use {name!r}", "model")
+        for part in _parts(model, "model"):  # each adapter of a combination, as resolve() checks them
+            name = part.partition("@")[0]
+            if name != self.base_name() and not principal.may_use(name):
+                raise Forbidden(f"key {principal.name!r} may not use {name!r}", "model")
         ids = [c.id for c in cards]
         raise UnknownModel(f"no servable model {model!r}", principal.nearest(model, ids))
 

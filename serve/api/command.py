@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 MiB = 1 << 20
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 def serve(
@@ -49,6 +50,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve BASE and every adapter of it over HTTP (OpenAI-compatible), until interrupted."""
+    # checked before the base loads (uvicorn would refuse a bad level only after it)
     import uvicorn
 
     from hotswap.hub import HubError, Registry
@@ -73,9 +75,12 @@ def serve(
             host_cache_bytes=host_cache_mib * MiB,
             lora_batch_cache_bytes=None if lora_batch_cache_mib is None else lora_batch_cache_mib * MiB,
             model_memory_bytes=model_memory_mib * MiB, load_workers=load_workers, prefix_caching=prefix_caching)
-    except AssertionError as exc:
-        typer.echo(f"error: invalid engine flags: {exc or 'a size or count is not positive'}", err=True)
+    except (AssertionError, RuntimeError, ValueError) as exc:  # RuntimeError: torch's refusal of --device
+        typer.echo(f"error: invalid engine flags: {str(exc) or 'a size or count is not positive'}", err=True)
         raise typer.Exit(2) from None
+    if log_level.lower() not in LOG_LEVELS:
+        typer.echo(f"error: --log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", err=True)
+        raise typer.Exit(2)
 
     registry = Registry(home)
     try:

@@ -81,6 +81,10 @@ async def publish_upload(form: PublishForm, services: Services) -> PublishRespon
     tags = _json_object(form.tags, "tags", (str,), "strings")
     metrics = _json_object(form.metrics, "metrics", (int, float), "numbers")
     aliases = tuple(a.strip() for a in (form.aliases or "").split(",") if a.strip())
+    if "latest" in aliases:  # publish moves latest itself; naming it could move it back to old content
+        raise BadUpload("aliases may not name 'latest': publishing moves it to the new version", "aliases")
+    if form.task is not None and len(form.task) > 200:
+        raise BadUpload(f"task is {len(form.task)} characters; at most 200", "task")
     base = form.base or services.engine.base.ref
 
     def store(reg: Registry) -> PublishResponse:

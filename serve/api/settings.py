@@ -28,7 +28,9 @@ class ApiKeySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, description="Who holds the key (shown in logs and metrics).")
-    key: str | None = Field(None, min_length=16, description="The secret sent as `Authorization: Bearer <key>`.")
+    # printable ASCII without spaces: what a header carries unchanged (a padded or non-ASCII key could never match)
+    key: str | None = Field(None, min_length=16, pattern=r"^[\x21-\x7e]+$",
+                            description="The secret sent as `Authorization: Bearer <key>`.")
     key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 hex of the secret.")
     role: Literal["user", "admin"] = "user"
     adapters: list[str] = Field(default_factory=lambda: ["*"], description=(

@@ -51,10 +51,13 @@ class EngineConfig:
     triton_kernels: bool | None = None
 
     def __post_init__(self) -> None:
-        assert self.max_batch_tokens > 0 and self.max_running > 0 and self.max_queue > 0
-        assert self.kv_block_size > 0 and self.kv_cache_bytes > 0
-        assert self.max_rank > 0 and self.lora_capacity_bytes >= 0 and self.host_cache_bytes >= 0
-        assert self.edge_lora_rows >= 0
+        for name in ("max_batch_tokens", "max_running", "max_queue", "kv_block_size", "kv_cache_bytes", "max_rank",
+                     "max_tokens_limit"):
+            assert getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}"
+        for name in ("lora_capacity_bytes", "host_cache_bytes", "edge_lora_rows", "model_memory_bytes"):
+            assert getattr(self, name) >= 0, f"{name} must be at least 0, got {getattr(self, name)}"
+        assert self.max_model_len is None or self.max_model_len > 0, (
+            f"max_model_len must be positive, got {self.max_model_len}")
         assert self.load_workers >= 1, f"load_workers must be at least 1, got {self.load_workers}"
         assert self.lora_batch_cache_bytes is None or self.lora_batch_cache_bytes >= 0
         assert self.dtype in (None, *DTYPES), f"unknown dtype {self.dtype!r}"

@@ -175,7 +175,7 @@ class Engine(ResidencyCommands):
         tokenizer, _ = self._tokenizer_of(target)
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < len(tokenizer)]
         if bad:
-            raise InvalidRequest(f"token ids outside [0, {len(tokenizer)}): {bad[:5]}")
+            raise InvalidRequest(f"token ids outside [0, {len(tokenizer)}): {bad[:5]}", param="tokens")
         return target, tokenizer.decode(token_ids)
 
     def _tokenizer_of(self, target: Target):

@@ -113,6 +113,8 @@ def test_publish_upload_then_serve(client, store, tmp_path):
     ("bad-tags", 400, "bad_upload", "tags"),
     ("bad-metrics", 400, "bad_upload", "metrics"),
     ("bad-name", 400, "invalid_name", None),
+    ("latest-alias", 400, "bad_upload", "aliases"),  # publish moves latest itself
+    ("long-task", 400, "bad_upload", "task"),
 ])
 def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, code, param):
     folder = save_adapter(store.base_dir, tmp_path / "a", seed=22)
@@ -131,6 +133,10 @@ def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, c
             form = {"metrics": json.dumps({"exact_match": "high"})}
         if case == "bad-name":
             name = "Bad Name"
+        if case == "latest-alias":
+            form = {"aliases": "prod, latest"}
+        if case == "long-task":
+            form = {"task": "x" * 201}
         response = upload(client, folder, name, **form)
     assert response.status_code == status, response.text
     error = response.json()["error"]

@@ -75,6 +75,8 @@ def test_a_combination_needs_every_adapter_it_names(client):
     assert response.status_code == 400 and "'half' of 'acme-sql' is not a number" in response.json()["error"]["message"]
     response = complete(client, "acme-sql+acme-nothing", ACME)
     assert response.status_code == 404 and "acme-nothing" in response.json()["error"]["message"]
+    for model in ("acme-sql+globex-sql", "globex-sql+acme-sql"):  # a card too: 403 whichever part is foreign
+        assert client.get(f"/v1/models/{model}", headers=ACME).status_code == 403, model
 
 
 def test_a_tenant_lists_only_its_adapters(client):
@@ -130,6 +132,28 @@ def test_serve_reports_a_bad_key_file(store, tmp_path):
 def test_serve_reports_an_unknown_base(store):
     result = CliRunner().invoke(serve_app, ["--base", "tiyn", "--home", str(store.home)])
     assert result.exit_code == 2 and "tiny" in result.output
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "nonsense"], "invalid engine flags: Expected one of"),
+    (["--max-model-len", "-3"], "max_model_len must be positive, got -3"),
+    (["--max-model-len", "0"], "max_model_len must be positive, got 0"),
+    (["--max-tokens-limit", "0"], "max_tokens_limit must be positive, got 0"),
+    (["--model-memory-mib", "-1"], "model_memory_bytes must be at least 0"),
+    (["--max-running", "0"], "max_running must be positive, got 0"),
+    (["--log-level", "loud"], "--log-level 'loud' is not one of critical, error"),
+])
+def test_serve_refuses_unusable_flags_before_loading_anything(store, flags, message):
+    result = CliRunner().invoke(serve_app, ["--base", BASE, "--home", str(store.home), *flags])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("key", ["  sk-padded-0123456789  ", "sk-accent-0123456789é"])
+def test_a_key_no_header_can_carry_is_refused_at_start(store, tmp_path, key):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "x", "key": key, "role": "user", "adapters": ["*"]}]}))
+    result = CliRunner().invoke(serve_app, ["--base", BASE, "--home", str(store.home), "--api-keys", str(keys)])
+    assert result.exit_code == 2 and "keys.0.key" in result.output
 
 
 def test_serve_refuses_an_unknown_lora_dtype(store):

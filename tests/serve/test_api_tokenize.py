@@ -45,5 +45,6 @@ def test_tokenize_refuses_bad_input_and_other_tenants_adapters(client):
     assert client.post("/tokenize", json={"model": BASE, "prompt": "x"}).status_code == 401
     out_of_range = client.post("/detokenize", headers=ADMIN, json={"model": BASE, "tokens": [1, 99999]})
     assert out_of_range.status_code == 400 and "99999" in out_of_range.text
+    assert out_of_range.json()["error"]["param"] == "tokens"
     negative = client.post("/detokenize", headers=ADMIN, json={"model": BASE, "tokens": [-1]})
-    assert negative.status_code == 400
+    assert negative.status_code == 400 and negative.json()["error"]["param"] == "tokens"
