@@ -97,6 +97,7 @@ def check_adapter_fits(
     elif not any(_module_matches(m, targets) for m in modules):
         raise IncompatibleAdapter(f"target_modules pattern {targets!r} matches no module of base {base_ref}")
 
+    _check_ranks(adapter_config, adapter_shapes)
     for name, shape in sorted(adapter_shapes.items()):
         key = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
         part = _LORA_PART.search(key)
@@ -110,6 +111,19 @@ def check_adapter_fits(
         if base_shape is None:
             raise IncompatibleAdapter(f"module {module!r} (tensor {name}) does not exist in base {base_ref}")
         _check_shape(name, module, part.group(1) if part else None, shape, base_shape, base_ref)
+
+
+def _check_ranks(adapter_config: dict, adapter_shapes: dict[str, list[int]]) -> None:
+    """Each LoRA A's rank is one the config gives (``r``, or a ``rank_pattern`` value): a config that
+    misstates its rank would scale every update wrongly (alpha / r) wherever it is loaded."""
+    ranks = [adapter_config.get("r", 8), *(adapter_config.get("rank_pattern") or {}).values()]
+    if not all(type(r) is int and r > 0 for r in ranks):
+        raise IncompatibleAdapter(f"adapter_config.json: r and rank_pattern values must be positive integers, "
+                                  f"not {str(ranks)[:60]}")
+    for name, shape in sorted(adapter_shapes.items()):
+        if (".lora_A." in name or name.endswith("lora_embedding_A")) and shape and shape[0] not in ranks:
+            raise IncompatibleAdapter(f"{name} has rank {shape[0]}, but adapter_config.json gives r={ranks[0]}"
+                                      + (f" and rank_pattern ranks {sorted(set(ranks[1:]))}" if ranks[1:] else ""))
 
 
 def _check_classifier_head(name: str, shape: list[int], base_shapes: dict[str, list[int]], base_ref: str) -> None:

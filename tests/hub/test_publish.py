@@ -56,6 +56,21 @@ def test_base_matched_from_adapter_config_or_refused(registry, make_adapter):
         "auto@1", "auto2@1"}
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"r": 999}, "has rank 4, but adapter_config.json gives r=999"),
+    ({"r": 2, "rank_pattern": {"v_proj": 3}}, r"gives r=2 and rank_pattern ranks \[3\]"),
+    ({"r": "4"}, "r and rank_pattern values must be positive integers"),
+])
+def test_a_config_that_misstates_the_rank_is_refused(registry, make_adapter, change, message):
+    folder = make_adapter()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(IncompatibleAdapter, match=message):
+        registry.publish(folder, name="misstated", base="tiny")
+    assert registry.list(kind="adapter") == []
+
+
 def test_incompatible_shapes_refused_naming_module(registry, make_adapter, tmp_path):
     other_base = save_tiny_base(tmp_path / "wide", hidden=32)
     folder = make_adapter(base_dir=other_base)
