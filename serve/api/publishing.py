@@ -8,6 +8,7 @@ compatibility checks. Nothing is stored unless every check passes.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -18,10 +19,10 @@ from typing import Annotated
 from litestar.datastructures import UploadFile
 from litestar.params import KwargDefinition
 
-from hotswap.hub import Registry
+from hotswap.hub import InvalidName, Registry, check_alias, check_identifier
 
 from .admin_schemas import AliasInfo, EntryInfo, PublishResponse
-from .exceptions import BadUpload
+from .exceptions import BadReference, BadUpload
 from .openai_schemas import NAME_PATTERN, REF_PATTERN
 from .services import Services
 
@@ -60,7 +61,7 @@ def _json_object(text: str | None, field_name: str, value_types: tuple[type, ...
     except json.JSONDecodeError as exc:
         raise BadUpload(f"{field_name} is not valid JSON: {exc}", field_name) from None
     if not isinstance(value, dict) or not all(isinstance(v, value_types) and not isinstance(v, bool)
-                                              for v in value.values()):
+                                              and (not isinstance(v, float) or math.isfinite(v)) for v in value.values()):
         raise BadUpload(f"{field_name} must be a JSON object of {what}", field_name)
     return value
 
@@ -79,10 +80,19 @@ def _checked_names(files: list[UploadFile]) -> list[str]:
 async def publish_upload(form: PublishForm, services: Services) -> PublishResponse:
     names = _checked_names(form.files)
     tags = _json_object(form.tags, "tags", (str,), "strings")
-    metrics = _json_object(form.metrics, "metrics", (int, float), "numbers")
+    metrics = _json_object(form.metrics, "metrics", (int, float), "finite numbers")
     aliases = tuple(a.strip() for a in (form.aliases or "").split(",") if a.strip())
     if "latest" in aliases:  # publish moves latest itself; naming it could move it back to old content
         raise BadUpload("aliases may not name 'latest': publishing moves it to the new version", "aliases")
+    try:  # the registry would refuse them too, without saying which form field held them
+        check_identifier(form.name, "name")
+    except InvalidName as exc:
+        raise BadReference(str(exc), "name") from None
+    for alias in aliases:
+        try:
+            check_alias(alias)
+        except InvalidName as exc:
+            raise BadReference(str(exc), "aliases") from None
     if form.task is not None and len(form.task) > 200:
         raise BadUpload(f"task is {len(form.task)} characters; at most 200", "task")
     base = form.base or services.engine.base.ref

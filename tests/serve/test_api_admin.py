@@ -112,7 +112,9 @@ def test_publish_upload_then_serve(client, store, tmp_path):
     ("other-base", 400, "incompatible_adapter", None),
     ("bad-tags", 400, "bad_upload", "tags"),
     ("bad-metrics", 400, "bad_upload", "metrics"),
-    ("bad-name", 400, "invalid_name", None),
+    ("bad-name", 400, "invalid_name", "name"),
+    ("numeric-alias", 400, "invalid_name", "aliases"),
+    ("nan-metric", 400, "bad_upload", "metrics"),
     ("latest-alias", 400, "bad_upload", "aliases"),  # publish moves latest itself
     ("long-task", 400, "bad_upload", "task"),
 ])
@@ -133,6 +135,10 @@ def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, c
             form = {"metrics": json.dumps({"exact_match": "high"})}
         if case == "bad-name":
             name = "Bad Name"
+        if case == "numeric-alias":
+            form = {"aliases": "prod, 7"}
+        if case == "nan-metric":
+            form = {"metrics": '{"exact_match": NaN}'}
         if case == "latest-alias":
             form = {"aliases": "prod, latest"}
         if case == "long-task":
