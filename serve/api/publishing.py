@@ -19,7 +19,7 @@ from typing import Annotated
 from litestar.datastructures import UploadFile
 from litestar.params import KwargDefinition
 
-from hotswap.hub import InvalidName, Registry, check_alias, check_identifier
+from hotswap.hub import HubError, InvalidName, Registry, check_alias, check_identifier
 
 from .admin_schemas import AliasInfo, EntryInfo, PublishResponse
 from .exceptions import BadReference, BadUpload
@@ -98,6 +98,11 @@ async def publish_upload(form: PublishForm, services: Services) -> PublishRespon
     base = form.base or services.engine.base.ref
 
     def store(reg: Registry) -> PublishResponse:
+        try:
+            reg.resolve(base)
+        except HubError as exc:  # an unknown or malformed base: the form field is named
+            exc.param = "base"
+            raise
         with tempfile.TemporaryDirectory(prefix="hotswap-upload-") as tmp:
             for name, upload in zip(names, form.files):
                 upload.file.seek(0)

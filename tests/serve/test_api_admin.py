@@ -115,6 +115,7 @@ def test_publish_upload_then_serve(client, store, tmp_path):
     ("bad-name", 400, "invalid_name", "name"),
     ("numeric-alias", 400, "invalid_name", "aliases"),
     ("nan-metric", 400, "bad_upload", "metrics"),
+    ("unknown-base", 404, "not_found", "base"),
     ("latest-alias", 400, "bad_upload", "aliases"),  # publish moves latest itself
     ("long-task", 400, "bad_upload", "task"),
 ])
@@ -137,6 +138,8 @@ def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, c
             name = "Bad Name"
         if case == "numeric-alias":
             form = {"aliases": "prod, 7"}
+        if case == "unknown-base":
+            form = {"base": "nobase"}
         if case == "nan-metric":
             form = {"metrics": '{"exact_match": NaN}'}
         if case == "latest-alias":
