@@ -215,11 +215,11 @@ class LlamaRunner:
             call = self._kernels.group_call(pool.edge_kernel_pools("lm_head"), rows, rows[None], None,
                                             torch.empty(n * k), n)
             return call.project(self._native["lm_head"], 0, last)
-        logits = project(last, self.lm_head).float()
-        if self.triton is not None:  # each row's rows read in place, at fixed shapes (decode graphs)
-            self.triton.add(logits, last, pool.edge_a["lm_head"], rows, [pool.edge_b["lm_head"]], [rows], rows.shape[1])
-            return logits
-        return logits.add_(head_delta(last, rows, pool.edge_a["lm_head"], pool.edge_b["lm_head"]).float())
+        logits, a, b = project(last, self.lm_head).float(), pool.edge_a["lm_head"], pool.edge_b["lm_head"]
+        if self.triton is None:
+            return logits.add_(head_delta(last, rows, a, b).float())
+        self.triton.add(logits, last, a, rows, [b], [rows], rows.shape[1])  # in place, fixed shapes (graphs)
+        return logits
 
     def _linear(self, x: Tensor, weight: Tensor, lora, layer: int, group: str, modules: tuple[str, ...]) -> Tensor:
         """Base projection plus, when some token uses an adapter, its LoRA delta; a DoRA adapter's
