@@ -50,7 +50,6 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve BASE and every adapter of it over HTTP (OpenAI-compatible), until interrupted."""
-    # checked before the base loads (uvicorn would refuse a bad level only after it)
     import uvicorn
 
     from hotswap.hub import HubError, Registry
@@ -78,7 +77,7 @@ def serve(
     except (AssertionError, RuntimeError, ValueError) as exc:  # RuntimeError: torch's refusal of --device
         typer.echo(f"error: invalid engine flags: {str(exc) or 'a size or count is not positive'}", err=True)
         raise typer.Exit(2) from None
-    if log_level.lower() not in LOG_LEVELS:
+    if log_level.lower() not in LOG_LEVELS:  # uvicorn would refuse it only after the base loaded
         typer.echo(f"error: --log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", err=True)
         raise typer.Exit(2)
 

@@ -51,12 +51,8 @@ def parse_composite(model: str) -> list[tuple[str, float]]:
 
 def composite_ref(parts: list[tuple[str, float]]) -> str:
     """The exact form: every part's immutable ``name@version`` and its weight as a full float."""
-    return "+".join(f"{ref}*{_exact(weight)}" for ref, weight in parts)
-
-
-def _exact(weight: float) -> str:
-    """The shortest text that reads back as exactly ``weight``, with no "+" (which separates parts)."""
-    return repr(weight).replace("e+", "e")
+    # repr is exact and, for weights within MAX_WEIGHT, never holds the "+" that separates parts
+    return "+".join(f"{ref}*{weight!r}" for ref, weight in parts)
 
 
 def composite_digest(parts: list[tuple[str, float]]) -> str:

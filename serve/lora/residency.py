@@ -122,12 +122,6 @@ class Residency:
             entry = self._entries.get(digest)
             return entry.error if entry else None
 
-    def forget_error(self, digest: str) -> None:
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is not None and entry.error is not None and entry.pins == 0:
-                del self._entries[digest]
-
     # --- engine thread ----------------------------------------------------------------
     def acquire(self, digest: str, ref: str) -> int | None:
         """Pin the adapter in a device slot and return the slot; None if it cannot be placed yet.
