@@ -40,7 +40,8 @@ def build_metadata(fields: dict[str, Any]) -> EntryMetadata:
         return EntryMetadata(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise InvalidMetadata(f"invalid metadata: {problems}") from None
+        first = exc.errors()[0]["loc"]
+        raise InvalidMetadata(f"invalid metadata: {problems}", str(first[0]) if first else None) from None
 
 
 def declared_base(staged: list[StagedFile]) -> str | None:

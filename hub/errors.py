@@ -31,7 +31,12 @@ class IncompatibleAdapter(HubError):
 
 
 class InvalidMetadata(HubError):
-    """Metadata that fails validation (unknown kind, malformed language tag, ...)."""
+    """Metadata that fails validation (unknown kind, malformed language tag, ...). `field` names the
+    first metadata field that failed, so a caller can point at the input that held it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class CorruptionError(HubError):

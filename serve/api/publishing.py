@@ -19,7 +19,7 @@ from typing import Annotated
 from litestar.datastructures import UploadFile
 from litestar.params import KwargDefinition
 
-from hotswap.hub import HubError, InvalidName, Registry, check_alias, check_identifier
+from hotswap.hub import HubError, InvalidMetadata, InvalidName, Registry, check_alias, check_identifier
 
 from .admin_schemas import AliasInfo, EntryInfo, PublishResponse
 from .exceptions import BadReference, BadUpload
@@ -108,8 +108,13 @@ async def publish_upload(form: PublishForm, services: Services) -> PublishRespon
                 upload.file.seek(0)
                 with open(Path(tmp) / name, "wb") as out:
                     shutil.copyfileobj(upload.file, out, 1 << 20)
-            result = reg.publish(tmp, name=form.name, kind="adapter", base=base, task=form.task,
-                                 language=form.language, tags=tags, metrics=metrics, aliases=aliases)
+            try:
+                result = reg.publish(tmp, name=form.name, kind="adapter", base=base, task=form.task,
+                                     language=form.language, tags=tags, metrics=metrics, aliases=aliases)
+            except InvalidMetadata as exc:  # a malformed language tag, say: the form field that held it
+                if exc.field in ("task", "language", "tags", "metrics"):
+                    exc.param = exc.field
+                raise
         v = result.version
         pointing = sorted(a for a, n in reg.aliases(v.name).items() if n == v.version)
         return PublishResponse(ref=v.ref, name=v.name, version=v.version, digest=v.digest, created=result.created,

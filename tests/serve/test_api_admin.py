@@ -118,6 +118,7 @@ def test_publish_upload_then_serve(client, store, tmp_path):
     ("unknown-base", 404, "not_found", "base"),
     ("latest-alias", 400, "bad_upload", "aliases"),  # publish moves latest itself
     ("long-task", 400, "bad_upload", "task"),
+    ("bad-language", 400, "invalid_metadata", "language"),
 ])
 def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, code, param):
     folder = save_adapter(store.base_dir, tmp_path / "a", seed=22)
@@ -146,6 +147,8 @@ def test_publish_refusals_store_nothing(client, store, tmp_path, case, status, c
             form = {"aliases": "prod, latest"}
         if case == "long-task":
             form = {"task": "x" * 201}
+        if case == "bad-language":
+            form = {"language": "english please"}
         response = upload(client, folder, name, **form)
     assert response.status_code == status, response.text
     error = response.json()["error"]
