@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from litestar import Request
 
-from ..engine import Classification, Engine, GenerationRequest, RequestStream, SamplingParams, Target, TokenEvent, TokenLogprobs, Usage
+from ..engine import (Classification, Engine, GenerationRequest, InvalidRequest, RequestStream,
+                      SamplingParams, Target, TokenEvent, TokenLogprobs, Usage)
 from .exceptions import ApiProblem, ClientGone
 from .metrics import ApiMetrics
 from .openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -22,6 +23,8 @@ from .openai_schemas import ChatCompletionRequest, CompletionRequest
 
 def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, sample: int,
              logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    if body.stream_options is not None and not body.stream:  # OpenAI's and vLLM's rule: not silently dropped
+        raise ApiProblem("stream_options is only allowed with stream: true", "stream_options")
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     return SamplingParams(
         max_tokens=max_tokens,
@@ -42,8 +45,6 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, s
 
 def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationRequest]:
     prompts = body.prompts()
-    if body.echo and not all(isinstance(p, str) for p in prompts):
-        raise ApiProblem("echo needs a text prompt (token-id prompts cannot be echoed)", "echo")
     if len(prompts) * body.n > 16:
         raise ApiProblem(f"{len(prompts)} prompts x n={body.n} asks for more than 16 choices", "n")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
@@ -61,6 +62,21 @@ def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationR
     return jobs
 
 
+def echo_texts(engine: Engine, jobs: list[GenerationRequest]) -> list[str]:
+    """What each job's choice echoes: a text prompt as sent, token ids as the serving model's tokenizer reads
+    them back (evaluation harnesses score pre-tokenized prompts: echo + logprobs over token ids, as vLLM does)."""
+    texts = []
+    for job in jobs:
+        if job.prompt is not None:
+            texts.append(job.prompt)
+            continue
+        try:
+            texts.append(engine.detokenize(job.model, list(job.prompt_token_ids or ()))[1])
+        except InvalidRequest as exc:  # ids outside the vocabulary: the field is the endpoint's prompt
+            raise InvalidRequest(str(exc), param="prompt") from None
+    return texts
+
+
 def chat_jobs(body: ChatCompletionRequest, target: Target, default_max_tokens: int) -> list[GenerationRequest]:
     messages = [m.as_dict() for m in body.messages]
     limit = body.token_limit() or default_max_tokens
@@ -70,6 +86,19 @@ def chat_jobs(body: ChatCompletionRequest, target: Target, default_max_tokens: i
     return [GenerationRequest(messages=messages, model=target.ref, sampling=sampling(body, limit, sample, logprobs),
                               add_generation_prompt=body.add_generation_prompt, cache_salt=body.cache_salt)
             for sample in range(body.n)]
+
+
+def submit_chat(run: Run, body: ChatCompletionRequest, target: Target, default_max_tokens: int) -> None:
+    """Queue a chat's jobs. A chat that sets no max_tokens is not refused for a limit it never asked for:
+    when the server's default does not fit beside the prompt, it gets what the prompt leaves of the
+    context instead (vLLM's and OpenAI's default). The prompt is measured first, so such a chat is
+    not counted as a rejected request before it is served."""
+    limit = body.token_limit()
+    if limit is None:
+        prompt = run.engine.tokenize(chat_jobs(body, target, 1)[0])
+        room = prompt.max_model_len - len(prompt.token_ids)
+        limit = room if 0 < room < default_max_tokens else default_max_tokens
+    run.submit(chat_jobs(body, target, limit), n=body.n)
 
 
 @dataclass(slots=True)

@@ -13,14 +13,21 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
 from ..engine import MAX_LOGPROBS
+from ..lora.compose import MAX_PARTS
 from .logprobs import ChatLogprobs, CompletionLogprobs
 
 MAX_CHOICES = 16  # n x prompts per request
 # The registry's reference grammar (hub.refs), for the schema; requests are checked by hub.parse_ref.
 NAME_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,63}$"
 REF_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,63}(@([1-9][0-9]{0,17}|(?![0-9]+$)[a-z0-9][a-z0-9._-]{0,63}))?$"
-ModelRef = Annotated[str, Field(min_length=1, max_length=129, json_schema_extra={"pattern": REF_PATTERN}, description=(
-    "What serves the request: the base's name, an adapter (`sql`, `sql@3`, `sql@prod`) or a full model's name."))]
+# `model` may also combine up to MAX_PARTS adapters, each a whole reference with a weight (`sql*0.7+extract@2*0.3`):
+# one reference's 129 characters would refuse most combinations of eight.
+_PART = rf"{REF_PATTERN[1:-1]}(\*[^*+]{{1,32}})?"
+MODEL_PATTERN = rf"^{_PART}(\+{_PART}){{0,{MAX_PARTS - 1}}}$"
+ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_PARTS * (129 + 1 + 32) + MAX_PARTS - 1,
+                                json_schema_extra={"pattern": MODEL_PATTERN}, description=(
+    "What serves the request: the base's name, an adapter (`sql`, `sql@3`, `sql@prod`), a full model's name, "
+    "or a weighted combination of adapters (`sql*0.7+extract@2*0.3`)."))]
 
 
 def Unsupported(field: str, *neutral: Any, hint: str = "leave it unset") -> Any:
@@ -33,6 +40,12 @@ def Unsupported(field: str, *neutral: Any, hint: str = "leave it unset") -> Any:
         raise ValueError(f"{field} is not supported by hotswap ({hint})")
 
     return Annotated[None, BeforeValidator(check), Field(description=f"Not supported: {hint}.")]
+
+
+def NullIs(kind: Any, default: Any) -> Any:
+    """A field OpenAI's reference marks nullable (`"n": null`, `"stream": null`): clients that fill every
+    parameter send null for "not given", so null reads as the default instead of failing validation."""
+    return Annotated[kind, BeforeValidator(lambda value: default if value is None else value)]
 
 
 def _bound(**schema: float) -> dict[str, Any]:
@@ -59,7 +72,8 @@ LogitBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = Field(False, description="Send a last chunk with the usage counts and no choices.")
+    include_usage: NullIs(bool, False) = Field(False, description=(
+        "Send a last chunk with the usage counts and no choices."))
 
 
 class _SamplingFields(BaseModel):
@@ -71,8 +85,8 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1.", **_bound(minimum=0))
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass; default 1 (off).",
                                 **_bound(exclusive_minimum=0))
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
-    stream: bool = Field(False, description="Answer with server-sent events ending with `data: [DONE]`.")
+    n: NullIs(int, 1) = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
+    stream: NullIs(bool, False) = Field(False, description="Answer with server-sent events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
     stop: Stop = Field(None, description="Up to 16 stop strings; the matched string is not returned.", **union_schema(Stop))
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same sample.", **_bound(minimum=0))
@@ -87,9 +101,9 @@ class _SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens; 0 or -1 is off.")
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="1 is off (HF semantics).",
                                              **_bound(exclusive_minimum=0))
-    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
-    min_tokens: int = Field(0, ge=0, description="Do not end before this many tokens (EOS is held back).",
-                            **_bound(minimum=0))
+    ignore_eos: NullIs(bool, False) = Field(False, description="Keep generating past the end-of-sequence token.")
+    min_tokens: NullIs(int, 0) = Field(0, ge=0, description="Do not end before this many tokens (EOS is held back).",
+                                       **_bound(minimum=0))
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description=(
         "Prompt prefixes are reused only between requests with the same salt: a tenant's own salt keeps "
         "others from learning, by timing, which prompts it sent."))
@@ -120,7 +134,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=0, description=(
         "Tokens to generate at most; default 16. 0 only with echo and logprobs: the prompt is scored, "
         "nothing generated."), **_bound(minimum=0))
-    echo: bool = Field(False, description="Return the prompt before the completion (text prompts only).")
+    echo: NullIs(bool, False) = Field(False, description=(
+        "Return the prompt before the completion (token ids as the model's tokenizer decodes them)."))
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
         "Return each token's log-probability and those of this many most likely tokens."), **_bound(minimum=0))
     best_of: Unsupported("best_of", 1, hint="leave it unset or 1") = None
@@ -160,13 +175,14 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (the server's default if unset).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name).")
-    logprobs: bool = Field(False, description="Return each output token's log-probability.")
+    logprobs: NullIs(bool, False) = Field(False, description="Return each output token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
         "With logprobs: also this many most likely tokens at each position."), **_bound(minimum=0))
     tools: Unsupported("tools", [], hint="leave it unset or empty") = None
     tool_choice: Literal["none", "auto"] | None = Field(None, description="With no tools, only none/auto.")
     response_format: ResponseFormat | None = None
-    add_generation_prompt: bool = Field(True, description="Open an assistant turn after the messages.")
+    add_generation_prompt: NullIs(bool, True) = Field(True, description=(
+        "Open an assistant turn after the messages."))
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -12,7 +12,7 @@ from litestar.response import Stream
 
 from .auth import Principal, provide_principal, require_key
 from .errors import describe
-from .generation import Run, chat_jobs, completion_jobs, drain, unless_gone
+from .generation import Run, completion_jobs, drain, echo_texts, submit_chat, unless_gone
 from .metrics import MODEL_SCOPE_KEY
 from .openai_schemas import (
     REF_PATTERN,
@@ -49,7 +49,7 @@ class OpenAIController(Controller):
         request.scope[MODEL_SCOPE_KEY] = target.ref  # type: ignore[literal-required]
         jobs = completion_jobs(data, target)
         run = Run(services.engine, services.metrics, target, "completions")
-        echoes = [j.prompt or "" for j in jobs] if data.echo else None
+        echoes = echo_texts(services.engine, jobs) if data.echo else None
         run.submit(jobs, n=data.n, echoes=echoes)
         if data.stream:
             return await _stream(request, run, ChunkWriter(run, chat=False, include_usage=data.include_usage()), services)
@@ -65,10 +65,10 @@ class OpenAIController(Controller):
         target = await services.catalog.resolve(data.model, principal)
         request.scope[MODEL_SCOPE_KEY] = target.ref  # type: ignore[literal-required]
         run = Run(services.engine, services.metrics, target, "chat")
-        # Until the engine can fill "the rest of the context", a chat without max_tokens gets the server's
-        # default, kept to half the context so that ordinary prompts still fit.
+        # A chat without max_tokens gets the server's default, kept to half the context so that ordinary
+        # prompts fit; a longer prompt gets the rest of the context (submit_chat).
         default = min(services.settings.default_max_tokens, max(1, services.engine.max_model_len // 2))
-        run.submit(chat_jobs(data, target, default), n=data.n)
+        submit_chat(run, data, target, default)
         if data.stream:
             return await _stream(request, run, ChunkWriter(run, chat=True, include_usage=data.include_usage()), services)
         await unless_gone(request, run, drain(run))

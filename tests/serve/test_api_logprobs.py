@@ -94,6 +94,29 @@ def test_echo_with_logprobs_scores_the_prompt(url):
     assert {key: [v for p in parts for v in p[key]] for key in lp} == lp
 
 
+def test_echo_scores_token_id_prompts(url):
+    """lm-evaluation-harness's loglikelihood request (`local-completions`, pre-tokenized by default): token-id
+    prompts with echo, logprobs 1 and one new token; the scores are those of the same prompt sent as text."""
+    texts = ["select name from users where id = 1", "hello world"]
+    ids = [httpx.post(url + "/tokenize", json={"model": "acme-sql", "prompt": t}, headers=ADMIN).json()["tokens"]
+           for t in texts]
+    body = {"model": "acme-sql", "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234}
+    scored = httpx.post(url + "/v1/completions", json=body | {"prompt": ids}, headers=ADMIN, timeout=60)
+    assert scored.status_code == 200, scored.text
+    for choice, text, prompt in zip(scored.json()["choices"], texts, ids):
+        by_text = httpx.post(url + "/v1/completions", json=body | {"prompt": text}, headers=ADMIN, timeout=60).json()
+        assert choice["text"].startswith(text) and choice["text"] == by_text["choices"][0]["text"]
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1 and lp["token_logprobs"][0] is None
+        alone = by_text["choices"][0]["logprobs"]  # scored in another batch: equal up to float rounding
+        assert (lp["tokens"], lp["text_offset"]) == (alone["tokens"], alone["text_offset"])
+        assert lp["token_logprobs"][1:] == pytest.approx(alone["token_logprobs"][1:], abs=1e-4)
+    streamed = post_stream(url, "/v1/completions", body | {"prompt": ids[1]})
+    assert "".join(c["choices"][0]["text"] for c in streamed[:-1]) == scored.json()["choices"][1]["text"]
+    bad = httpx.post(url + "/v1/completions", json=body | {"prompt": [99999]}, headers=ADMIN, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+
+
 def test_max_tokens_zero_with_echo_returns_the_scored_prompt_only(url):
     prompt = "select name from users where id = 1"
     body = {"model": "acme-sql", "prompt": prompt, "echo": True, "logprobs": 1, "temperature": 0}

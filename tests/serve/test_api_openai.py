@@ -117,6 +117,65 @@ def test_chat_default_max_tokens_and_max_completion_tokens(client):
     assert default.json()["usage"]["completion_tokens"] == 128
 
 
+def test_a_long_chat_without_max_tokens_gets_the_rest_of_the_context(client):
+    """The default (128 here) does not fit beside this prompt: the chat is answered up to the context's end,
+    as vLLM and OpenAI answer it, not refused for a max_tokens the client never sent."""
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hello " * 60}], "temperature": 0,
+            "ignore_eos": True}
+    prompt = client.post("/tokenize", headers=ADMIN, json=body).json()["count"]
+    assert 0 < 256 - prompt < 128, prompt
+    answered = client.post("/v1/chat/completions", headers=ADMIN, json=body)
+    assert answered.status_code == 200, answered.text
+    # measured before it is queued: a chat that is served is not counted among the engine's refusals
+    assert "PromptTooLong" not in client.get("/metrics", headers=ADMIN).text
+    assert answered.json()["usage"] == answered.json()["usage"] | {"prompt_tokens": prompt,
+                                                                   "completion_tokens": 256 - prompt}
+    # a limit the client did set is still held to: too long is a 400 naming the prompt's field
+    refused = client.post("/v1/chat/completions", headers=ADMIN, json=body | {"max_tokens": 128})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    too_long = client.post("/v1/chat/completions", headers=ADMIN,
+                           json=body | {"messages": [{"role": "user", "content": "hello " * 300}]})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "messages"
+
+
+def test_stream_options_need_a_stream(client):
+    for path, body in (("/v1/completions", {"prompt": "hello"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        response = client.post(path, headers=ADMIN, json=body | {"model": BASE, "max_tokens": 2,
+                                                                  "stream_options": {"include_usage": True}})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options", response.text
+
+
+def test_explicit_nulls_read_as_defaults(client):
+    """OpenAI's reference marks n, stream, echo, logprobs and stream_options.include_usage nullable, and
+    clients that fill every parameter send null for "not given" (openai's `n=None`)."""
+    nulls = {"n": None, "stream": None, "min_tokens": None, "ignore_eos": None, "seed": None, "stop": None}
+    body = complete(client, BASE, prompt="hello world", echo=None, logprobs=None, **nulls)
+    [choice] = body["choices"]
+    assert choice["logprobs"] is None and not choice["text"].startswith("hello world")
+    chat = client.post("/v1/chat/completions", headers=ADMIN, json={
+        "model": BASE, "messages": [{"role": "user", "content": "hi"}], "logprobs": None, "top_logprobs": None,
+        "add_generation_prompt": None, "max_completion_tokens": None, **GREEDY, **nulls})
+    assert chat.status_code == 200, chat.text
+    assert len(chat.json()["choices"]) == 1 and chat.json()["choices"][0]["logprobs"] is None
+    streamed = client.post("/v1/completions", headers=ADMIN, json={
+        "model": BASE, "prompt": "hi", **GREEDY, "stream": True, "stream_options": {"include_usage": None}})
+    assert streamed.status_code == 200, streamed.text
+    assert streamed.text.endswith("data: [DONE]\n\n") and '"usage"' not in streamed.text
+
+
+def test_a_combination_of_eight_adapters_fits_in_model(client):
+    """README: up to 8 adapters per combination; their references together run past one reference's length."""
+    parts = ["acme-sql@prod", "acme-sql@2", "acme-chat@latest", "acme-chat@1"] * 2
+    model = "+".join(f"{ref}*0.125" for ref in parts)
+    assert len(model) > 129
+    body = complete(client, model, max_tokens=2)
+    assert body["model"].split("+") == [f"{ref}*0.125" for ref in ["acme-sql@1", "acme-sql@2", "acme-chat@1",
+                                                                   "acme-chat@1"] * 2]
+    nine = client.post("/v1/completions", headers=ADMIN, json={"model": model + "+acme-sql", "prompt": "hi"})
+    assert nine.status_code == 400 and "at most 8" in nine.json()["error"]["message"]
+
+
 def test_models_lists_base_adapters_versions_aliases_and_full_models(client):
     response = client.get("/v1/models", headers=ADMIN)
     assert response.status_code == 200
