@@ -35,6 +35,14 @@ def _status(path: Path) -> str:
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino} {st.st_dev}"
 
 
+def _sync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BlobStore:
     """Files by hash under `root/sha256/ab/abcdef...`; blobs are read-only once written."""
 
@@ -73,9 +81,14 @@ class BlobStore:
                     return sha, size, False
                 except CorruptionError:  # the fresh bytes just hashed right: they replace the bad ones
                     pass
+            new_folder = not target.parent.is_dir()
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)
             os.replace(tmp, target)
+            # A rename is durable only once its folder is synced (a new folder's too, in its parent):
+            # else the index, synced at commit, could name a blob that a power loss takes back.
+            for folder in (target.parent, target.parent.parent)[: 1 + new_folder]:
+                _sync_folder(folder)
             self._record(sha, _status(target))
             return sha, size, True
         finally:

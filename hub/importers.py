@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import ImportFailed
 from .registry import Registry
+from .scratch import scratch_folder
 from .versions import PublishResult
 
 EMBEDDED_NAME = "smollm2"
@@ -68,9 +69,9 @@ def _import_hub(registry: Registry, name: str, repo_id: str, source_id: str | No
     # plain files (the HF cache holds links, which publish would refuse as pointing outside).
     from .remote import fetch_repo
 
-    with tempfile.TemporaryDirectory(dir=registry.home, prefix=".import-") as tmp:
-        commit = fetch_repo(repo_id, None, Path(tmp) / "files", allow_patterns=HUB_PATTERNS)
-        return registry.publish(Path(tmp) / "files", name=name, kind="base", source=source_id or repo_id,
+    with scratch_folder(registry.home, ".import-") as tmp:
+        commit = fetch_repo(repo_id, None, tmp / "files", allow_patterns=HUB_PATTERNS)
+        return registry.publish(tmp / "files", name=name, kind="base", source=source_id or repo_id,
                                 aliases=aliases, lineage={"imported_from": repo_id, "commit": commit})
 
 

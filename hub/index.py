@@ -86,6 +86,20 @@ class Index:
             raise
         self._db.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Several reads that see one state of the index: a change another process commits meanwhile
+        (an alias moved, then the version it left removed) shows in all of them or in none."""
+        if self._db.in_transaction:  # inside a transaction already, whose state they see
+            yield
+            return
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+
     # --- reads -------------------------------------------------------------------------
     _VERSION_COLUMNS = "v.name, v.version, e.kind, v.digest, v.metadata, v.created_at"
 

@@ -21,6 +21,7 @@ from .index import AliasEvent, Index, VersionRow
 from .intake import scan_folder
 from .metadata import KINDS, EntryMetadata, read_stored
 from .refs import LATEST, Ref, check_alias, check_identifier, parse_ref
+from .scratch import prune as prune_scratch
 from .snapshots import prune as prune_snapshots, snapshot_folder
 from .versions import Problem, PublishResult, Snapshot, Version, version_digest, weights_fingerprint
 
@@ -53,20 +54,22 @@ class Registry:
         if isinstance(ref, Version):
             return ref
         parsed = ref if isinstance(ref, Ref) else parse_ref(ref)
-        if self._index.entry_kind(parsed.name) is None:
-            close = difflib.get_close_matches(parsed.name, self._index.names(), n=3, cutoff=0.5)
-            raise NotFoundError(f"no entry named {parsed.name!r} in the registry", close)
-        number = parsed.version
-        if number is None:
-            number = self._index.alias_target(parsed.name, parsed.alias or LATEST)
+        with self._index.reading():  # one state of the index: an alias and the version it names agree
+            if self._index.entry_kind(parsed.name) is None:
+                close = difflib.get_close_matches(parsed.name, self._index.names(), n=3, cutoff=0.5)
+                raise NotFoundError(f"no entry named {parsed.name!r} in the registry", close)
+            number = parsed.version
             if number is None:
-                known = sorted(self._index.aliases(parsed.name))
-                raise NotFoundError(f"{parsed.name} has no alias {parsed.alias!r} (aliases: {', '.join(known) or 'none'})")
-        row = self._index.version(parsed.name, number)
-        if row is None:
-            have = [str(r.version) for r in self._index.versions(parsed.name)]
-            raise NotFoundError(f"{parsed.name} has no version {number} (versions: {', '.join(have) or 'none'})")
-        return _to_version(row)
+                number = self._index.alias_target(parsed.name, parsed.alias or LATEST)
+                if number is None:
+                    known = sorted(self._index.aliases(parsed.name))
+                    raise NotFoundError(f"{parsed.name} has no alias {parsed.alias!r} "
+                                        f"(aliases: {', '.join(known) or 'none'})")
+            row = self._index.version(parsed.name, number)
+            if row is None:
+                have = [str(r.version) for r in self._index.versions(parsed.name)]
+                raise NotFoundError(f"{parsed.name} has no version {number} (versions: {', '.join(have) or 'none'})")
+            return _to_version(row)
 
     def open(self, ref: str | Ref | Version, verify: bool = True) -> Snapshot:
         """Check every file of a version against its digest and return the version as a folder.
@@ -75,12 +78,15 @@ class Registry:
         ``BlobStore.check``); ``verify()`` re-hashes everything. ``verify=False`` skips the check,
         for a caller that hashes the very bytes it reads against ``files()`` itself.
         """
-        version = self.resolve(ref)
-        files = self._index.files(version.name, version.version)
+        with self._index.reading():  # the version and its files as of one moment
+            version = self.resolve(ref)
+            files = self._index.files(version.name, version.version)
         for path, sha, _size in files if verify else ():
             try:
                 self.blobs.check(sha)
             except CorruptionError as exc:
+                if self._removed(version):  # and its blobs collected meanwhile: no damage
+                    raise NotFoundError(f"{version.ref} was removed while it was being opened") from None
                 raise CorruptionError(f"{version.ref}: file {path}: {exc}") from None
         return Snapshot(version, snapshot_folder(self._snapshots, version.digest, files, self.blobs.path))
 
@@ -104,9 +110,7 @@ class Registry:
         aliases = [check_alias(a) for a in aliases]
         if kind not in KINDS:
             raise InvalidMetadata(f"kind {kind!r} is not one of {', '.join(KINDS)}")
-        existing = self._index.entry_kind(name)
-        if existing is not None and existing != kind:
-            raise InvalidMetadata(f"{name} is {_a(existing)}; it cannot take {_a(kind)} version")
+        self._check_kind(name, kind)
         staged = scan_folder(Path(folder))
         fields: dict[str, Any] = dict(kind=kind, task=task, language=language, tags=tags, metrics=metrics,
                                       lineage=lineage, source=source)
@@ -129,6 +133,9 @@ class Registry:
             fields["size_bytes"] = sum(size for _, _, size in stored)
             metadata = describe.build_metadata(fields)
             with self._index.transaction() as db:
+                self._check_kind(name, kind)  # again: another process may have published meanwhile
+                if base_snap is not None and self._removed(base_snap.version):
+                    raise NotFoundError(f"{base_snap.version.ref} was removed while {name} was being published")
                 same = db.execute("SELECT version FROM versions WHERE name = ? AND digest = ?", (name, digest)).fetchone()
                 if same:
                     number, created = same[0], False
@@ -136,7 +143,13 @@ class Registry:
                     number, created = self._insert_version(db, name, kind, digest, metadata, stored), True
                 for alias in aliases:
                     Index.set_alias(db, name, alias, number)
-        return PublishResult(self.resolve(Ref(name, version=number)), created)
+                version = self.resolve(Ref(name, version=number))  # before a removal could slip in
+        return PublishResult(version, created)
+
+    def _check_kind(self, name: str, kind: str) -> None:
+        existing = self._index.entry_kind(name)
+        if existing is not None and existing != kind:
+            raise InvalidMetadata(f"{name} is {_a(existing)}; it cannot take {_a(kind)} version")
 
     @staticmethod
     def _insert_version(db, name: str, kind: str, digest: str, metadata: EntryMetadata, stored) -> int:
@@ -257,6 +270,7 @@ class Registry:
             freed = sum(self.blobs.remove(sha) for sha in orphans)
             self.blobs.clear_tmp()
             prune_snapshots(self._snapshots, {row.digest for row in self._index.versions()})
+            prune_scratch(self.home)  # the downloads of killed pulls and imports
         return len(orphans), freed
 
     def verify(self, ref: str | None = None) -> list[Problem]:
@@ -268,8 +282,12 @@ class Registry:
                 try:
                     self.blobs.verify(sha)
                 except CorruptionError as exc:
-                    problems.append(Problem(version.ref, path, str(exc)))
+                    if not self._removed(version):  # else removed and collected meanwhile
+                        problems.append(Problem(version.ref, path, str(exc)))
         return problems
+
+    def _removed(self, version: Version) -> bool:
+        return self._index.version(version.name, version.version) is None
 
     def files(self, ref: str | Version) -> list[tuple[str, str, int]]:
         """(path, sha256, size) of each file of a version."""

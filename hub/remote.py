@@ -25,7 +25,6 @@ import hashlib
 import importlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +35,7 @@ from .errors import InvalidName, NotFoundError, RemoteError, UnsafeContent
 from .intake import CONVERT_HINT, PICKLE_SUFFIXES
 from .refs import check_identifier
 from .registry import Registry
+from .scratch import scratch_folder
 from .versions import PublishResult
 
 CARD = "README.md"
@@ -134,9 +134,8 @@ def pull_version(registry: Registry, spec: str, name: str, base: str | None = No
     whose source is the card's `base_model`, else the one publish matches from adapter_config.json."""
     repo_id, rev = parse_repo_spec(spec)
     check_identifier(name, "name")  # refuse before downloading anything
-    with tempfile.TemporaryDirectory(prefix=".pull-", dir=registry.home) as tmp:
-        folder = Path(tmp) / "files"
-        commit = fetch_repo(repo_id, rev, folder)
+    with scratch_folder(registry.home, ".pull-") as tmp:  # removed by gc should this process be killed
+        commit = fetch_repo(repo_id, rev, folder := tmp / "files")
         card = _take_card(folder, repo_id)
         saved = card.get("hotswap") if isinstance(card.get("hotswap"), dict) else {}
         kind = saved.get("kind") or ("adapter" if (folder / "adapter_config.json").is_file()

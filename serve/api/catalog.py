@@ -48,11 +48,16 @@ class Catalog:
                 raise Forbidden(f"key {principal.name!r} may not use {ref.name!r}", param)
         try:
             return self.engine.resolve(model)
-        except AdapterNotFound as exc:
+        except AdapterNotFound:
             names = await self.hub.run(_entry_names)
             missing = next((ref for ref in refs if ref.name not in names), None)
-            if missing is None:  # the names exist: the message is about versions or aliases
-                raise UnknownModel(str(exc), param=param) from None
+            if missing is None:
+                # The names exist, one perhaps only since the engine looked (its message would then hint at
+                # every tenant's names): a second look can fail only on a version or an alias.
+                try:
+                    return self.engine.resolve(model)
+                except AdapterNotFound as again:
+                    raise UnknownModel(str(again), param=param) from None
             visible = principal.visible([n for n in names if n != self.base_name()]) + [self.base_name()]
             raise UnknownModel(f"no model named {missing.name!r}", principal.nearest(missing.name, visible),
                                param) from None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
+from hotswap.serve.api import catalog
 from hotswap.serve.cli import serve_app
 
 from .api_support import ACME, ADMIN, BASE, GLOBEX, bearer, make_app, running_client, client, served, store  # noqa: F401
@@ -96,6 +98,23 @@ def test_nearest_name_hints_never_show_another_tenants_names(client):
     message = response.json()["error"]["message"]
     assert "acme" not in message and "globex-sql" in message
     assert "acme-chat" in complete(client, "globex-chat", ADMIN).json()["error"]["message"]
+
+
+def test_a_name_published_while_its_request_fails_never_hints_at_other_tenants(store, tmp_path, monkeypatch):
+    """The engine finds no `globex-chat` (the registry's hints then span every tenant), and it is
+    published before the catalog reads the names: its hint-free path must not pass that message on."""
+    home = shutil.copytree(store.home, tmp_path / "home", symlinks=True)
+    real = catalog._entry_names
+
+    def names_after_a_publish(reg):
+        reg.publish(store.adapters["acme-chat@1"], name="globex-chat", base=BASE)  # an admin, meanwhile
+        return real(reg)
+    monkeypatch.setattr(catalog, "_entry_names", names_after_a_publish)
+    app, _engine = make_app(home)
+    with running_client(app) as client:
+        response = complete(client, "globex-chat", GLOBEX)
+    assert "acme" not in response.text
+    assert response.status_code == 200 and response.json()["model"] == "globex-chat@1"
 
 
 def test_without_keys_every_local_caller_is_admin(store):
