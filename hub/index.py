@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .refs import LATEST
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     name TEXT PRIMARY KEY, kind TEXT NOT NULL, next_version INTEGER NOT NULL DEFAULT 1
@@ -151,6 +153,20 @@ class Index:
         return {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM files")}
 
     # --- writes (call inside `transaction()`) -------------------------------------------
+    @staticmethod
+    def insert_version(db: sqlite3.Connection, name: str, kind: str, digest: str, metadata_json: str,
+                       created_at: str, files: list[tuple[str, str, int]]) -> int:
+        """Add the next version of `name` (the entry is made on its first version) and move `latest` to it."""
+        db.execute("INSERT OR IGNORE INTO entries (name, kind) VALUES (?, ?)", (name, kind))
+        (number,) = db.execute("SELECT next_version FROM entries WHERE name = ?", (name,)).fetchone()
+        db.execute("UPDATE entries SET next_version = ? WHERE name = ?", (number + 1, name))
+        db.execute("INSERT INTO versions (name, version, digest, metadata, created_at) VALUES (?, ?, ?, ?, ?)",
+                   (name, number, digest, metadata_json, created_at))
+        db.executemany("INSERT INTO files (name, version, path, sha256, size) VALUES (?, ?, ?, ?, ?)",
+                       [(name, number, path, sha, size) for path, sha, size in files])
+        Index.set_alias(db, name, LATEST, number)
+        return number
+
     @staticmethod
     def set_alias(db: sqlite3.Connection, name: str, alias: str, version: int | None) -> None:
         """Point `alias` at `version` (None removes it) and record the move."""

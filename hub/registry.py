@@ -19,7 +19,7 @@ from .blobs import BlobStore
 from .errors import CorruptionError, InUseError, InvalidMetadata, NotFoundError
 from .index import AliasEvent, Index, VersionRow
 from .intake import scan_folder
-from .metadata import KINDS, EntryMetadata, read_stored
+from .metadata import KINDS, read_stored
 from .refs import LATEST, Ref, check_alias, check_identifier, parse_ref
 from .scratch import prune as prune_scratch
 from .snapshots import prune as prune_snapshots, snapshot_folder
@@ -140,7 +140,9 @@ class Registry:
                 if same:
                     number, created = same[0], False
                 else:
-                    number, created = self._insert_version(db, name, kind, digest, metadata, stored), True
+                    number = Index.insert_version(db, name, kind, digest, metadata.model_dump_json(),
+                                                  metadata.created_at.isoformat(), stored)
+                    created = True
                 for alias in aliases:
                     Index.set_alias(db, name, alias, number)
                 version = self.resolve(Ref(name, version=number))  # before a removal could slip in
@@ -150,22 +152,6 @@ class Registry:
         existing = self._index.entry_kind(name)
         if existing is not None and existing != kind:
             raise InvalidMetadata(f"{name} is {_a(existing)}; it cannot take {_a(kind)} version")
-
-    @staticmethod
-    def _insert_version(db, name: str, kind: str, digest: str, metadata: EntryMetadata, stored) -> int:
-        db.execute("INSERT OR IGNORE INTO entries (name, kind) VALUES (?, ?)", (name, kind))
-        (number,) = db.execute("SELECT next_version FROM entries WHERE name = ?", (name,)).fetchone()
-        db.execute("UPDATE entries SET next_version = ? WHERE name = ?", (number + 1, name))
-        db.execute(
-            "INSERT INTO versions (name, version, digest, metadata, created_at) VALUES (?, ?, ?, ?, ?)",
-            (name, number, digest, metadata.model_dump_json(), metadata.created_at.isoformat()),
-        )
-        db.executemany(
-            "INSERT INTO files (name, version, path, sha256, size) VALUES (?, ?, ?, ?, ?)",
-            [(name, number, path, sha, size) for path, sha, size in stored],
-        )
-        Index.set_alias(db, name, LATEST, number)
-        return number
 
     def match_base(self, source: str | None) -> str:
         """The base whose name or recorded source id is `source` (from an adapter's config)."""
@@ -239,10 +225,15 @@ class Registry:
 
     def rollback(self, name: str, alias: str) -> Version:
         """Move `alias` back to where it pointed before its last move."""
-        moves = [e for e in self.alias_history(name) if e.alias == alias]
-        if not moves or moves[-1].from_version is None:
-            raise NotFoundError(f"{name}@{alias} has no earlier target to roll back to")
-        return self.alias(Ref(name, version=moves[-1].from_version), alias)
+        # The history is read inside the move's transaction: two rollbacks at once undo two moves,
+        # instead of both reading the same last move and going back to the same version.
+        with self._index.transaction() as db:
+            moves = [e for e in self.alias_history(name) if e.alias == alias]
+            if not moves or moves[-1].from_version is None:
+                raise NotFoundError(f"{name}@{alias} has no earlier target to roll back to")
+            version = self.resolve(Ref(name, version=moves[-1].from_version))
+            Index.set_alias(db, name, alias, version.version)
+        return version
 
     # --- maintenance ----------------------------------------------------------------------
     def remove(self, ref: str, force: bool = False) -> Version:

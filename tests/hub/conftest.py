@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotswap.hub import Registry
+from hotswap.hub.index import Index
 
 TINY_SOURCE = "org/tiny-llama"
 
@@ -60,3 +61,15 @@ def make_adapter(tmp_path, tiny_base_dir) -> AdapterFactory:
         return out
 
     return make
+
+
+def first_in(registry, action):
+    """Index.transaction that runs `action` once, just before `registry` opens its first transaction."""
+    real, done = Index.transaction, []
+
+    def transaction(self):
+        if self is registry._index and not done:
+            done.append(True)
+            action()
+        return real(self)
+    return transaction

@@ -16,6 +16,8 @@ from safetensors.numpy import save_file
 from hotswap.hub import InUseError, NotFoundError, Registry
 from hotswap.hub.index import Index
 
+from .conftest import first_in
+
 PUBLISH = [sys.executable, "-m", "hotswap.hub.cli", "hub", "publish"]
 
 
@@ -152,7 +154,7 @@ def test_an_alias_moved_onto_a_version_while_it_is_removed_is_not_left_dangling(
     registry.publish(make_adapter(seed=1), name="sql")
     registry.publish(make_adapter(seed=2), name="sql")
     other = Registry(registry.home)  # another process: `hotswap hub alias sql@1 prod`
-    monkeypatch.setattr(Index, "transaction", _first_in(registry, lambda: other.alias("sql@1", "prod")))
+    monkeypatch.setattr(Index, "transaction", first_in(registry, lambda: other.alias("sql@1", "prod")))
     with pytest.raises(InUseError, match="aliases prod point at it"):
         registry.remove("sql@1")
     assert other.resolve("sql@prod").ref == "sql@1"
@@ -162,7 +164,7 @@ def test_an_alias_is_never_pointed_at_a_version_removed_meanwhile(registry, make
     registry.publish(make_adapter(seed=1), name="sql")
     registry.publish(make_adapter(seed=2), name="sql")
     other = Registry(registry.home)  # another process: `hotswap hub rm sql@1`
-    monkeypatch.setattr(Index, "transaction", _first_in(registry, lambda: other.remove("sql@1")))
+    monkeypatch.setattr(Index, "transaction", first_in(registry, lambda: other.remove("sql@1")))
     with pytest.raises(NotFoundError, match="sql has no version 1"):
         registry.alias("sql@1", "prod")
     assert other.aliases("sql") == {"latest": 2}
@@ -180,15 +182,3 @@ def _after_links(count, real, action, made=None):
         if len(calls) == count:
             action()
     return symlink
-
-
-def _first_in(registry, action):
-    """Index.transaction that runs `action` once, just before `registry` opens its first transaction."""
-    real, done = Index.transaction, []
-
-    def transaction(self):
-        if self is registry._index and not done:
-            done.append(True)
-            action()
-        return real(self)
-    return transaction

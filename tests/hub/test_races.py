@@ -10,8 +10,7 @@ from hotswap.hub import InvalidMetadata, NotFoundError, Registry, scratch
 from hotswap.hub.blobs import BlobStore
 from hotswap.hub.index import Index
 
-from .conftest import TINY_SOURCE, save_tiny_base
-from .test_concurrency import _first_in
+from .conftest import TINY_SOURCE, first_in, save_tiny_base
 
 
 def _before_first(monkeypatch, registry, method, action):
@@ -52,7 +51,7 @@ def test_a_version_removed_while_it_is_opened_is_never_an_empty_folder(registry,
 def test_an_adapter_is_never_published_onto_a_base_removed_meanwhile(registry, make_adapter, tmp_path, monkeypatch):
     registry.publish(save_tiny_base(tmp_path / "base2", seed=1), name="tiny", kind="base", source=TINY_SOURCE)
     other = Registry(registry.home)  # another process: `hotswap hub rm tiny@1` (nothing is built on it yet)
-    monkeypatch.setattr(Index, "transaction", _first_in(registry, lambda: other.remove("tiny@1")))
+    monkeypatch.setattr(Index, "transaction", first_in(registry, lambda: other.remove("tiny@1")))
     with pytest.raises(NotFoundError, match="tiny@1"):
         registry.publish(make_adapter(seed=1), name="sql", base="tiny@1")
     assert other.list(kind="adapter") == []
@@ -62,7 +61,7 @@ def test_one_name_never_holds_two_kinds_when_first_published_as_both_at_once(reg
                                                                             monkeypatch):
     other = Registry(registry.home)  # another process publishes `sql` as a base at the same moment
     folder = save_tiny_base(tmp_path / "base2", seed=1)
-    monkeypatch.setattr(Index, "transaction", _first_in(registry, lambda: other.publish(folder, name="sql",
+    monkeypatch.setattr(Index, "transaction", first_in(registry, lambda: other.publish(folder, name="sql",
                                                                                           kind="base")))
     with pytest.raises(InvalidMetadata, match="sql is a base"):
         registry.publish(make_adapter(seed=1), name="sql")
@@ -134,3 +133,15 @@ def test_opening_a_version_removed_and_collected_meanwhile_is_not_found_not_corr
     _remove_and_collect_before_first_hash(monkeypatch, registry)
     with pytest.raises(NotFoundError, match="sql@1 was removed"):
         registry.open("sql@1")
+
+
+def test_two_rollbacks_at_once_undo_two_moves(registry, make_adapter, monkeypatch):
+    for seed in (1, 2):
+        registry.publish(make_adapter(seed=seed), name="sql")
+    registry.alias("sql@1", "prod")
+    registry.alias("sql@2", "prod")
+    other = Registry(registry.home)  # another operator's `hotswap hub rollback sql prod`, just before this one's
+    monkeypatch.setattr(Index, "transaction", first_in(registry, lambda: other.rollback("sql", "prod")))
+    assert registry.rollback("sql", "prod").ref == "sql@2"  # undoes the other's move, as run one after the other
+    assert [(e.from_version, e.to_version) for e in registry.alias_history("sql") if e.alias == "prod"] == [
+        (None, 1), (1, 2), (2, 1), (1, 2)]
