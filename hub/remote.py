@@ -22,11 +22,9 @@ cache: the registry keeps its own content-addressed copy, so a cache copy would 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from .errors import InvalidName, NotFoundError, RemoteError, UnsafeContent
 from .intake import CONVERT_HINT, PICKLE_SUFFIXES
 from .refs import check_identifier
 from .registry import Registry
+from .remote_errors import remote_errors
 from .scratch import scratch_folder
 from .versions import PublishResult
 
@@ -83,7 +82,7 @@ def push_version(registry: Registry, ref: str, repo_id: str, private: bool = Fal
     api = HfApi(endpoint=endpoint())
     result = {"ref": version.ref, "repo_id": repo_id, "tag": tag, "digest": version.digest,
               "url": f"{endpoint()}/{repo_id}/tree/{tag}"}
-    with _remote_errors(repo_id, None, writing=True):
+    with remote_errors(endpoint(), repo_id, None, writing=True):
         api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         tagged = next((t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name == tag), None)
         if tagged is not None:
@@ -168,7 +167,7 @@ def fetch_repo(repo_id: str, rev: str | None, dest: Path, allow_patterns: list[s
     before any download. Online, nothing is written to the Hugging Face cache."""
     from huggingface_hub import HfApi, constants, snapshot_download
 
-    with _remote_errors(repo_id, rev):
+    with remote_errors(endpoint(), repo_id, rev):
         if constants.is_offline_mode():
             return _fetch_cached(repo_id, rev, dest, allow_patterns)
         # Pin the commit first: a branch that moves mid-download cannot mix two revisions' files.
@@ -193,7 +192,7 @@ def _fetch_cached(repo_id: str, rev: str | None, dest: Path, allow_patterns: lis
         return RemoteError(f"HF_HUB_OFFLINE is set and {repo_id}@{rev or 'main'} is not completely in the local "
                            f"Hugging Face cache ({why}); pull it without HF_HUB_OFFLINE")
 
-    try:  # LocalEntryNotFoundError (nothing cached) goes on to _remote_errors
+    try:  # LocalEntryNotFoundError (nothing cached) goes on to remote_errors
         cached = Path(snapshot_download(repo_id, revision=rev, allow_patterns=allow_patterns))
     except getattr(errors, "IncompleteSnapshotError", ()):  # raised since huggingface_hub 2.x
         raise incomplete("some of its files are missing") from None
@@ -249,65 +248,6 @@ def _take_card(folder: Path, repo_id: str) -> dict[str, Any]:
         if not any(original.parent.iterdir()):
             original.parent.rmdir()
     return meta
-
-
-# --- errors --------------------------------------------------------------------------------------
-@contextmanager
-def _remote_errors(repo_id: str, rev: str | None, writing: bool = False) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into HubError subclasses that say what to do."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    where, action = endpoint(), "pushing to" if writing else "downloading"
-    try:
-        yield
-    except RevisionNotFoundError:
-        raise NotFoundError(f"{repo_id} on {where} has no revision {rev!r} (a branch, tag or commit id)"
-                            f"{_known_refs(repo_id)}") from None
-    except RepositoryNotFoundError:
-        raise NotFoundError(f"no repo {repo_id!r} on {where} (or it is private and HF_TOKEN does not give "
-                            "access to it)") from None
-    except OfflineModeIsEnabled:
-        raise RemoteError(f"HF_HUB_OFFLINE is set: {action} {repo_id} needs {where}; unset it") from None
-    except LocalEntryNotFoundError as exc:
-        if constants.is_offline_mode():
-            raise RemoteError(f"HF_HUB_OFFLINE is set and {repo_id}@{rev or 'main'} is not in the Hugging Face "
-                              "cache; unset HF_HUB_OFFLINE to download it") from None
-        raise RemoteError(f"{action} {repo_id} from {where} failed: {exc}") from None
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            need = "write" if writing else "read"
-            raise RemoteError(f"{where} refused {action} {repo_id} (HTTP {status}): set HF_TOKEN to a token "
-                              f"with {need} access") from None
-        why = exc.server_message or str(exc).strip().splitlines()[0]
-        raise RemoteError(f"{action} {repo_id}: {where} answered HTTP {status}: {why}") from None
-    except _transport_errors() as exc:
-        raise RemoteError(f"cannot reach {where} ({type(exc).__name__}: {exc}); check HF_ENDPOINT and the "
-                          "network") from None
-
-
-def _known_refs(repo_id: str) -> str:
-    from huggingface_hub import HfApi
-
-    try:
-        refs = HfApi(endpoint=endpoint()).list_repo_refs(repo_id)
-    except Exception:  # only a hint for the message; the lookup itself already failed
-        return ""
-    return (f" (branches: {', '.join(b.name for b in refs.branches) or 'none'}; "
-            f"tags: {', '.join(t.name for t in refs.tags) or 'none'})")
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Connection failures raised below huggingface_hub (its HTTP client changed across releases)."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module in ("httpx2", "httpx"):
-        try:
-            errors.append(importlib.import_module(module).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
 
 
 __all__ = ["check_repo_id", "endpoint", "fetch_repo", "parse_repo_spec", "pull_version", "push_version"]
