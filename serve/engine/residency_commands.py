@@ -50,8 +50,10 @@ class ResidencyCommands:
     def _residency_of(self, digest: str) -> AdapterResidency:
         return next(r for r in self.residency() if r.digest == digest)
 
-    def load_future(self, ref: str) -> Future:
-        """Bring an adapter to a device slot (or a full model into memory); the future gives its residency."""
+    def load_future(self, ref: str, pin: bool = False) -> Future:
+        """Bring an adapter to a device slot (or a full model into memory); the future gives its residency.
+        ``pin``: also pin it by hand in the same step-thread turn that finds it resident, so no other
+        load can evict it in between."""
         self._require_ready()
         target = self.resolver.resolve(ref)
         core, future = self._core, Future()
@@ -63,6 +65,8 @@ class ResidencyCommands:
             def task():
                 if core.residency.acquire(target.digest, target.ref) is None:
                     return None
+                if pin:
+                    core.residency.set_manual(target.digest, True, target.ref)
                 core.residency.release(target.digest)
                 return self._residency_of(target.digest)
         else:
@@ -72,7 +76,11 @@ class ResidencyCommands:
 
             def task():
                 worker = core.models.get(target.digest, lambda w: w.scheduler.has_work)
-                return None if worker is None else self._residency_of(target.digest)
+                if worker is None:
+                    return None
+                if pin:
+                    core.models.set_manual(target.digest, True)
+                return self._residency_of(target.digest)
         core.post(lambda: core.when(task, future))
         return future
 
@@ -81,23 +89,7 @@ class ResidencyCommands:
 
     async def pin(self, ref: str) -> AdapterResidency:
         """Load and keep resident until ``unpin`` (never evicted meanwhile)."""
-        await self.load(ref)
-        target = self.resolver.resolve(ref)
-        done: Future = Future()
-        core = self._core
-
-        def command() -> None:  # an adapter unloaded since its load is loaded again; a model is not
-            try:
-                if target.kind == "adapter":
-                    core.residency.set_manual(target.digest, True, target.ref)
-                else:
-                    core.models.set_manual(target.digest, True)
-                done.set_result(None)
-            except KeyError:
-                done.set_exception(EngineError(f"{target.ref} was unloaded while being pinned; pin it again"))
-        core.post(command)
-        await asyncio.wrap_future(done)
-        return self._residency_of(target.digest)
+        return await asyncio.wrap_future(self.load_future(ref, pin=True))
 
     def unpin(self, ref: str) -> None:
         self._require_ready()

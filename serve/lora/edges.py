@@ -32,6 +32,8 @@ def head_delta(hidden: Tensor, rows: Tensor, a_pool: Tensor, b_pool: Tensor) -> 
 
     Rows that share an adapter (a prompt's scored positions, sequences of one adapter) form one
     block, so each adapter's vocabulary-long B rows are gathered once, not once per row."""
+    if rows.shape[0] == 0:  # a step of prefill chunks only: no logits row asked for
+        return hidden.new_zeros(0, b_pool.shape[1])
     sets, which = torch.unique(rows, dim=0, return_inverse=True)  # [U, k], [N]
     h = torch.bmm(a_pool[rows].to(hidden.dtype), hidden[:, :, None]).squeeze(2)  # [N, k]
     order = torch.argsort(which, stable=True)

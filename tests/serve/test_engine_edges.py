@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hotswap.serve.engine import CapacityExceeded, IncompatibleAdapter
+from hotswap.serve.engine import CapacityExceeded, GenerationRequest, IncompatibleAdapter, SamplingParams
 from hotswap.serve.lora.edges import embed_delta, head_delta
 
 from .engine_support import (  # noqa: F401
-    AdapterSpec, peft_rows, preload, prompt_requests, publish, publish_specs, start_engine, world)
+    AdapterSpec, peft_greedy, peft_rows, preload, prompt_requests, publish, publish_specs, start_engine, world)
 from .test_engine_compose import peft_combined
 
 EDGE = [AdapterSpec("edge-all", 4, ("embed_tokens", "lm_head", "q_proj", "down_proj"), seed=41),
@@ -195,8 +195,6 @@ def test_base_copies_are_checked_then_dropped(edge_world, tmp_path):
 
 def test_prompt_logprobs_of_an_edge_adapter_match_peft_across_chunks(edge_world):
     """Scored prompt rows take the lm_head LoRA too, chunk after chunk (64-token steps), beside a base row."""
-    from hotswap.serve.engine import GenerationRequest, SamplingParams
-
     from .engine_support import PROMPTS, tiny_tokenizer
     from .test_engine_logprobs import reference_logprobs
 
@@ -210,5 +208,23 @@ def test_prompt_logprobs_of_an_edge_adapter_match_peft_across_chunks(edge_world)
         ref = reference_logprobs(edge_world, "edge-all", prompt[:1], prompt[1:])
         got = [entry.chosen.logprob for entry in outs[0].prompt_logprobs[1:]]
         assert got == pytest.approx([float(ref[pos, t]) for pos, t in enumerate(prompt[1:])], abs=1e-3)
+    finally:
+        engine.stop_sync()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"native_kernels": False}], ids=["native", "torch"])
+def test_a_step_of_prefill_chunks_only_with_an_lm_head_adapter(edge_world, overrides):
+    """A long prompt in chunks of 8 tokens: its first steps ask for no logits row at all, and the
+    lm_head LoRA then has no row to add to (the torch path had failed those steps)."""
+    from .engine_support import PROMPTS, tiny_tokenizer
+
+    prompt = tiny_tokenizer()(" ".join(PROMPTS))["input_ids"][:40]
+    want = peft_greedy(edge_world.base_dir, edge_world.adapter_dirs["edge-head"], prompt, 6)
+    engine = start_engine(edge_world.home, max_batch_tokens=8, **overrides)
+    try:
+        preload(engine, ["edge-head"])
+        out = engine.generate_sync([GenerationRequest(prompt_token_ids=prompt, model="edge-head",
+                                                      sampling=SamplingParams(max_tokens=6))])[0]
+        assert list(out.token_ids) == want
     finally:
         engine.stop_sync()

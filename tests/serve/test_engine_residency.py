@@ -96,6 +96,33 @@ def test_pinned_adapter_is_never_evicted(world):
         engine.stop_sync()
 
 
+def test_pin_holds_the_adapter_even_when_another_load_wants_its_rows(world):
+    """Pinning loads and pins in one step-thread turn: a load of another adapter coming right after
+    the first one's load (here: forced in between) cannot evict it before the pin takes hold, which
+    had left the pin on an adapter held nowhere and ``pin`` failing with a bare StopIteration."""
+    import asyncio
+
+    engine = start_engine(world.home, lora_capacity_bytes=20 * ROW_BYTES, host_cache_bytes=1)
+    real = engine.load_future
+
+    def load_then_another(ref, *args, **kwargs):
+        found = real(ref, *args, **kwargs)
+        found.result(timeout=30)
+        try:  # "chat" needs the q/v rows "sql" holds; the host keeps only the newest copy
+            real("chat").result(timeout=1)
+        except TimeoutError:
+            pass
+        return found
+    engine.load_future = load_then_another
+    engine.load = lambda ref: asyncio.wrap_future(load_then_another(ref))
+    try:
+        assert asyncio.run(engine.pin("sql")).tier == "device"
+        held = {r.ref: (r.tier, r.manually_pinned) for r in engine.residency()}
+        assert held["sql@1"] == ("device", True) and held.get("chat@1", ("host",))[0] != "device"
+    finally:
+        engine.stop_sync()
+
+
 def test_unload_refuses_while_a_request_waits_and_pin_reloads_what_was_unloaded(world):
     """A request waiting to start counts as a use: unloading its adapter is refused (and then it is
     served from the adapter); an adapter unloaded after it loaded is loaded again by a pin."""
