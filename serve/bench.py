@@ -105,6 +105,14 @@ def prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
     return "bench-base", folder, AutoConfig.from_pretrained(folder)
 
 
+def token_limit(base_dir: Path, hf_config) -> int:
+    """One past the largest prompt id to draw: the engine takes ids its tokenizer knows, which may be
+    fewer than the embedding's rows (a vocabulary padded to a round size)."""
+    from transformers import AutoTokenizer
+
+    return min(hf_config.vocab_size, len(AutoTokenizer.from_pretrained(base_dir)))
+
+
 def _word_tokenizer(vocab_size: int, eos_id: int):
     """A tokenizer for random-init shapes: token i is the word ``<i>`` (the bench sends token ids)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -168,8 +176,9 @@ def run(s: BenchSettings) -> BenchResult:
         base_name, base_dir, hf_config = run_in_fresh_thread(lambda: prepare_base(s, work, registry, device, dtype))
         adapter_dirs = run_in_fresh_thread(lambda: make_adapters(s, work, base_dir, registry))
         gen = torch.Generator().manual_seed(0)
-        prompts = torch.randint(5, hf_config.vocab_size, (s.batch, s.prompt), generator=gen).tolist()
-        prefix = torch.randint(5, hf_config.vocab_size, (s.shared_prefix,), generator=gen).tolist()
+        limit = token_limit(base_dir, hf_config)
+        prompts = torch.randint(5, limit, (s.batch, s.prompt), generator=gen).tolist()
+        prefix = torch.randint(5, limit, (s.shared_prefix,), generator=gen).tolist()
         names = [f"bench-a{i % s.adapters}" for i in range(s.batch)]
         total = s.batch * s.new_tokens
 

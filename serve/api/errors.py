@@ -32,6 +32,7 @@ from ..engine import (
     EngineNotReady,
     IncompatibleAdapter,
     InvalidRequest,
+    PinnedOut,
     PromptTooLong,
     QueueFull,
 )
@@ -68,6 +69,7 @@ ERRORS: dict[type[BaseException], ErrorSpec] = {
     EngineNotReady: ErrorSpec(503, "service_unavailable_error", "not_ready", retry_after=True),
     AdapterNotFound: ErrorSpec(404, INVALID, "model_not_found"),
     IncompatibleAdapter: ErrorSpec(400, INVALID, "incompatible_adapter"),
+    PinnedOut: ErrorSpec(409, "conflict_error", "pinned_out"),
     CapacityExceeded: ErrorSpec(400, INVALID, "capacity_exceeded"),
     EngineError: ErrorSpec(500, "server_error"),
     # the registry

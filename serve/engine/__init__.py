@@ -12,6 +12,7 @@ from .errors import (
     EngineNotReady,
     IncompatibleAdapter,
     InvalidRequest,
+    PinnedOut,
     PromptTooLong,
     QueueFull,
 )
@@ -36,6 +37,6 @@ from .stats import EngineStats, Histogram
 __all__ = [
     "AdapterNotFound", "AdapterResidency", "CapacityExceeded", "Classification", "Completion", "Engine", "EngineConfig",
     "EngineError", "EngineNotReady", "EngineStats", "FinishReason", "GenerationRequest", "Histogram",
-    "IncompatibleAdapter", "InvalidRequest", "Logprob", "MAX_LOGPROBS", "PromptTooLong", "QueueFull", "RequestStream",
+    "IncompatibleAdapter", "InvalidRequest", "Logprob", "MAX_LOGPROBS", "PinnedOut", "PromptTooLong", "QueueFull", "RequestStream",
     "SamplingParams", "Target", "TokenEvent", "TokenLogprobs", "Tokenized", "Usage",
 ]

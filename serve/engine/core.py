@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from .classify import head_mismatch
-from .errors import EngineError, EngineNotReady
+from .errors import EngineError, EngineNotReady, PinnedOut
 from .requests import TokenEvent, TokenLogprobs, Usage
 from .sequence import Sequence, Status
 from .stats import StatsRecorder
@@ -109,6 +109,9 @@ class Core:
                 failed.append((seq, exc))
                 return False
             if slot is None:
+                reason = self.residency.pinned_out(seq.target.digest)
+                if reason is not None:  # else waiting would last until an operator unpins
+                    failed.append((seq, PinnedOut(reason)))
                 return False
             seq.slot, seq.pinned = slot, True
             info = self.residency.pool.slot(slot)

@@ -48,3 +48,8 @@ class IncompatibleAdapter(EngineError):
 
 class CapacityExceeded(EngineError):
     """The adapter or model does not fit the configured device/host/model capacity even when empty."""
+
+
+class PinnedOut(CapacityExceeded):
+    """The adapter would fit, but only in device rows that manually pinned adapters hold: waiting would
+    last until an operator unpins, so the request is refused at once instead."""

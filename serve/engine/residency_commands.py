@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import EngineError
+from .errors import EngineError, PinnedOut
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,6 +64,9 @@ class ResidencyCommands:
 
             def task():
                 if core.residency.acquire(target.digest, target.ref) is None:
+                    reason = core.residency.pinned_out(target.digest)
+                    if reason is not None:
+                        raise PinnedOut(reason)
                     return None
                 if pin:
                     core.residency.set_manual(target.digest, True, target.ref)

@@ -178,12 +178,24 @@ class Residency:
             if entry is not None:
                 entry.manual = pinned
 
-    def fits_ever(self, digest: str) -> bool | None:
+    def pinned_out(self, digest: str) -> str | None:
+        """Why the adapter cannot reach device rows while the manual pins stand, or None when it can
+        once running requests end (their pins go by themselves; an operator's stay until unpinned)."""
         with self._lock:
             entry = self._entries.get(digest)
-            if entry is None or entry.host is None:
+            if entry is None or entry.host is None or entry.slot is not None:
                 return None
-            return self.pool.fits_empty(entry.host)
+            held: dict[str, int] = {}
+            pinned = sorted(e.ref for e in self._entries.values() if e.manual and e.slot is not None)
+            for e in self._entries.values():
+                if e.manual and e.slot is not None:
+                    for module, rows in self.pool.slot(e.slot).rows.items():
+                        held[module] = held.get(module, 0) + len(rows)
+            short = [m for m, r in entry.host.ranks.items() if r > self.pool.rows_of(m) - held.get(m, 0)]
+            if not short:
+                return None
+            return (f"{entry.ref} needs rows of {', '.join(short)} that manually pinned adapters hold "
+                    f"({', '.join(pinned)}): unpin one, or start the server with more --lora-capacity-mib")
 
     def evict(self, digest: str) -> bool:
         """Drop an adapter from device and host unless it is pinned."""

@@ -15,7 +15,7 @@ from hotswap.serve.api.metrics import ApiMetrics, render
 from hotswap.serve.api.settings import ApiKeySpec, KeySettingsError, ServerSettings, is_loopback, load_keys
 from hotswap.serve.engine import (
     AdapterNotFound, CapacityExceeded, EngineNotReady, EngineStats, IncompatibleAdapter, InvalidRequest,
-    PromptTooLong, QueueFull)
+    PinnedOut, PromptTooLong, QueueFull)
 
 SECRET = "sk-test-0123456789abcdef"
 
@@ -93,6 +93,7 @@ def test_key_patterns_and_nearest_names():
     (AdapterNotFound("x"), 404, "model_not_found"),
     (IncompatibleAdapter("x"), 400, "incompatible_adapter"),
     (CapacityExceeded("x"), 400, "capacity_exceeded"),
+    (PinnedOut("x"), 409, "pinned_out"),
     (NotFoundError("x"), 404, "not_found"),
     (InvalidName("x"), 400, "invalid_name"),
     (InUseError("x"), 409, "in_use"),

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from hotswap.hub import Registry
-from hotswap.serve.engine import EngineError, GenerationRequest, SamplingParams
+from hotswap.serve.engine import EngineError, GenerationRequest, PinnedOut, SamplingParams
 
 from .engine_support import (ADAPTERS, BASE, PROMPTS, AdapterSpec, peft_greedy, preload, save_adapter,  # noqa: F401
                              start_engine, tiny_tokenizer, world)
@@ -86,8 +86,13 @@ def test_pinned_adapter_is_never_evicted(world):
     try:
         asyncio.run(engine.pin("sql"))
         preload(engine, ["mlp"])
-        with pytest.raises(TimeoutError):  # "chat" needs the rows "sql" holds in q/v
-            engine.load_future("chat").result(timeout=0.5)
+        # "chat" needs the rows "sql" holds in q/v: refused at once, naming the pin, where waiting would
+        # last until an operator unpins (a load and a request alike)
+        with pytest.raises(PinnedOut, match=r"chat@1 needs rows of .*q_proj.*\(sql@1\): unpin one"):
+            engine.load_future("chat").result(timeout=10)
+        with pytest.raises(PinnedOut, match="sql@1"):
+            engine.generate_sync([req(engine, "chat", 0)])
+        assert engine.generate_sync([req(engine, "mlp", 0)])[0].token_ids  # what fits beside the pin runs
         assert {r.ref: r.manually_pinned for r in engine.residency() if r.tier == "device"}["sql@1"]
         engine.unpin("sql")
         engine.load_future("chat").result(timeout=10)
@@ -110,7 +115,7 @@ def test_pin_holds_the_adapter_even_when_another_load_wants_its_rows(world):
         found.result(timeout=30)
         try:  # "chat" needs the q/v rows "sql" holds; the host keeps only the newest copy
             real("chat").result(timeout=1)
-        except TimeoutError:
+        except PinnedOut:  # "sql" holds them, pinned
             pass
         return found
     engine.load_future = load_then_another
