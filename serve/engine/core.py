@@ -199,14 +199,14 @@ class Core:
             self.recorder.observe("ttft", now - seq.arrival)
         reason = None
         if token in seq.eos_ids and not seq.sampling.ignore_eos:
-            delta, reason = seq.detok.flush(), "stop"  # text held back as a possible stop string's start
+            delta, reason = seq.detok.flush()[0], "stop"  # text held back as a possible stop string's start
         else:
             delta, hit = seq.detok.add(token)
             if hit:
                 reason = "stop"
             elif seq.num_generated >= seq.sampling.max_tokens:
-                reason = "length"
-                delta += seq.detok.flush()
+                rest, hit = seq.detok.flush()
+                delta, reason = delta + rest, "stop" if hit else "length"
         self.recorder.incr("generated_tokens")
         lps = () if logprobs is None else (logprobs,)
         prompt = ()

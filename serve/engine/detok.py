@@ -34,11 +34,8 @@ class Detokenizer:
         return self._release()
 
     def _release(self) -> tuple[str, bool]:
-        # the stop string that begins first in the text ends it, whatever their order in `stop`
-        found = [at for s in self.stop if (at := self.text.find(s, max(0, self._sent - len(s) + 1))) >= 0]
-        if found:
-            self.text = self.text[:min(found)]
-            return self.flush(), True
+        if self._cut_at_stop():
+            return self._rest(), True
         hold = 0
         for s in self.stop:  # the longest tail of text that is a proper prefix of a stop string
             for n in range(min(len(s) - 1, len(self.text)), 0, -1):
@@ -49,7 +46,25 @@ class Detokenizer:
         delta, self._sent = self.text[self._sent:end], end
         return delta, False
 
-    def flush(self) -> str:
-        """Everything not yet emitted (at the end of the request)."""
+    def _cut_at_stop(self) -> bool:
+        # the stop string that begins first in the text ends it, whatever their order in `stop`
+        found = [at for s in self.stop if (at := self.text.find(s, max(0, self._sent - len(s) + 1))) >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+        return bool(found)
+
+    def _rest(self) -> str:
         delta, self._sent = self.text[self._sent:], len(self.text)
         return delta
+
+    def flush(self) -> tuple[str, bool]:
+        """At the end of the request: everything not yet emitted, and whether a stop string ended it.
+        Tokens still waiting for the rest of a character count too, as the tokenizer decodes them
+        (U+FFFD), so the whole text is the decode of the generated ids, as ``tokenizer.decode`` gives."""
+        prefix_text = self._decode(self.ids[self._prefix:self._read])
+        whole = self._decode(self.ids[self._prefix:])
+        if len(whole) > len(prefix_text):
+            self.text += whole[len(prefix_text):]
+            self._prefix = self._read = len(self.ids)
+        hit = self._cut_at_stop()
+        return self._rest(), hit

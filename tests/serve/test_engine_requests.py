@@ -107,7 +107,7 @@ def test_the_earliest_stop_string_in_one_tokens_text_wins():
     for stop in ((later, text[0]), (text[0], later)):
         detok = Detokenizer(tok, stop)
         delta, hit = detok.add(token)
-        assert hit and delta + detok.flush() == "" and detok.text == "", stop
+        assert hit and delta + detok.flush()[0] == "" and detok.text == "", stop
 
 
 def test_text_held_back_for_a_stop_string_is_sent_when_eos_ends_the_request(engine):
