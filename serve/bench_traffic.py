@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import BenchSettings, make_adapters, prepare_base
+from .bench import BenchSettings, make_adapters, prepare_base, token_limit
 from .bench_report import rows_note
 from .threads import run_in_fresh_thread
 
@@ -144,7 +144,7 @@ def run_traffic(s: TrafficSettings) -> TrafficResult:
         registry = Registry(work / "home")
         base_name, base_dir, hf_config = run_in_fresh_thread(lambda: prepare_base(s, work, registry, device, dtype))
         run_in_fresh_thread(lambda: make_adapters(s, work, base_dir, registry, count=s.adapters))
-        workload = make_workload(s, hf_config.vocab_size)
+        workload = make_workload(s, token_limit(base_dir, hf_config))
         result.adapters_used = len({r.adapter for r in workload})
         cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=512, max_running=32,
                            lora_capacity_bytes=s.device_slots * _adapter_bytes(hf_config, s.rank,

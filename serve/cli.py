@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from .api.command import device_problem
 from .api.command import serve as _serve_command
 
 serve_app = typer.Typer(help="Run the multi-adapter inference server.", no_args_is_help=True)
@@ -55,6 +56,9 @@ def bench(
     for flag, value in (("--dtype", dtype), ("--lora-dtype", lora_dtype)):
         if value not in (None, *DTYPES):
             raise typer.BadParameter(f"unknown dtype {value!r}; one of {', '.join(DTYPES)}", param_hint=flag)
+    problem = device_problem(device)  # else a traceback from torch once the first model is built
+    if problem:
+        raise typer.BadParameter(problem.split(": ", 1)[1], param_hint="--device")
     try:
         EngineConfig(device=device, dtype=dtype, lora_dtype=lora_dtype)
     except AssertionError as exc:
@@ -101,7 +105,12 @@ def _check_context(base: str, home: str | None, shape: str | None, prompt: int, 
         try:
             registry = Registry(home)
             try:
-                config = registry.open(base, verify=False).path / "config.json"  # the set-up verifies it
+                snapshot = registry.open(base, verify=False)  # the set-up verifies it
+                kind = snapshot.version.kind
+                if kind != "base":
+                    raise typer.BadParameter(f"{snapshot.version.ref} is {'an' if kind == 'adapter' else 'a'} {kind}, "
+                                             "not a base", param_hint="--base")
+                config = snapshot.path / "config.json"
                 positions = json.loads(config.read_text()).get("max_position_embeddings", MAX_CONTEXT)
             finally:
                 registry.close()

@@ -83,13 +83,26 @@ def load_checkpoint(run_dir: Path, recipe_digest: str) -> Checkpoint:
         folder = run_dir / (CHECKPOINT_DIR + ".old")  # a save stopped between its two renames: the previous one
     if not (folder / "state.json").is_file():
         raise CheckpointError(f"nothing to resume: {folder} holds no checkpoint")
-    state = json.loads((folder / "state.json").read_text())
-    if state["recipe_digest"] != recipe_digest:
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        digest = state["recipe_digest"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _damaged(folder, exc) from None
+    if digest != recipe_digest:
         raise CheckpointError(
-            f"{folder} was written by a different recipe or data (digest {state['recipe_digest'][:19]}..., now "
+            f"{folder} was written by a different recipe or data (digest {digest[:19]}..., now "
             f"{recipe_digest[:19]}...): method, data order and schedule would not match; start afresh without --resume"
         )
-    # Our own file, but still loaded without unpickling arbitrary objects.
-    extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    return Checkpoint(load_file(folder / "trainable.safetensors"), extra["optimizer"], extra["scheduler"],
-                      extra["rng"], LoopState(**state["loop"]))
+    # A damaged file must not pass for a resumable run, nor escape as a traceback (or, for an empty
+    # optimizer.pt, as an EOFError the command line reads as Ctrl-D).
+    try:
+        # Our own file, but still loaded without unpickling arbitrary objects.
+        extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        return Checkpoint(load_file(folder / "trainable.safetensors"), extra["optimizer"], extra["scheduler"],
+                          extra["rng"], LoopState(**state["loop"]))
+    except Exception as exc:  # noqa: BLE001 - torch, pickle and safetensors each raise their own kinds
+        raise _damaged(folder, exc) from None
+
+
+def _damaged(folder: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{folder} is damaged ({type(exc).__name__}: {exc}); start afresh without --resume")

@@ -52,6 +52,18 @@ def _refusals() -> Iterator[None]:
     except (TrainError, HubError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except OSError as exc:  # a path the system refused (a file where a folder goes, a full disk): say which
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _writable_file(path: Path, option: str) -> None:
+    from .errors import TrainError
+
+    if path.is_dir():
+        raise TrainError(f"{option}: {path} is a folder, not a file")
+    _writable_folder(path.parent, option)
 
 
 def _writable_folder(folder: Path, option: str) -> None:
@@ -101,7 +113,7 @@ def run_cmd(
         from .publish import entry_name, publish_result
         from .recipe import METHODS, load_recipe
         from .run import export as export_run
-        from .run import prepare, run
+        from .run import check_export, prepare, run
 
         if method is not None and method not in METHODS:
             raise typer.BadParameter(f"{method!r} is not one of {', '.join(METHODS)}", param_hint="--method")
@@ -112,6 +124,9 @@ def run_cmd(
                 check_alias(alias)
         run_dir = out or Path("runs") / f"{loaded.recipe.name}-{loaded.recipe.method}"
         _writable_folder(run_dir, "--out")
+        if export is not None:  # refused now, not after the training run
+            check_export(export)
+            _writable_folder(export, "--export")
         registry = _registry(home)
         prep = prepare(loaded, registry)  # every refusal about base, data and modules happens here
         result = run(prep, run_dir, resume=resume, eval_base=eval_base, show_progress=not quiet)
@@ -151,7 +166,7 @@ def eval_cmd(
 
         loaded = load_recipe(recipe, overrides)
         if answers is not None:  # refused before the evaluation, not after it
-            _writable_folder(answers.parent, "--answers")
+            _writable_file(answers, "--answers")
         target, report, examples = score_target(loaded, _registry(home), ref, adapter)
         if answers is not None:
             report.write_answers(answers, examples)
@@ -203,10 +218,12 @@ def compare_cmd(
 
         loaded = load_recipe(recipe, overrides)
         out_dir = out or Path("runs") / f"{loaded.recipe.name}-compare"
+        work_dir = work or Path("runs") / f"{loaded.recipe.name}-compare" / "runs"
+        _writable_folder(out_dir, "--out")  # refused now, not after both training runs
+        _writable_folder(work_dir, "--work")
         command = "hotswap train compare " + " ".join(
             [str(recipe)] + [f"--set {o}" for o in overrides])
-        runs, base_score = compare(recipe, tuple(overrides), str(home) if home else None,
-                                   work or Path("runs") / f"{loaded.recipe.name}-compare" / "runs",
+        runs, base_score = compare(recipe, tuple(overrides), str(home) if home else None, work_dir,
                                    show_progress=not quiet)
         report = write_report(runs, base_score, loaded.recipe.name, out_dir, command, describe_machine(runs[0].device))
         _emit({"report": str(report), "base_score": base_score,
@@ -231,8 +248,13 @@ def merge_cmd(
     Federated averaging: adapters trained at separate sites on the same recipe merge with weights
     n_i/N; `--method cat` gives exactly the weighted average of their weight updates."""
     with _refusals():
+        from hotswap.hub import check_alias, check_identifier
+
         from .merge import merge_adapters
 
+        check_identifier(name, "name")  # refused now, not after the adapters are loaded and merged
+        for alias in aliases:
+            check_alias(alias)
         try:
             values = [float(w) for item in weights for w in item.split(",") if w.strip()]
         except ValueError:

@@ -208,16 +208,25 @@ def export(result: RunResult, folder: Path) -> Path:
     """Copy the result and its records into `folder` (e.g. the recipe's committed artifact/). An
     earlier export there is replaced whole, so none of its files (another method's weights, say) is
     published with this one; a folder holding anything else is refused."""
-    if folder.exists():
-        entries = list(folder.iterdir()) if folder.is_dir() else [folder]
-        earlier = folder.is_dir() and (folder / "lineage.json").is_file() and all(p.is_file() for p in entries)
-        if entries and not earlier:
-            raise TrainError(f"--export {folder}: holds files that are not an earlier export; give an empty or new folder")
-        for path in entries if earlier else ():
-            path.unlink()
+    for path in check_export(folder):
+        path.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted(result.artifact.iterdir()):
         shutil.copy2(path, folder / path.name)
     for name in RECORD_FILES:
         shutil.copy2(result.run_dir / name, folder / name)
     return folder
+
+
+def check_export(folder: Path) -> list[Path]:
+    """The files of an earlier export in `folder`, to be replaced; refuses a file, or a folder holding
+    anything else. The CLI calls it before training too, so a bad --export costs no run."""
+    if not folder.exists():
+        return []
+    if not folder.is_dir():
+        raise TrainError(f"--export {folder}: is a file, not a folder")
+    entries = list(folder.iterdir())
+    earlier = (folder / "lineage.json").is_file() and all(p.is_file() for p in entries)
+    if entries and not earlier:
+        raise TrainError(f"--export {folder}: holds files that are not an earlier export; give an empty or new folder")
+    return entries

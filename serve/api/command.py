@@ -63,8 +63,12 @@ def serve(
                                   default_max_tokens=default_max_tokens)
         settings.check_binding()
     except (KeySettingsError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {settings_error(exc)}", err=True)
         raise typer.Exit(2) from None
+    problem = device_problem(device) or listen_problem(host, port)
+    if problem:  # else found only once the base has loaded: the server would start and answer 503, or exit
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(2)
     try:
         config = EngineConfig(
             device=device, dtype=dtype, max_running=max_running, max_queue=max_queue, max_batch_tokens=max_batch_tokens,
@@ -94,6 +98,52 @@ def serve(
     app = create_app(Engine(registry, base, config), registry, settings)
     typer.echo(startup_banner(settings, version.ref, registry.home), err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+
+
+def settings_error(exc: Exception) -> str:
+    """A refusal of the server settings on one line, naming the flag (pydantic's own text spans
+    several lines and links to its docs)."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join((f"--{str(e['loc'][0]).replace('_', '-')}: " if e["loc"] else "")
+                     + e["msg"].removeprefix("Value error, ") for e in exc.errors())
+
+
+def device_problem(device: str) -> str | None:
+    """Why the engine cannot run on `device` (None if it can), before any model is built."""
+    import torch
+
+    if device == "auto":
+        return None
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"--device {device!r}: not a device; give auto, cpu, cuda or cuda:N"
+    if parsed.type not in ("cpu", "cuda"):
+        return f"--device {device!r}: the engine runs on cpu or cuda"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: this torch ({torch.__version__}) sees no CUDA device"
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        return f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)"
+    return None
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on host:port (None if it can): a port in use, or a host that is
+    no address of this machine. Bound and released at once, with uvicorn's SO_REUSEADDR."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def startup_banner(settings, base_ref: str, home: Path) -> str:

@@ -81,9 +81,14 @@ def start_server(app, host: str, port: int):
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and thread.is_alive():
         try:
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+            response = httpx.get(url + "/ready", timeout=5)
+            if response.status_code == 200:
                 return server, thread, url
-        except httpx.HTTPError:
+            detail = response.json().get("detail") or ""
+            if detail.startswith("failed"):  # it will not become ready: say why now, not after the deadline
+                server.should_exit = True
+                raise SystemExit(f"demo: the server on {url} {detail}")
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.2)
     raise SystemExit(f"demo: the server did not become ready on {url}")
@@ -150,13 +155,30 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..engine import Engine, EngineConfig
     from .app import create_app
+    from .command import listen_problem, settings_error
     from .settings import ServerSettings
 
+    try:  # every refusal before the base loads, on one line
+        settings = ServerSettings(host=args.host, port=args.port)
+        settings.check_binding()
+    except ValueError as exc:
+        print(f"demo: {settings_error(exc)}", file=sys.stderr)
+        return 2
+    problem = listen_problem(args.host, args.port)
+    if args.markdown is not None and (args.markdown.is_dir() or not args.markdown.parent.is_dir()):
+        problem = f"--markdown {args.markdown}: not a file in an existing folder"  # else found after the showcase
+    if problem:
+        print(f"demo: {problem}", file=sys.stderr)
+        return 2
     registry = Registry(args.home)
     try:
         base = registry.resolve(args.base)
     except HubError as exc:
         print(f"demo: {exc}\ndemo: import it first: hotswap hub import-base {args.base}", file=sys.stderr)
+        return 2
+    if base.kind != "base":
+        print(f"demo: --base {args.base}: {base.ref} is {'an' if base.kind == 'adapter' else 'a'} {base.kind}, "
+              "not a base", file=sys.stderr)
         return 2
     prompts = shipped_prompts(args.adapters_dir) if args.adapters_dir.is_dir() else {}
     in_registry = servable_adapters(registry, base.ref)
@@ -166,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     showcases = [replace(prompts.get(n) or Showcase(n, DEFAULT_PROMPT, "a generic prompt"), ref=ref)
                  for n, ref in in_registry.items()]
 
-    settings = ServerSettings(host=args.host, port=args.port)
-    settings.check_binding()
     app = create_app(Engine(registry, base.ref, EngineConfig()), registry, settings)
     for noisy in ("httpx", "httpx2"):  # the demo's own client calls; keep its output readable
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -154,7 +154,7 @@ def test_serve_reports_an_unknown_base(store):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--device", "nonsense"], "invalid engine flags: Expected one of"),
+    (["--device", "nonsense"], "error: --device 'nonsense': not a device"),
     (["--max-model-len", "-3"], "max_model_len must be positive, got -3"),
     (["--max-model-len", "0"], "max_model_len must be positive, got 0"),
     (["--max-tokens-limit", "0"], "max_tokens_limit must be positive, got 0"),
