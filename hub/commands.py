@@ -4,6 +4,7 @@ take `--json`. Refusals raise `HubError`, which the root command turns into exit
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -111,12 +112,17 @@ def list_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("ref", "kind", "aliases", "task", "language", "base", "rank", "size", "created")
-    for v in versions:
-        m = v.metadata
-        names = ",".join(sorted(a for a, n in aliases[v.name].items() if n == v.version))
-        table.add_row(v.ref, v.kind, names, m.task or "", m.language or "", m.base or "", str(m.rank or ""),
-                      _size(m.size_bytes), v.created_at.strftime("%Y-%m-%d %H:%M"))
+    header = ("ref", "kind", "aliases", "task", "language", "base", "rank", "size", "created")
+    rows = [(v.ref, v.kind, ",".join(sorted(a for a, n in aliases[v.name].items() if n == v.version)),
+             v.metadata.task or "", v.metadata.language or "", v.metadata.base or "", str(v.metadata.rank or ""),
+             _size(v.metadata.size_bytes), v.created_at.strftime("%Y-%m-%d %H:%M")) for v in versions]
+    if not sys.stdout.isatty():  # a pipe or a log: whole values, tab-separated (a table there is cut to 80 columns)
+        for row in (header, *rows):
+            typer.echo("\t".join(row))
+        return
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import CorruptionError
 from .refs import LATEST
 
 _SCHEMA = """
@@ -69,10 +70,15 @@ class Index:
 
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:  # not an SQLite file (damaged, or something else under that name)
+            self._db.close()
+            raise CorruptionError(f"{path} is not a readable registry index ({exc}); restore it from a "
+                                  "backup, or move it aside to start an empty registry") from None
 
     def close(self) -> None:
         self._db.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import describe
 from .blobs import BlobStore
-from .errors import CorruptionError, InUseError, InvalidMetadata, NotFoundError
+from .errors import CorruptionError, HubError, InUseError, InvalidMetadata, NotFoundError
 from .index import AliasEvent, Index, VersionRow
 from .intake import scan_folder
 from .metadata import KINDS, read_stored
@@ -39,7 +39,12 @@ class Registry:
 
     def __init__(self, home: Path | str | None = None) -> None:
         self.home = Path(home) if home is not None else default_home()
-        self.home.mkdir(parents=True, exist_ok=True)
+        if self.home.exists() and not self.home.is_dir():
+            raise HubError(f"the registry home {self.home} is a file, not a folder")
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent that is a file, a read-only disk, ...
+            raise HubError(f"cannot make the registry home {self.home}: {exc.strerror or exc}") from None
         self.blobs = BlobStore(self.home / "blobs")
         self._index = Index(self.home / "index.sqlite")
         self._snapshots = self.home / "snapshots"
@@ -179,6 +184,8 @@ class Registry:
     def list(self, kind: str | None = None, task: str | None = None, language: str | None = None,
              base: str | None = None, tag: str | None = None) -> list[Version]:
         """Every version matching all the filters given (`tag` is `key` or `key=value`)."""
+        if kind is not None and kind not in KINDS:  # else an empty listing that reads as "none of them"
+            raise InvalidMetadata(f"kind {kind!r} is not one of {', '.join(KINDS)}")
         found = []
         if base and "@" in base:  # an alias or `latest` means the version it names now
             base = self.resolve(base).ref

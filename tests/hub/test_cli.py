@@ -144,3 +144,33 @@ def test_show_names_a_classifiers_labels(capsys, registry, tiny_base_dir, tmp_pa
         code, _, err = run(capsys, "hub", "publish", str(tmp_path / "unnamed"), "--name", "bad", "--base", "tiny", *home)
         assert code == 1 and reason in err
     assert [v.name for v in registry.list(kind="adapter")] == ["named", "unnamed"]
+
+
+def test_a_listing_in_a_pipe_keeps_whole_values(capsys, registry, make_adapter):
+    """Out of a terminal (a pipe, a CI log) the listing is tab-separated: a table there is cut to 80 columns."""
+    home = ["--home", str(registry.home)]
+    run(capsys, "hub", "publish", str(make_adapter(seed=1)), "--name", "a-rather-long-adapter-name",
+        "--task", "text-to-sql-with-a-long-task-name", "--alias", "production-canary", *home)
+    code, out, _ = run(capsys, "hub", "list", *home)
+    header, *rows = [line.split("\t") for line in out.splitlines()]
+    assert code == 0 and header[:4] == ["ref", "kind", "aliases", "task"]
+    assert [r[:4] for r in rows if r[1] == "adapter"] == [
+        ["a-rather-long-adapter-name@1", "adapter", "latest,production-canary", "text-to-sql-with-a-long-task-name"]]
+
+
+def test_an_unusable_home_or_index_is_one_line(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "index.sqlite").write_bytes(b"this is not an SQLite database, whatever its name says" * 4)
+    for home, why in ((afile, "is a file, not a folder"), (afile / "sub", "cannot make the registry home"),
+                      (damaged, "index.sqlite is not a readable registry index")):
+        code, out, err = run(capsys, "hub", "list", "--home", str(home))
+        assert code == 1 and why in err and "Traceback" not in err, err
+    assert (damaged / "index.sqlite").read_bytes().startswith(b"this is not an SQLite")  # left as it was
+
+
+def test_listing_an_unknown_kind_is_refused(capsys, registry):
+    code, _, err = run(capsys, "hub", "list", "--kind", "bogus", "--home", str(registry.home))
+    assert code == 1 and "kind 'bogus' is not one of base, adapter, model" in err
