@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="hotswap", standalone_mode=False)
     except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, typer.Abort):
+    except (click.exceptions.Abort, typer.Abort) as exc:
+        if isinstance(exc.__cause__, EOFError):  # click wraps any EOFError a command raises, not only Ctrl-D
+            click.echo(f"error: unexpected end of data{f': {exc.__cause__}' if str(exc.__cause__) else ''}", err=True)
+            sys.exit(1)
         click.echo("aborted", err=True)
         sys.exit(130)
     except HubError as exc:

@@ -174,3 +174,16 @@ def test_an_unusable_home_or_index_is_one_line(capsys, tmp_path):
 def test_listing_an_unknown_kind_is_refused(capsys, registry):
     code, _, err = run(capsys, "hub", "list", "--kind", "bogus", "--home", str(registry.home))
     assert code == 1 and "kind 'bogus' is not one of base, adapter, model" in err
+
+
+@pytest.mark.parametrize("raised, code, said", [(EOFError("truncated pickle"), 1, "error: unexpected end of data: truncated"),
+                                                (KeyboardInterrupt(), 130, "aborted")])
+def test_an_eof_inside_a_command_is_an_error_and_ctrl_c_an_abort(capsys, registry, monkeypatch, raised, code, said):
+    """click turns both into Abort; only Ctrl-C (or Ctrl-D at a prompt) is the user's abort."""
+    from hotswap.hub import Registry
+
+    def fail(self, **filters):
+        raise raised
+    monkeypatch.setattr(Registry, "list", fail)
+    got, _, err = run(capsys, "hub", "list", "--home", str(registry.home))
+    assert got == code and said in err
