@@ -7,6 +7,7 @@ only place that knows their status codes. A class not listed falls back to its n
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -127,16 +128,28 @@ def _prompt_field(path: str) -> str:
     return "input" if path.endswith("classify") else "prompt"
 
 
+# Path segments pydantic adds for a union's alternatives ("constrained-str", "list[TextPart]", "TextPart"):
+# not fields a client wrote, so left out of the path the message names.
+_UNION_TAG = re.compile(r"[A-Z]\w*|.*[\[\-].*|str|int|float|bool|dict|list|none")
+
+
 def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
-    """Name each bad field once (a union type reports one error per alternative)."""
-    seen: dict[str, str] = {}
+    """Name each bad field once. A union type reports one error per alternative: the one that got
+    deepest into the value says most (an image part: "messages.0.content.0.type: Input should be
+    'text'"); alternatives that all failed at the field itself are listed together."""
+    by_field: dict[str, list[tuple[str, str]]] = {}
     for item in exc.extra if isinstance(exc.extra, list) else []:
-        key = str(item.get("key") or "")
-        field = key.split(".")[0]
-        seen.setdefault(field or "body", f"{key or 'body'}: {item.get('message')}")
-    if not seen:
+        path = ".".join(p for p in str(item.get("key") or "").split(".") if p and not _UNION_TAG.fullmatch(p))
+        by_field.setdefault(path.split(".")[0] or "body", []).append((path or "body", str(item.get("message"))))
+    if not by_field:
         return exc.detail, None
-    return "invalid request: " + "; ".join(seen.values()), next(iter(seen))
+    said = []
+    for errors in by_field.values():
+        deepest = max(path.count(".") for path, _ in errors)
+        at = [(path, message) for path, message in errors if path.count(".") == deepest]
+        messages = list(dict.fromkeys(message for _, message in at))
+        said.append(f"{at[0][0]}: {messages[0] if len(messages) == 1 or deepest else ' or '.join(messages)}")
+    return "invalid request: " + "; ".join(said), next(iter(by_field))
 
 
 def error_response(request: Request, exc: Exception) -> Response[ErrorResponse]:

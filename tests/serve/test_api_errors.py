@@ -53,6 +53,23 @@ def test_bad_completion_parameters_name_the_field(client, body, field):
     assert field in error["message"]
 
 
+@pytest.mark.parametrize("body, said", [
+    ({"prompt": []}, "prompt: Input should be a valid string or List should have at least 1 item"),
+    ({"prompt": "hi", "stop": [""]}, "stop.0: String should have at least 1 character"),
+])
+def test_a_union_field_names_what_failed_not_its_alternatives(client, body, said):
+    """pydantic reports one error per alternative of a union, under paths of type names
+    ("prompt.constrained-str"): the message names the client's own path instead."""
+    error = error_of(post(client, "/v1/completions", {"model": BASE} | body), 400)
+    assert said in error["message"] and "constrained" not in error["message"], error["message"]
+
+
+def test_an_image_part_says_what_a_content_part_must_be(client):
+    body = {"model": BASE, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    error = error_of(post(client, "/v1/chat/completions", body), 400)
+    assert error["param"] == "messages" and "messages.0.content.0.type: Input should be 'text'" in error["message"]
+
+
 @pytest.mark.parametrize("body, field", [
     ({"model": BASE, "messages": []}, "messages"),
     ({"model": BASE, "messages": [{"role": "tool", "content": "x"}]}, "messages"),
