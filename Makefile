@@ -30,11 +30,19 @@ test-fast: install
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
 
-# Everything GPU-related in one go, on a machine with CUDA: the GPU tests, then the bench on the 1B
-# Llama shape with 8 and 32 adapters, with the Triton decode kernels and without them (the gather path).
-GPU_BENCH := $(HOTSWAP) bench --shape 1b --device cuda --batch 32 --prompt 128 --new-tokens 64
-gpu-check: install
+# Everything GPU-related in one go, on a machine with CUDA: the GPU tests and the Triton kernels' tests
+# (compiled, not interpreted), then the bench on the 1B Llama shape with 8 and 32 adapters, with the
+# Triton decode kernels and without them (the gather path). It stops first where torch sees no GPU:
+# with a CPU build of torch every GPU test would be skipped, and pytest would report success.
+# On a machine whose own Python already holds a CUDA torch and that cannot reach a package index, skip
+# the install step and name that Python (hotswap installed there with `pip install --no-deps -e .`):
+#   make gpu-check GPU_SETUP= PY=python3 HOTSWAP="python3 -m hotswap.hub.cli"
+GPU_SETUP ?= install
+GPU_BENCH = $(HOTSWAP) bench --shape 1b --device cuda --batch 32 --prompt 128 --new-tokens 64
+gpu-check: $(GPU_SETUP)
+	$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('torch ' + torch.__version__ + ' sees no CUDA device')"
 	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -q -m "not gpu" tests/serve/test_triton_lora.py
 	$(GPU_BENCH) --adapters 8 --repeat 2
 	HOTSWAP_TRITON_LORA=0 $(GPU_BENCH) --adapters 8 --repeat 2 --skip-hf
 	$(GPU_BENCH) --adapters 32 --repeat 1

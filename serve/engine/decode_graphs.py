@@ -169,8 +169,11 @@ class DecodeGraphs:
         if not shape.rank and not shape.edges:
             return
         key = tuple(None if info is None else (s.slot, info.generation) for s, info in zip(seqs, slots))
-        if shape.dora:
-            self._dora.setdefault(shape.rows, DoraTable(self.runner.lora, shape.rows)).fill(key, slots)
+        if shape.dora:  # made once per row count (not setdefault: its default would be allocated every step)
+            table = self._dora.get(shape.rows)
+            if table is None:
+                table = self._dora[shape.rows] = DoraTable(self.runner.lora, shape.rows)
+            table.fill(key, slots)
         if key != shape.lora_key:
             ids = row_ids(self.runner.lora, slots + [None] * pad, shape.rank) if shape.rank else {}
             flat = [r for name in shape.lora_names for row in ids[name] for r in row]

@@ -24,8 +24,9 @@ from . import ops
 
 try:  # the kernels' language, resolved when they compile; without Triton ``load`` returns None
     import triton.language as tl
-except ImportError:
-    tl = None
+    _UNUSABLE = None
+except Exception as exc:  # not installed, or an install that fails to import (built for another torch or CUDA):
+    tl, _UNUSABLE = None, f"{type(exc).__name__}: {exc}"  # the engine must still import and serve
 
 log = logging.getLogger("hotswap.engine")
 
@@ -132,7 +133,7 @@ def load(device: torch.device, dtype: torch.dtype) -> TritonLora | None:
     """The kernels, compiled and checked on ``device`` against the torch path; None (and a log line
     saying why) when Triton is missing, they do not build, or their results differ."""
     if tl is None:  # torch's CUDA builds ship Triton; its CPU builds do not
-        log.info("triton is not installed: decode steps gather adapter rows with torch")
+        log.info("triton does not import here (%s): decode steps gather adapter rows with torch", _UNUSABLE)
         return None
     try:
         kernels = TritonLora()

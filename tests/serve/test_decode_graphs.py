@@ -78,3 +78,44 @@ def test_contexts_past_one_bucket(world, monkeypatch):
     assert {key[1] for key in shapes} == {2, 4}  # 32 and 64 positions of 16-token blocks
     assert [list(o.token_ids) for o in outs] == [peft_greedy(world.base_dir, world.adapter_dirs["attn"], ids, NEW),
                                                  peft_greedy(world.base_dir, None, ids, NEW)]
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["gathered", "triton"])
+def test_bucketed_steps_hold_nothing_a_cuda_graph_cannot_capture(world, tmp_path_factory, triton):
+    """What capture refuses, caught on the CPU: every bucketed step (DoRA, embed_tokens and, with the
+    kernels, lm_head rows included) runs a second time on fake tensors, where a read on the host
+    (``.item()``, ``.tolist()``) or a shape that depends on values (``nonzero``, ``unique``) raises.
+    The Triton launch itself is left out there (fake tensors hold no memory to read)."""
+    from dataclasses import replace
+
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from .engine_support import publish_specs
+    from .test_engine_dora import DORA
+    from .test_engine_edges import EDGE
+
+    prefix = f"fake-{'triton' if triton else 'gathered'}-"
+    publish_specs(world, tmp_path_factory.mktemp(prefix), [replace(s, name=prefix + s.name) for s in DORA + EDGE])
+    edges = ["edge-all", "edge-head"] if triton else []  # lm_head's LoRA decodes eagerly without the kernels
+    models = [None, "chat", *(prefix + m for m in ["dora-all", "edge-embed", *edges])]
+    eng = start_engine(world.home, decode_graphs=True, native_kernels=False, triton_kernels=triton)
+    try:
+        graphs, kernels = eng._base.graphs, eng._base.runner.triton
+        forward, faked = graphs._forward, []
+        if kernels is not None:
+            add = kernels.add
+            kernels.add = lambda y, *args: None if isinstance(y, FakeTensor) else add(y, *args)
+
+        def twice(shape):
+            out = forward(shape)
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                faked.append(forward(shape).shape)
+            return out
+        graphs._forward = twice
+        preload(eng, [m for m in models if m])
+        outs = eng.generate_sync(prompt_requests(models, new=4))
+        keys = list(graphs._shapes)
+    finally:
+        eng.stop_sync()
+    assert len(faked) == graphs.steps >= 3 and any(k[3] and k[4] for k in keys)  # a DoRA and edge shape ran
+    assert [list(o.token_ids) for o in outs] == peft_rows(world, models, new=4)

@@ -65,10 +65,13 @@ def test_bfloat16_on_the_gpu_serves_mixed_batches_deterministically(world):
     models = names + [None, names[0]]
     eng = start_engine(world.home, device="cuda")  # the GPU default: bfloat16
     try:
-        assert eng._base.runner.embed.dtype == torch.bfloat16
+        # the GPU's defaults serve it: the Triton kernels passed their bf16 start check, decode replays graphs
+        assert eng._base.runner.embed.dtype == torch.bfloat16 and eng._base.runner.triton is not None
         preload(eng, names)
         first = eng.generate_sync(prompt_requests(models))
         again = eng.generate_sync(prompt_requests(models))
+        assert eng._base.graphs is not None and eng._base.graphs.captures >= 1
+        assert eng._base.graphs.steps >= 2 * (NEW - 1)
     finally:
         eng.stop_sync()
     assert all(len(o.token_ids) == NEW for o in first)

@@ -54,6 +54,33 @@ def test_kernels_match_gather_and_bmm(rank, outs, rows_dtype, with_tok):
     assert torch.allclose(y, want, rtol=1e-4, atol=1e-3)
 
 
+# the anchors' 1B Llama: hidden 2048, k/v 512, intermediate 8192, vocabulary 128256 (lm_head's LoRA
+# adds into float32 logits); the interpreter takes minutes here, a GPU compiles them in seconds
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("in_dim, outs, rank, tokens, y_dtype", [
+    (2048, (2048, 512, 512), 16, 32, torch.bfloat16),  # q, k, v of a batch of 32
+    (2048, (8192, 8192), 64, 3, torch.bfloat16),  # gate, up at the highest rank
+    (8192, (2048,), 8, 1, torch.bfloat16),  # down
+    (2048, (128256,), 16, 32, torch.float32),  # lm_head
+], ids=["qkv", "gate_up", "down", "lm_head"])
+def test_kernels_at_the_1b_shape_on_the_gpu(in_dim, outs, rank, tokens, y_dtype):
+    gen = torch.Generator().manual_seed(rank)
+    num_rows = 40
+    a_pool = (0.05 * torch.randn(len(outs) * num_rows, in_dim, generator=gen)).to(DEVICE, torch.bfloat16)
+    b_pools = [(0.05 * torch.randn(num_rows, out, generator=gen)).to(DEVICE, torch.bfloat16) for out in outs]
+    picks = torch.randint(0, num_rows, (tokens, rank), generator=gen)
+    b_rows = [picks.to(DEVICE) for _ in outs]
+    a_rows = torch.cat([picks + i * num_rows for i in range(len(outs))], dim=1).to(DEVICE)
+    x = torch.randn(tokens + 1, in_dim, generator=gen).to(DEVICE, torch.bfloat16)
+    y = torch.randn(tokens + 1, sum(outs), generator=gen).to(DEVICE, y_dtype)
+    tok = torch.randperm(tokens + 1, generator=gen)[:tokens].to(DEVICE)  # one token without adapter
+    want = reference(y, x, a_pool, a_rows, b_pools, b_rows, rank, tok)
+    triton_ops.TritonLora().add(y, x, a_pool, a_rows, b_pools, b_rows, rank, tok)
+    err = ((y.float() - want).abs() / (1 + want.abs())).max().item()
+    assert err <= (1e-4 if y_dtype == torch.float32 else 1e-2), err
+
+
 def test_the_start_check_catches_wrong_results():
     class OffByOneRank(triton_ops.TritonLora):
         def add(self, y, x, a_pool, a_rows, b_pools, b_rows, rank, tok=None):
@@ -107,3 +134,27 @@ def test_engine_decodes_with_the_kernels_as_peft_does(world, bucketed):
             assert any(calls)
     finally:
         eng.stop_sync()
+
+
+def test_a_triton_that_fails_to_import_leaves_the_torch_path(monkeypatch, caplog):
+    """Not only a missing Triton: one that raises something else on import (built for another torch or
+    CUDA) must leave the engine importable, with the kernels off and the reason logged."""
+    import importlib
+    import sys
+
+    class Broken:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "triton":
+                raise RuntimeError("triton built for another CUDA")
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    for name in [m for m in sys.modules if m.split(".")[0] == "triton"]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        importlib.reload(triton_ops)
+        with caplog.at_level(logging.INFO, logger="hotswap.engine"):
+            assert triton_ops.load(torch.device("cpu"), torch.float32) is None
+        assert "RuntimeError: triton built for another CUDA" in caplog.text
+    finally:
+        monkeypatch.undo()  # the real Triton back, then the module as it was
+        importlib.reload(triton_ops)
+    assert triton_ops.tl is not None
