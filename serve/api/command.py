@@ -56,6 +56,7 @@ def serve(
 
     from ..engine import Engine, EngineConfig
     from .app import create_app
+    from .server import DrainingServer
     from .settings import KeySettingsError, ServerSettings, load_keys
 
     try:
@@ -95,9 +96,10 @@ def serve(
         typer.echo(f"error: --base {base}: {version.ref} is {'an' if version.kind == 'adapter' else 'a'} {version.kind}, not a base", err=True)
         raise typer.Exit(2)
 
-    app = create_app(Engine(registry, base, config), registry, settings)
+    engine = Engine(registry, base, config)
+    app = create_app(engine, registry, settings)
     typer.echo(startup_banner(settings, version.ref, registry.home), err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level), engine).run()
 
 
 def settings_error(exc: Exception) -> str:

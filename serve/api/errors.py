@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, InternalServerException, ValidationException
 
 from hotswap.hub import (
     CorruptionError,
@@ -152,7 +152,13 @@ def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(said), next(iter(by_field))
 
 
+# Litestar's 500 when the connection closes before the body is read: the client left, the server is fine
+_BODY_CUT_SHORT = "client disconnected prematurely"
+
+
 def error_response(request: Request, exc: Exception) -> Response[ErrorResponse]:
+    if isinstance(exc, InternalServerException) and exc.detail == _BODY_CUT_SHORT:
+        exc = ClientGone("the client closed the connection before sending its whole request")
     status, detail, retry = describe(exc, request.url.path)
     services = request.app.state.services
     services.metrics.failed(request.scope.get(MODEL_SCOPE_KEY), status)  # type: ignore[call-overload]

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from ..engine import TokenEvent, Usage
 from .errors import describe
+from .exceptions import ClientGone
 from .generation import Choice, Run
 from .logprobs import chat_logprobs, completion_logprobs
 from .openai_schemas import (
@@ -123,7 +124,9 @@ class ChunkWriter:
 async def chunk_stream(writer: ChunkWriter, first: tuple[Choice, TokenEvent] | None,
                        rest: AsyncIterator[tuple[Choice, TokenEvent]], path: str,
                        on_error) -> AsyncIterator[bytes]:
-    """The SSE body: the event already awaited (`first`), the rest, then [DONE]; cancels the run on exit."""
+    """The SSE body: the event already awaited (`first`), the rest, then [DONE]; cancels the run on exit.
+    A client that leaves mid-stream is counted as a 499, as one that leaves before a whole answer is."""
+    ended = False
     try:
         if first is not None:
             for data in writer.event(*first):
@@ -133,11 +136,15 @@ async def chunk_stream(writer: ChunkWriter, first: tuple[Choice, TokenEvent] | N
                 for data in writer.event(choice, event):
                     yield data
         except Exception as exc:  # noqa: BLE001 - every error becomes an error event
+            ended = True
             on_error(exc)
             for data in writer.error(exc, path):
                 yield data
             return
+        ended = True
         for data in writer.end():
             yield data
     finally:
+        if not ended:  # closed from outside (the client left) before every choice finished
+            on_error(ClientGone("the client closed the connection mid-stream; its requests were cancelled"))
         writer.run.cancel()  # a no-op for finished jobs; frees the engine's work when the client left

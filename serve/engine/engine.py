@@ -49,6 +49,7 @@ class Engine(ResidencyCommands):
         self._base_ref = base_ref
         self._recorder = StatsRecorder()
         self._lock = threading.Lock()
+        self._stop_lock = threading.Lock()  # a second stop (a server's drain, then its lifespan) waits for the first
         self._thread: threading.Thread | None = None
         self._state = "new"  # new -> ready -> stopping -> stopped; ready -> failed -> stopped
         self.failure: str | None = None  # why the engine loop died, when it did
@@ -88,15 +89,16 @@ class Engine(ResidencyCommands):
             self._core.abort(EngineError(self.failure))
 
     def stop_sync(self) -> None:
-        if self._state not in ("ready", "failed"):
-            return
-        if self._state == "ready":  # a failed loop has ended already
-            self._state = "stopping"
-            self._core.wake.set()
-        self._thread.join()
-        self._core.residency.close()
-        self._core.models.close()
-        self._state = "stopped"
+        with self._stop_lock:
+            if self._state not in ("ready", "failed"):
+                return
+            if self._state == "ready":  # a failed loop has ended already
+                self._state = "stopping"
+                self._core.wake.set()
+            self._thread.join()
+            self._core.residency.close()
+            self._core.models.close()
+            self._state = "stopped"
 
     def call_on_step_thread(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the step thread between steps, its result returned: for torch work beside the

@@ -185,3 +185,32 @@ def test_disconnect_before_a_whole_answer_cancels_the_request(server):
     # the socket is closed: the server notices, cancels, and never answers
     assert wait_for(lambda: cancelled(engine) == before + 1), engine.stats().requests_finished
     assert wait_for(lambda: engine.stats().running == 0)
+
+
+def error_count(url: str, model: str, status: int) -> int:
+    text = httpx.get(url + "/metrics", headers=ADMIN, timeout=60).text
+    line = f'hotswap_request_errors_total{{model="{model}",status="{status}"}} '
+    return next((int(row[len(line):]) for row in text.splitlines() if row.startswith(line)), 0)
+
+
+def test_a_client_gone_before_its_body_arrived_is_no_server_error(url):
+    """A connection closed halfway through the request body is the client's doing: counted as 499, never
+    as a 500 (which says the server is broken)."""
+    before_499, before_500 = error_count(url, "none", 499), error_count(url, "none", 500)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {ADMIN_KEY}\r\nContent-Length: 400\r\n\r\n".encode() + b'{"model": ')
+        time.sleep(0.2)  # the handler is waiting for the rest of the body when the socket closes
+    assert wait_for(lambda: error_count(url, "none", 499) == before_499 + 1)
+    assert error_count(url, "none", 500) == before_500
+
+
+def test_a_client_gone_mid_stream_is_counted(server):
+    """Leaving mid-stream is counted as a 499, as leaving before a whole answer is: not lost from the metrics."""
+    url, engine = server
+    before = error_count(url, "acme-sql@1", 499)
+    with httpx.stream("POST", url + "/v1/completions", json=long_request(True), headers=ADMIN, timeout=60) as response:
+        assert next(line for line in response.iter_lines() if line).startswith("data: ")
+    assert wait_for(lambda: error_count(url, "acme-sql@1", 499) == before + 1)
+    assert wait_for(lambda: engine.stats().running == 0)
