@@ -70,11 +70,14 @@ def servable_adapters(registry, base_ref: str) -> dict[str, str]:
     return {name: newest[name].ref for name in sorted(newest)}
 
 
-def start_server(app, host: str, port: int):
+def start_server(app, engine, host: str, port: int):
     import httpx
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    from .server import DrainingServer
+
+    # as `hotswap serve` stops: Ctrl-C with a stream open ends it (cancelled, [DONE]) after the drain
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning"), engine)
     thread = threading.Thread(target=server.run, name="hotswap-demo-server", daemon=True)
     thread.start()
     url = f"http://{host}:{port}"
@@ -188,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     showcases = [replace(prompts.get(n) or Showcase(n, DEFAULT_PROMPT, "a generic prompt"), ref=ref)
                  for n, ref in in_registry.items()]
 
-    app = create_app(Engine(registry, base.ref, EngineConfig()), registry, settings)
+    engine = Engine(registry, base.ref, EngineConfig())
+    app = create_app(engine, registry, settings)
     for noisy in ("httpx", "httpx2"):  # the demo's own client calls; keep its output readable
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    server, thread, url = start_server(app, args.host, args.port)
+    server, thread, url = start_server(app, engine, args.host, args.port)
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused-without-keys", max_retries=0)
 
     print(f"\nhotswap is serving {base.ref} and {len(in_registry)} adapters on {url} (OpenAPI: {url}/schema)\n")
