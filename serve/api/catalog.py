@@ -82,6 +82,12 @@ class Catalog:
             card = next((c for c in cards if c.root == root), None)
             if card is not None:
                 return card.model_copy(update={"id": model, "versions": [], "aliases": {}})
+        if is_composite(model):  # served as generation serves it: checked and resolved the same way
+            target = await self.resolve(model, principal)
+            parts = {ref for ref, _ in parse_composite(target.ref)}
+            created = max((c.created for c in cards if c.root in parts), default=0)
+            return ModelCard(id=model, root=target.ref, parent=self.base_name(), kind="adapter", created=created,
+                             owned_by=self.settings.owned_by, max_model_len=self.engine.max_model_len)
         for part in _parts(model, "model"):  # each adapter of a combination, as resolve() checks them
             name = part.partition("@")[0]
             if name != self.base_name() and not principal.may_use(name):

@@ -24,8 +24,8 @@ REF_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,63}(@([1-9][0-9]{0,17}|(?![0-9]
 # one reference's 129 characters would refuse most combinations of eight.
 _PART = rf"{REF_PATTERN[1:-1]}(\*[^*+]{{1,32}})?"
 MODEL_PATTERN = rf"^{_PART}(\+{_PART}){{0,{MAX_PARTS - 1}}}$"
-ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_PARTS * (129 + 1 + 32) + MAX_PARTS - 1,
-                                json_schema_extra={"pattern": MODEL_PATTERN}, description=(
+MODEL_MAX_LEN = MAX_PARTS * (129 + 1 + 32) + MAX_PARTS - 1
+ModelRef = Annotated[str, Field(min_length=1, max_length=MODEL_MAX_LEN, json_schema_extra={"pattern": MODEL_PATTERN}, description=(
     "What serves the request: the base's name, an adapter (`sql`, `sql@3`, `sql@prod`), a full model's name, "
     "or a weighted combination of adapters (`sql*0.7+extract@2*0.3`)."))]
 

@@ -15,7 +15,8 @@ from .errors import describe
 from .generation import Run, completion_jobs, drain, echo_texts, submit_chat, unless_gone
 from .metrics import MODEL_SCOPE_KEY
 from .openai_schemas import (
-    REF_PATTERN,
+    MODEL_MAX_LEN,
+    MODEL_PATTERN,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -27,8 +28,8 @@ from .responses import ChunkWriter, chat_body, chunk_stream, completion_body
 from .services import Services, error_responses
 
 GENERATION_ERRORS = error_responses(400, 401, 403, 404, 429, 503)
-ModelPath = Annotated[str, Parameter(description="A model id from GET /v1/models.", min_length=1, max_length=129,
-                                     schema_extra={"pattern": REF_PATTERN})]
+ModelPath = Annotated[str, Parameter(description="A model id from GET /v1/models, or a combination of adapters.",
+                                     min_length=1, max_length=MODEL_MAX_LEN, schema_extra={"pattern": MODEL_PATTERN})]
 SSE_NOTE = " With `stream: true` the answer is `text/event-stream`: one `data: <chunk>` per event, then `data: [DONE]`."
 
 

@@ -181,11 +181,12 @@ def test_serve_refuses_an_unknown_lora_dtype(store):
 
 
 def test_serve_builds_the_engine_and_app_from_its_flags(store, tmp_path, monkeypatch):
-    """The command's whole path up to uvicorn.run, which is replaced by a recorder (no server starts)."""
-    import uvicorn
+    """The command's whole path up to the server's run, which is replaced by a recorder (no server starts)."""
+    from hotswap.serve.api.server import DrainingServer
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.setattr(DrainingServer, "run", lambda self: calls.append(
+        (self.config.app, {"host": self.config.host, "port": self.config.port, "drain_s": self.drain_s})))
     keys = tmp_path / "keys.toml"
     keys.write_text('[[keys]]\nname = "ops"\nkey = "sk-ops-0123456789abcdef"\nrole = "admin"\n')
     result = CliRunner().invoke(serve_app, [
@@ -196,7 +197,7 @@ def test_serve_builds_the_engine_and_app_from_its_flags(store, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     assert "auth: 1 API keys (admin: ops; user: none)" in result.output
     [(app, kwargs)] = calls
-    assert kwargs["host"] == "0.0.0.0" and kwargs["port"] == 8123
+    assert kwargs == {"host": "0.0.0.0", "port": 8123, "drain_s": 10.0}
     services = app.state.services
     config = services.engine.config
     assert (config.max_running, config.max_queue, config.max_model_len, config.device) == (3, 7, 128, "cpu")

@@ -206,6 +206,18 @@ def test_retrieve_one_model(client):
     assert client.get("/v1/models/globex-sql@1", headers=ACME).status_code == 403
 
 
+def test_a_combination_has_a_card_as_generation_serves_it(client):
+    parts = ["acme-sql@prod", "acme-sql@2", "acme-chat@latest", "acme-chat@1"] * 2
+    model = "+".join(f"{ref}*0.125" for ref in parts)  # longer than one reference: the path takes it too
+    card = client.get(f"/v1/models/{model}", headers=ADMIN)
+    assert card.status_code == 200, card.text
+    assert card.json() == card.json() | {"id": model, "root": complete(client, model, max_tokens=1)["model"],
+                                         "parent": BASE, "kind": "adapter", "max_model_len": 256}
+    assert card.json()["created"] > 0
+    assert client.get("/v1/models/acme-sql*0.5+acme-nothing", headers=ADMIN).status_code == 404
+    assert client.get("/v1/models/acme-sql*half", headers=ADMIN).status_code == 400
+
+
 def test_neutral_values_of_unsupported_fields_are_accepted(client):
     """Clients often send OpenAI's defaults explicitly; those mean 'off' and are served."""
     neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u-1", "n": 1,
