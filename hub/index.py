@@ -6,6 +6,7 @@ versions and a process killed mid-way leaves either the whole change or none of 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ class Index:
 
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        # One connection, one transaction at a time: threads sharing a Registry (a server's request and
+        # loader threads) take turns, where a second BEGIN on the connection would fail.
+        self._in_use = threading.RLock()
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -86,27 +90,29 @@ class Index:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the database lock at once (no upgrade deadlocks)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._in_use:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     @contextmanager
     def reading(self) -> Iterator[None]:
         """Several reads that see one state of the index: a change another process commits meanwhile
         (an alias moved, then the version it left removed) shows in all of them or in none."""
-        if self._db.in_transaction:  # inside a transaction already, whose state they see
-            yield
-            return
-        self._db.execute("BEGIN")
-        try:
-            yield
-        finally:
-            if self._db.in_transaction:
-                self._db.execute("COMMIT")
+        with self._in_use:
+            if self._db.in_transaction:  # inside this thread's transaction already, whose state they see
+                yield
+                return
+            self._db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("COMMIT")
 
     # --- reads -------------------------------------------------------------------------
     _VERSION_COLUMNS = "v.name, v.version, e.kind, v.digest, v.metadata, v.created_at"

@@ -145,3 +145,33 @@ def test_two_rollbacks_at_once_undo_two_moves(registry, make_adapter, monkeypatc
     assert registry.rollback("sql", "prod").ref == "sql@2"  # undoes the other's move, as run one after the other
     assert [(e.from_version, e.to_version) for e in registry.alias_history("sql") if e.alias == "prod"] == [
         (None, 1), (1, 2), (2, 1), (1, 2)]
+
+
+def test_threads_sharing_one_registry_take_turns_on_its_connection(registry, make_adapter, monkeypatch):
+    """A server's request and loader threads share one Registry: an alias move starting while another
+    thread's resolve holds its read transaction waits for it (a second BEGIN on the connection would fail)."""
+    import threading
+
+    registry.publish(make_adapter(seed=1), name="sql", aliases=["prod"])
+    registry.publish(make_adapter(seed=2), name="sql")
+    inside, moved, errors = threading.Event(), [], []
+
+    def move():
+        inside.wait(10)
+        try:
+            moved.append(registry.alias("sql@2", "prod").ref)
+        except Exception as exc:  # noqa: BLE001 - what a second BEGIN raised
+            errors.append(exc)
+    mover = threading.Thread(target=move)
+    mover.start()
+    real = Index.version
+
+    def version_then_wait(self, *args):
+        if not inside.is_set():
+            inside.set()
+            time.sleep(0.3)  # the other thread tries its move meanwhile
+        return real(self, *args)
+    monkeypatch.setattr(Index, "version", version_then_wait)
+    assert registry.resolve("sql@prod").ref == "sql@1"
+    mover.join(10)
+    assert errors == [] and moved == ["sql@2"] and registry.resolve("sql@prod").ref == "sql@2"
