@@ -113,8 +113,7 @@ class Registry:
         """Store a folder as the next version of `name` after the safety and compatibility checks."""
         check_identifier(name, "name")
         aliases = [check_alias(a) for a in aliases]
-        if kind not in KINDS:
-            raise InvalidMetadata(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+        _known_kind(kind)
         self._check_kind(name, kind)
         staged = scan_folder(Path(folder))
         fields: dict[str, Any] = dict(kind=kind, task=task, language=language, tags=tags, metrics=metrics,
@@ -184,8 +183,8 @@ class Registry:
     def list(self, kind: str | None = None, task: str | None = None, language: str | None = None,
              base: str | None = None, tag: str | None = None) -> list[Version]:
         """Every version matching all the filters given (`tag` is `key` or `key=value`)."""
-        if kind is not None and kind not in KINDS:  # else an empty listing that reads as "none of them"
-            raise InvalidMetadata(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+        if kind is not None:  # else an unknown kind lists nothing, which reads as "none of them"
+            _known_kind(kind)
         found = []
         if base and "@" in base:  # an alias or `latest` means the version it names now
             base = self.resolve(base).ref
@@ -296,6 +295,11 @@ class Registry:
 def _to_version(row: VersionRow) -> Version:
     metadata = read_stored(row.metadata, row.kind)
     return Version(row.name, row.version, row.kind, row.digest, metadata, datetime.fromisoformat(row.created_at))
+
+
+def _known_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise InvalidMetadata(f"kind {kind!r} is not one of {', '.join(KINDS)}")
 
 
 def _a(kind: str) -> str:

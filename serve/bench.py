@@ -85,6 +85,8 @@ def prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
 
     from hotswap.hub import Registry
 
+    from .engine.resolve import not_a_base
+
     folder = work / "base"
     if s.shape is not None:
         torch.manual_seed(0)
@@ -97,8 +99,8 @@ def prepare_base(s: BenchSettings, work: Path, registry, device, dtype):
     else:
         source = Registry(s.home)
         snap = source.open(s.base)
-        if snap.version.kind != "base":
-            raise SystemExit(f"{s.base} is {'an' if snap.version.kind == 'adapter' else 'a'} {snap.version.kind}, not a base")
+        if problem := not_a_base(snap.version):
+            raise SystemExit(problem)
         shutil.copytree(snap.path, folder)
         source.close()
     registry.publish(folder, name="bench-base", kind="base")

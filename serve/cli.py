@@ -97,6 +97,7 @@ def _check_context(base: str, home: str | None, shape: str | None, prompt: int, 
     from hotswap.hub import HubError, Registry
 
     from .bench import SHAPE_POSITIONS
+    from .engine.resolve import not_a_base
     from .engine.worker import MAX_CONTEXT
 
     if shape is not None:
@@ -106,10 +107,8 @@ def _check_context(base: str, home: str | None, shape: str | None, prompt: int, 
             registry = Registry(home)
             try:
                 snapshot = registry.open(base, verify=False)  # the set-up verifies it
-                kind = snapshot.version.kind
-                if kind != "base":
-                    raise typer.BadParameter(f"{snapshot.version.ref} is {'an' if kind == 'adapter' else 'a'} {kind}, "
-                                             "not a base", param_hint="--base")
+                if problem := not_a_base(snapshot.version):
+                    raise typer.BadParameter(problem, param_hint="--base")
                 config = snapshot.path / "config.json"
                 positions = json.loads(config.read_text()).get("max_position_embeddings", MAX_CONTEXT)
             finally:

@@ -88,10 +88,9 @@ class Catalog:
             created = max((c.created for c in cards if c.root in parts), default=0)
             return ModelCard(id=model, root=target.ref, parent=self.base_name(), kind="adapter", created=created,
                              owned_by=self.settings.owned_by, max_model_len=self.engine.max_model_len)
-        for part in _parts(model, "model"):  # each adapter of a combination, as resolve() checks them
-            name = part.partition("@")[0]
-            if name != self.base_name() and not principal.may_use(name):
-                raise Forbidden(f"key {principal.name!r} may not use {name!r}", "model")
+        name = model.partition("@")[0]
+        if name != self.base_name() and not principal.may_use(name):
+            raise Forbidden(f"key {principal.name!r} may not use {name!r}", "model")
         ids = [c.id for c in cards]
         raise UnknownModel(f"no servable model {model!r}", principal.nearest(model, ids))
 

@@ -55,6 +55,7 @@ def serve(
     from hotswap.hub import HubError, Registry
 
     from ..engine import Engine, EngineConfig
+    from ..engine.resolve import not_a_base
     from .app import create_app
     from .server import DrainingServer
     from .settings import KeySettingsError, ServerSettings, load_keys
@@ -92,8 +93,8 @@ def serve(
     except HubError as exc:
         typer.echo(f"error: --base {base}: {exc}", err=True)
         raise typer.Exit(2) from None
-    if version.kind != "base":
-        typer.echo(f"error: --base {base}: {version.ref} is {'an' if version.kind == 'adapter' else 'a'} {version.kind}, not a base", err=True)
+    if problem := not_a_base(version):
+        typer.echo(f"error: --base {base}: {problem}", err=True)
         raise typer.Exit(2)
 
     engine = Engine(registry, base, config)

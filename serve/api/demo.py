@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from hotswap.hub import HubError, Registry
 
     from ..engine import Engine, EngineConfig
+    from ..engine.resolve import not_a_base
     from .app import create_app
     from .command import listen_problem, settings_error
     from .settings import ServerSettings
@@ -179,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     except HubError as exc:
         print(f"demo: {exc}\ndemo: import it first: hotswap hub import-base {args.base}", file=sys.stderr)
         return 2
-    if base.kind != "base":
-        print(f"demo: --base {args.base}: {base.ref} is {'an' if base.kind == 'adapter' else 'a'} {base.kind}, "
-              "not a base", file=sys.stderr)
+    if problem := not_a_base(base):
+        print(f"demo: --base {args.base}: {problem}", file=sys.stderr)
         return 2
     prompts = shipped_prompts(args.adapters_dir) if args.adapters_dir.is_dir() else {}
     in_registry = servable_adapters(registry, base.ref)

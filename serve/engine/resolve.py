@@ -35,6 +35,13 @@ class ModelInfo:
     pad_token_id: int | None  # where a sequence classifier pools: the last token that is not this one
 
 
+def not_a_base(version) -> str | None:
+    """Why a registry version cannot be served as a base (None when it is one)."""
+    if version.kind == "base":
+        return None
+    return f"{version.ref} is {'an' if version.kind == 'adapter' else 'a'} {version.kind}, not a base"
+
+
 class Resolver:
     def __init__(self, registry, base_ref: str, max_rank: int) -> None:
         self.registry = registry
@@ -46,8 +53,8 @@ class Resolver:
 
     def open_base(self) -> tuple[Target, Path]:
         version = self._resolve(self.base_ref)
-        if version.kind != "base":
-            raise IncompatibleAdapter(f"{version.ref} is {'an' if version.kind == 'adapter' else 'a'} {version.kind}, not a base")
+        if problem := not_a_base(version):
+            raise IncompatibleAdapter(problem)
         self.base_version = version
         return Target("base", version.ref, version.digest), self.open(version).path
 

@@ -116,10 +116,6 @@ class LoraPool:
     def used_bytes(self) -> int:
         return sum(s.nbytes for s in self._slots.values())
 
-    def fits_empty(self, adapter: HostAdapter) -> bool:
-        """Whether the adapter could ever be placed (with every other slot evicted)."""
-        return all(r <= self.rows_of(m) for m, r in adapter.ranks.items())
-
     def fits_now(self, adapter: HostAdapter) -> bool:
         return all(r <= len(self._free[m]) for m, r in adapter.ranks.items())
 

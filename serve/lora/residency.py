@@ -185,17 +185,19 @@ class Residency:
             entry = self._entries.get(digest)
             if entry is None or entry.host is None or entry.slot is not None:
                 return None
+            pinned = [e for e in self._entries.values() if e.manual and e.slot is not None]
+            if not pinned:  # the common case, asked each step a request waits for rows
+                return None
             held: dict[str, int] = {}
-            pinned = sorted(e.ref for e in self._entries.values() if e.manual and e.slot is not None)
-            for e in self._entries.values():
-                if e.manual and e.slot is not None:
-                    for module, rows in self.pool.slot(e.slot).rows.items():
-                        held[module] = held.get(module, 0) + len(rows)
+            for e in pinned:
+                for module, rows in self.pool.slot(e.slot).rows.items():
+                    held[module] = held.get(module, 0) + len(rows)
             short = [m for m, r in entry.host.ranks.items() if r > self.pool.rows_of(m) - held.get(m, 0)]
             if not short:
                 return None
-            return (f"{entry.ref} needs rows of {', '.join(short)} that manually pinned adapters hold "
-                    f"({', '.join(pinned)}): unpin one, or start the server with more --lora-capacity-mib")
+            names = ", ".join(sorted(e.ref for e in pinned))
+            return (f"{entry.ref} needs rows of {', '.join(short)} that manually pinned adapters hold ({names}): "
+                    "unpin one, or start the server with more --lora-capacity-mib")
 
     def evict(self, digest: str) -> bool:
         """Drop an adapter from device and host unless it is pinned."""
