@@ -18,7 +18,7 @@ from ..engine import (Classification, Engine, GenerationRequest, InvalidRequest,
                       SamplingParams, Target, TokenEvent, TokenLogprobs, Usage)
 from .exceptions import ApiProblem, ClientGone
 from .metrics import ApiMetrics
-from .openai_schemas import ChatCompletionRequest, CompletionRequest
+from .openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
 
 
 def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, sample: int,
@@ -45,8 +45,8 @@ def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, s
 
 def completion_jobs(body: CompletionRequest, target: Target) -> list[GenerationRequest]:
     prompts = body.prompts()
-    if len(prompts) * body.n > 16:
-        raise ApiProblem(f"{len(prompts)} prompts x n={body.n} asks for more than 16 choices", "n")
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise ApiProblem(f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices", "n")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not (body.echo and body.logprobs is not None):
         raise ApiProblem("max_tokens 0 generates nothing: it is for scoring the prompt, with echo and logprobs",
@@ -115,6 +115,8 @@ class Choice:
     usage: Usage | None = None
     first_token_at: float | None = None
     classification: Classification | None = None  # a classification job's answer
+    generated: int = 0  # token ids streamed so far
+    recorded: bool = False  # counted in the metrics (finished, or abandoned by `Run.cancel`)
 
 
 class Run:
@@ -131,6 +133,9 @@ class Run:
         """Queue every job, or none: a refusal cancels the jobs already queued and is re-raised.
 
         Job ``i`` is sample ``i % n`` of prompt ``i // n`` (OpenAI's choice order)."""
+        if len(jobs) > (room := self.engine.config.max_queue):  # a 429 would have the client retry in vain
+            raise ApiProblem(f"{len(jobs)} choices (prompts x n) are more than this server queues at once "
+                             f"(max_queue {room})", "n")
         self.n = n
         try:
             for i, job in enumerate(jobs):
@@ -144,8 +149,14 @@ class Run:
         return self.choices[0].stream.request_id if self.choices else "none"
 
     def cancel(self) -> None:
+        """Cancel every job. The tokens of jobs left unfinished still count in the token metrics: the engine
+        computed them (a client that leaves mid-stream is counted as an error, not as a finished request)."""
         for choice in self.choices:
             choice.stream.cancel()
+            if not choice.recorded and choice.first_token_at is not None:
+                choice.recorded = True
+                prompt_tokens = choice.stream.prompt_tokens if choice.index % self.n == 0 else 0
+                self.metrics.abandoned(self.target.ref, prompt_tokens, choice.generated)
 
     async def events(self) -> AsyncIterator[tuple[Choice, TokenEvent]]:
         """Every job's events, merged in arrival order; ends when all jobs have finished."""
@@ -181,6 +192,7 @@ class Run:
     def _note(self, choice: Choice, event: TokenEvent) -> Choice:
         if choice.first_token_at is None and event.token_ids:
             choice.first_token_at = time.perf_counter()
+        choice.generated += len(event.token_ids)
         choice.text.append(event.text)
         choice.logprobs.extend(event.logprobs)
         choice.prompt_logprobs.extend(event.prompt_logprobs)
@@ -188,7 +200,9 @@ class Run:
             choice.classification = event.classification
         if event.finish_reason is not None:
             choice.finish_reason, choice.usage = event.finish_reason, event.usage
-            self._record(choice)
+            if not choice.recorded:
+                choice.recorded = True
+                self._record(choice)
         return choice
 
     def _record(self, choice: Choice) -> None:

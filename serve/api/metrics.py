@@ -56,6 +56,13 @@ class ApiMetrics:
             if generated > 1:
                 figures.tpot.observe((duration - ttft) / (generated - 1))
 
+    def abandoned(self, model: str, prompt_tokens: int, generated: int) -> None:
+        """A request cancelled before it finished (its error, a 499 say, is counted by `failed`): the
+        tokens the engine processed for it still count."""
+        figures = self.by_model[_label(model)]
+        figures.prompt_tokens += prompt_tokens
+        figures.generated_tokens += generated
+
     def failed(self, model: str | None, status: int) -> None:
         self.by_model[_label(model) if model else NO_MODEL].errors[str(status)] += 1
 

@@ -16,7 +16,7 @@ from ..engine import MAX_LOGPROBS
 from ..lora.compose import MAX_PARTS
 from .logprobs import ChatLogprobs, CompletionLogprobs
 
-MAX_CHOICES = 16  # n x prompts per request
+MAX_CHOICES = 128  # n x prompts per request (OpenAI's bound on n); more waits in the engine's queue
 # The registry's reference grammar (hub.refs), for the schema; requests are checked by hub.parse_ref.
 NAME_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,63}$"
 REF_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9._-]{0,63}(@([1-9][0-9]{0,17}|(?![0-9]+$)[a-z0-9][a-z0-9._-]{0,63}))?$"

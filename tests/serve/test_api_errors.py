@@ -29,7 +29,8 @@ def post(client, path: str, body: dict, headers=ADMIN):
     ({"model": BASE, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"model": BASE, "prompt": "hi", "temperature": 7}, "temperature"),
     ({"model": BASE, "prompt": "hi", "top_p": 0}, "top_p"),
-    ({"model": BASE, "prompt": "hi", "n": 99}, "n"),
+    ({"model": BASE, "prompt": "hi", "n": 129}, "n"),
+    ({"model": BASE, "prompt": ["hi", "ho"], "n": 65}, "n"),  # 130 choices in all
     ({"model": BASE, "prompt": {"text": "hi"}}, "prompt"),
     ({"model": BASE, "prompt": ""}, "prompt"),
     ({"model": BASE, "prompt": "hi", "logprobs": 21}, "logprobs"),

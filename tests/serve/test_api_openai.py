@@ -63,6 +63,12 @@ def test_prompt_forms_n_and_echo(client):
     assert sampled["usage"]["completion_tokens"] == 30
     again = complete(client, BASE, prompt="hello world", n=3, temperature=1.0, seed=7)
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in sampled["choices"]]  # seeded
+    # more choices than run at once (8 here): the rest wait in the queue (64 here)
+    wide = complete(client, BASE, prompt=["hello world", "select name"], n=24, max_tokens=1)
+    assert [c["index"] for c in wide["choices"]] == list(range(48))
+    past = client.post("/v1/completions", json={"model": BASE, "prompt": "hi", "n": 65}, headers=ADMIN)
+    assert past.status_code == 400 and past.json()["error"]["param"] == "n"
+    assert "max_queue 64" in past.json()["error"]["message"]
 
     echoed = complete(client, BASE, prompt="hello world", echo=True)
     plain = complete(client, BASE, prompt="hello world")

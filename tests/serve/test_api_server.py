@@ -187,10 +187,14 @@ def test_disconnect_before_a_whole_answer_cancels_the_request(server):
     assert wait_for(lambda: engine.stats().running == 0)
 
 
-def error_count(url: str, model: str, status: int) -> int:
+def metric(url: str, sample: str) -> int:
+    """The value of one sample of /metrics (`name{labels}`), 0 while it has none."""
     text = httpx.get(url + "/metrics", headers=ADMIN, timeout=60).text
-    line = f'hotswap_request_errors_total{{model="{model}",status="{status}"}} '
-    return next((int(row[len(line):]) for row in text.splitlines() if row.startswith(line)), 0)
+    return next((int(row[len(sample) + 1:]) for row in text.splitlines() if row.startswith(sample + " ")), 0)
+
+
+def error_count(url: str, model: str, status: int) -> int:
+    return metric(url, f'hotswap_request_errors_total{{model="{model}",status="{status}"}}')
 
 
 def test_a_client_gone_before_its_body_arrived_is_no_server_error(url):
@@ -209,8 +213,13 @@ def test_a_client_gone_before_its_body_arrived_is_no_server_error(url):
 def test_a_client_gone_mid_stream_is_counted(server):
     """Leaving mid-stream is counted as a 499, as leaving before a whole answer is: not lost from the metrics."""
     url, engine = server
-    before = error_count(url, "acme-sql@1", 499)
+    tokens = 'hotswap_generation_tokens_total{model="acme-sql@1"}'
+    finished = 'hotswap_requests_total{model="acme-sql@1",endpoint="/v1/completions",finish_reason="cancelled"}'
+    before, tokens_before, finished_before = error_count(url, "acme-sql@1", 499), metric(url, tokens), metric(url, finished)
     with httpx.stream("POST", url + "/v1/completions", json=long_request(True), headers=ADMIN, timeout=60) as response:
         assert next(line for line in response.iter_lines() if line).startswith("data: ")
     assert wait_for(lambda: error_count(url, "acme-sql@1", 499) == before + 1)
     assert wait_for(lambda: engine.stats().running == 0)
+    # the tokens the engine generated before the client left still count; the request is an error, not a finish
+    assert metric(url, tokens) > tokens_before
+    assert metric(url, finished) == finished_before
