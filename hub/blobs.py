@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,8 +62,10 @@ class BlobStore:
     def put(self, source: Path) -> tuple[str, int, bool]:
         """Store `source`; return (sha256, size, newly_written). Identical content is stored once;
         a stored copy that no longer hashes right is replaced, so publishing intact files heals it."""
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
-        tmp = Path(tmp_name)
+        # Not mkstemp: its files are 0600 whatever the umask, and a blob keeps its temporary file's mode
+        # (less the write bits), so the registry's files follow the umask as its folders do.
+        tmp = self._tmp / f"put-{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             digest = hashlib.sha256()
             size = 0
@@ -83,7 +86,7 @@ class BlobStore:
                     pass
             new_folder = not target.parent.is_dir()
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(tmp, 0o444)
+            os.chmod(tmp, os.stat(tmp).st_mode & 0o444)  # read-only once written
             os.replace(tmp, target)
             # A rename is durable only once its folder is synced (a new folder's too, in its parent):
             # else the index, synced at commit, could name a blob that a power loss takes back.

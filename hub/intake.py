@@ -59,7 +59,7 @@ def scan_folder(folder: Path) -> list[StagedFile]:
                     f"{relpath} is a pickle file, which can run code when loaded; only safetensors "
                     f"weights are accepted: {CONVERT_HINT}"
                 )
-            if "\\" in relpath or relpath.startswith("/") or any(p in ("", ".", "..") for p in relpath.split("/")):
+            if not plain_relative(relpath):
                 raise UnsafeContent(f"{relpath!r} is not a plain relative path")
             staged.append(StagedFile(relpath, path))
             if len(staged) > MAX_FILES:
@@ -78,9 +78,15 @@ def _check_inside(root: Path, path: Path, folder: Path) -> None:
             raise UnsafeContent(f"{rel} is a link pointing outside the folder (to {target}); refusing it")
 
 
+def plain_relative(relpath: str) -> bool:
+    """A path that stays inside its folder on every platform: no absolute, empty, `.` or `..` parts."""
+    return "\\" not in relpath and not relpath.startswith("/") and all(p not in ("", ".", "..") for p in relpath.split("/"))
+
+
 def require_files(staged: list[StagedFile], kind: str, needed: dict[str, str]) -> None:
     """Refuse a folder that lacks a file its kind needs; `needed` maps a file name to why."""
     names = {s.relpath for s in staged}
     for name, why in needed.items():
         if name not in names:
-            raise UnsafeContent(f"a {kind} folder must hold {name} ({why}); found: {', '.join(sorted(names))}")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise UnsafeContent(f"{article} {kind} folder must hold {name} ({why}); found: {', '.join(sorted(names))}")

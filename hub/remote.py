@@ -30,7 +30,7 @@ from typing import Any
 
 from .card import REPO_ID, read_card, render_card
 from .errors import InvalidName, NotFoundError, RemoteError, UnsafeContent
-from .intake import CONVERT_HINT, PICKLE_SUFFIXES
+from .intake import CONVERT_HINT, PICKLE_SUFFIXES, plain_relative
 from .refs import check_identifier
 from .registry import Registry
 from .remote_errors import remote_errors
@@ -172,7 +172,7 @@ def fetch_repo(repo_id: str, rev: str | None, dest: Path, allow_patterns: list[s
             return _fetch_cached(repo_id, rev, dest, allow_patterns)
         # Pin the commit first: a branch that moves mid-download cannot mix two revisions' files.
         info = HfApi(endpoint=endpoint()).model_info(repo_id, revision=rev)
-        _refuse_pickles(repo_id, rev, [s.rfilename for s in info.siblings or []], allow_patterns)
+        _safe_files(repo_id, rev, [s.rfilename for s in info.siblings or []], allow_patterns)
         bookkeeping = dest / ".cache"  # huggingface_hub's download state, dropped once done
         snapshot_download(repo_id, revision=info.sha, local_dir=dest, cache_dir=bookkeeping / "hub",
                           allow_patterns=allow_patterns, endpoint=endpoint())
@@ -200,7 +200,7 @@ def _fetch_cached(repo_id: str, rev: str | None, dest: Path, allow_patterns: lis
     listed = _cached_file_list(repo_id, commit)
     if listed is None:
         raise incomplete(f"no file list of commit {commit} is cached, so its completeness cannot be checked")
-    wanted = _refuse_pickles(repo_id, rev, listed, allow_patterns)
+    wanted = _safe_files(repo_id, rev, listed, allow_patterns)
     missing = [path for path in wanted if not (cached / path).is_file()]
     if missing:
         raise incomplete(f"{', '.join(missing[:5])} missing")
@@ -223,11 +223,15 @@ def _cached_file_list(repo_id: str, commit: str) -> list[str] | None:
         return None
 
 
-def _refuse_pickles(repo_id: str, rev: str | None, files: list[str], allow_patterns: list[str] | None) -> list[str]:
-    """The files `allow_patterns` selects; refused before any copy when one is a pickle (as publish would)."""
+def _safe_files(repo_id: str, rev: str | None, files: list[str], allow_patterns: list[str] | None) -> list[str]:
+    """The files `allow_patterns` selects; refused before any copy when one is a pickle (as publish would),
+    or a path that would leave the download's folder (a tampered cache's listing)."""
     from huggingface_hub.utils import filter_repo_objects
 
     wanted = list(filter_repo_objects(files, allow_patterns=allow_patterns))
+    odd = sorted(p for p in wanted if not plain_relative(p))
+    if odd:
+        raise UnsafeContent(f"{repo_id}@{rev or 'main'} lists paths that leave its folder: {', '.join(map(repr, odd))}")
     pickles = sorted(p for p in wanted if p.lower().endswith(PICKLE_SUFFIXES))
     if pickles:
         raise UnsafeContent(f"{repo_id}@{rev or 'main'} holds pickle files ({', '.join(pickles)}), which can "

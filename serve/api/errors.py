@@ -115,6 +115,8 @@ def describe(exc: BaseException, path: str = "") -> tuple[int, ErrorDetail, bool
         param = _prompt_field(path)
     elif isinstance(exc, (AdapterNotFound, IncompatibleAdapter)) and param is None:
         param = "ref" if path.startswith("/v1/adapters") else "model"
+    elif isinstance(exc, RecursionError) and "deserializing" in message:  # the JSON decoder, on a client's body
+        status, kind, code, message = 400, INVALID, None, "the request body is nested too deeply to read"
     elif spec is ERRORS[Exception]:
         log.exception("unexpected error on %s", path, exc_info=exc)
         message = f"internal error ({type(exc).__name__}); see the server log"

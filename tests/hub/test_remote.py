@@ -33,6 +33,7 @@ from huggingface_hub import constants, hf_hub_download, snapshot_download
 from hotswap.hub import (IncompatibleAdapter, InvalidMetadata, InvalidName, NotFoundError, Registry,
                          RemoteError, UnsafeContent)
 from hotswap.hub.cli import main
+from hotswap.hub import remote
 from hotswap.hub.remote import fetch_repo, pull_version, push_version
 
 from .conftest import TINY_SOURCE, save_tiny_base
@@ -349,6 +350,18 @@ def test_offline_fetch_takes_only_the_files_the_patterns_select(hub, make_adapte
     with pytest.raises(UnsafeContent, match=r"pickle files \(adapter_model\.bin\)"):
         fetch_repo("org/mixed", None, tmp_path / "all")
     assert not (tmp_path / "all").exists()
+
+
+def test_offline_fetch_refuses_a_listing_that_leaves_the_folder(hub, make_adapter, tmp_path, monkeypatch):
+    """The cached listing names what is copied: a tampered one must not write outside the download."""
+    _upload_folder(hub, "org/listed", make_adapter(seed=16))
+    snapshot_download("org/listed", endpoint=hub.url)
+    real = remote._cached_file_list
+    monkeypatch.setattr(remote, "_cached_file_list", lambda *a: real(*a) + ["../escaped.json"])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UnsafeContent, match=r"org/listed@main lists paths that leave its folder: '\.\./escaped\.json'"):
+        fetch_repo("org/listed", None, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists() and not (tmp_path / "escaped.json").exists()
 
 
 def test_cli_push_and_pull(hub, registry, other_registry, make_adapter, capsys):

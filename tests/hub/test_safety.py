@@ -90,7 +90,7 @@ def test_a_tampered_blob_is_caught_on_open_even_with_its_mtime_put_back(registry
 def test_missing_weights_refused(registry, make_adapter):
     folder = make_adapter()
     (folder / "adapter_model.safetensors").unlink()
-    with pytest.raises(UnsafeContent, match="must hold adapter_model.safetensors"):
+    with pytest.raises(UnsafeContent, match="^an adapter folder must hold adapter_model.safetensors"):
         registry.publish(folder, name="empty")
 
 
@@ -156,3 +156,17 @@ def test_a_link_to_a_folder_inside_is_refused_naming_it(registry, tiny_base_dir,
     with pytest.raises(UnsafeContent, match="more-docs is a link to a folder"):
         registry.publish(folder, name="linked", kind="base")
     assert [v.ref for v in registry.list()] == ["tiny@1"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o444), (0o077, 0o400)])
+def test_blobs_are_read_only_and_follow_the_umask(registry, make_adapter, umask, mode):
+    """A registry kept private by its owner's umask keeps its files private too: a blob is readable by
+    whom the umask allows, writable by nobody."""
+    folder = make_adapter()
+    old = os.umask(umask)
+    try:
+        version = registry.publish(folder, name="sql").version
+    finally:
+        os.umask(old)
+    for _, sha, _ in registry.files(version):
+        assert os.stat(registry.blobs.path(sha)).st_mode & 0o777 == mode

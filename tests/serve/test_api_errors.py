@@ -90,6 +90,9 @@ def test_bad_chat_parameters_name_the_field(client, body, field):
 def test_malformed_json_and_engine_limits(client):
     response = client.post("/v1/completions", content=b"{not json", headers=ADMIN | {"content-type": "application/json"})
     assert "JSON" in error_of(response, 400)["message"]
+    deep = '{"model": "%s", "prompt": "hi", "stop": %s%s}' % (BASE, "[" * 100_000, "]" * 100_000)
+    response = client.post("/v1/completions", content=deep, headers=ADMIN | {"content-type": "application/json"})
+    assert error_of(response, 400)["message"] == "the request body is nested too deeply to read"  # not a 500
     error = error_of(post(client, "/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 5000}), 400)
     assert "max_tokens" in error["message"] and "4096" in error["message"]
 
