@@ -13,6 +13,13 @@ import typer
 from .errors import HubError
 
 ENTRY_POINT_GROUP = "hotswap.commands"
+# What the registered sub-commands do, for `hotswap --help`, which must not import them to ask;
+# one not named here is listed with a pointer to its own help.
+PLUGIN_SUMMARIES = {
+    "train": "Train adapters and full fine-tunes from recipes; score, publish, compare, merge.",
+    "serve": "Serve a base and its adapters over HTTP (OpenAI-compatible), with API keys and metrics.",
+    "bench": "Benchmark the serving engine against HF transformers and PEFT.",
+}
 
 
 def _as_click(obj: object, name: str) -> click.Command:
@@ -37,7 +44,8 @@ class RootGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Listing must not import the plugins (torch, the server): name them without loading.
         rows = [("hub", "The adapter registry: bases, adapters and full models, versioned.")]
-        rows += [(name, f"See `hotswap {name} --help`.") for name in sorted(self._plugins())]
+        rows += [(name, PLUGIN_SUMMARIES.get(name, f"See `hotswap {name} --help`."))
+                 for name in sorted(self._plugins())]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

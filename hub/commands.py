@@ -20,6 +20,9 @@ app = typer.Typer(help="The adapter registry: bases, adapters and full models, v
 
 HomeOption = typer.Option(None, "--home", envvar="HOTSWAP_HOME", help="Registry folder ($HOTSWAP_HOME).")
 JsonOption = typer.Option(False, "--json", help="Print JSON for scripts.")
+RefArgument = typer.Argument(..., metavar="REF", help="A reference: name (its latest), name@3 or name@alias.")
+NameArgument = typer.Argument(..., metavar="NAME", help="Entry name.")
+AliasArgument = typer.Argument(..., metavar="ALIAS", help="Alias name, e.g. prod (not all digits).")
 
 
 def version_dict(version: Version, aliases: dict[str, int] | None = None) -> dict[str, Any]:
@@ -47,8 +50,8 @@ def _echo_json(value: Any) -> None:
 
 @app.command("import-base")
 def import_base_cmd(
-    name: str = typer.Argument(..., help="Registry name for the base, e.g. smollm2."),
-    source: Optional[str] = typer.Argument(None, help="HF-format folder, GGUF file or Hub repo id; "
+    name: str = typer.Argument(..., metavar="NAME", help="Registry name for the base, e.g. smollm2."),
+    source: Optional[str] = typer.Argument(None, metavar="SOURCE", help="HF-format folder, GGUF file or Hub repo id; "
                                            "none imports the embedded SmolLM2-135M-Instruct (name smollm2)."),
     source_id: Optional[str] = typer.Option(None, help="Hub id adapters name this base by (base_model_name_or_path)."),
     alias: list[str] = typer.Option([], "--alias", help="Also point these aliases at it."),
@@ -63,14 +66,14 @@ def import_base_cmd(
 
 @app.command()
 def publish(
-    folder: Path = typer.Argument(..., help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) "
-                                  "or, with --kind model/base, a checkpoint folder."),
+    folder: Path = typer.Argument(..., metavar="DIR", help="A PEFT adapter folder (adapter_config.json + "
+                                  "adapter_model.safetensors) or, with --kind model/base, a checkpoint folder."),
     name: str = typer.Option(..., "--name", help="Entry name: lower-case identifier."),
     kind: str = typer.Option("adapter", "--kind", help="adapter, model or base."),
     base: Optional[str] = typer.Option(None, "--base", help="Base reference; default: matched from the adapter's "
                                        "base_model_name_or_path."),
-    task: Optional[str] = typer.Option(None, "--task"),
-    language: Optional[str] = typer.Option(None, "--language", help="BCP-47 tag."),
+    task: Optional[str] = typer.Option(None, "--task", help="What it was trained for, e.g. text-to-sql."),
+    language: Optional[str] = typer.Option(None, "--language", help="BCP-47 tag, e.g. en or pt-BR."),
     tag: list[str] = typer.Option([], "--tag", help="KEY=VALUE, repeatable."),
     metric: list[str] = typer.Option([], "--metric", help="NAME=NUMBER, repeatable."),
     alias: list[str] = typer.Option([], "--alias", help="Also point these aliases at the new version."),
@@ -97,9 +100,11 @@ def _report_publish(result, as_json: bool) -> None:
 
 @app.command("list")
 def list_cmd(
-    kind: Optional[str] = typer.Option(None, "--kind"), task: Optional[str] = typer.Option(None, "--task"),
-    language: Optional[str] = typer.Option(None, "--language"), base: Optional[str] = typer.Option(None, "--base"),
-    tag: Optional[str] = typer.Option(None, "--tag", help="KEY or KEY=VALUE."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: base, adapter or model."),
+    task: Optional[str] = typer.Option(None, "--task", help="Only this task."),
+    language: Optional[str] = typer.Option(None, "--language", help="Only this language (BCP-47 tag)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Only adapters and models of this base (a reference)."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="Only versions with this tag: KEY, or KEY=VALUE."),
     home: Optional[Path] = HomeOption, as_json: bool = JsonOption,
 ) -> None:
     """List versions, filtered by kind, task, language, base and tag."""
@@ -135,7 +140,7 @@ def _size(n: int) -> str:
 
 
 @app.command()
-def show(ref: str, home: Optional[Path] = HomeOption, as_json: bool = JsonOption) -> None:
+def show(ref: str = RefArgument, home: Optional[Path] = HomeOption, as_json: bool = JsonOption) -> None:
     """Everything about one version: metadata, lineage, files and aliases."""
     registry = Registry(home)
     version = registry.resolve(ref)
@@ -149,7 +154,7 @@ def show(ref: str, home: Optional[Path] = HomeOption, as_json: bool = JsonOption
     for key in ("ref", "kind", "digest", "created_at", "aliases"):
         typer.echo(f"{key}: {info[key]}")
     for key, value in info["metadata"].items():
-        if value not in (None, [], {}, 0) and key != "kind":
+        if value not in (None, [], {}, 0) and key not in ("kind", "created_at"):  # both printed above
             typer.echo(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if info.get("labels"):
         typer.echo(f"classifier labels: {', '.join(info['labels'])}")
@@ -159,7 +164,7 @@ def show(ref: str, home: Optional[Path] = HomeOption, as_json: bool = JsonOption
 
 
 @app.command()
-def alias(ref: str, alias_name: str = typer.Argument(..., metavar="ALIAS"),
+def alias(ref: str = RefArgument, alias_name: str = AliasArgument,
           home: Optional[Path] = HomeOption, as_json: bool = JsonOption) -> None:
     """Point ALIAS (prod, staging, ...) at REF; the move is recorded."""
     version = Registry(home).alias(ref, alias_name)
@@ -168,7 +173,7 @@ def alias(ref: str, alias_name: str = typer.Argument(..., metavar="ALIAS"),
 
 
 @app.command()
-def unalias(name: str, alias_name: str = typer.Argument(..., metavar="ALIAS"),
+def unalias(name: str = NameArgument, alias_name: str = AliasArgument,
             home: Optional[Path] = HomeOption) -> None:
     """Remove an alias (recorded in the history)."""
     Registry(home).unalias(name, alias_name)
@@ -176,7 +181,7 @@ def unalias(name: str, alias_name: str = typer.Argument(..., metavar="ALIAS"),
 
 
 @app.command()
-def rollback(name: str, alias_name: str = typer.Argument(..., metavar="ALIAS"),
+def rollback(name: str = NameArgument, alias_name: str = AliasArgument,
              home: Optional[Path] = HomeOption) -> None:
     """Move ALIAS back to the version it pointed at before its last move."""
     version = Registry(home).rollback(name, alias_name)
@@ -184,7 +189,7 @@ def rollback(name: str, alias_name: str = typer.Argument(..., metavar="ALIAS"),
 
 
 @app.command()
-def aliases(name: str, home: Optional[Path] = HomeOption, as_json: bool = JsonOption) -> None:
+def aliases(name: str = NameArgument, home: Optional[Path] = HomeOption, as_json: bool = JsonOption) -> None:
     """Current aliases of NAME and the history of every move (when, from, to)."""
     registry = Registry(home)
     registry.versions(name)  # refuses an unknown name with the nearest ones
@@ -201,7 +206,8 @@ def aliases(name: str, home: Optional[Path] = HomeOption, as_json: bool = JsonOp
 
 
 @app.command()
-def verify(ref: Optional[str] = typer.Argument(None), home: Optional[Path] = HomeOption,
+def verify(ref: Optional[str] = typer.Argument(None, metavar="REF", help="One version; default: every version."),
+           home: Optional[Path] = HomeOption,
            as_json: bool = JsonOption) -> None:
     """Re-hash stored files (of REF, or of everything) and report corruption (exit 1)."""
     problems = Registry(home).verify(ref)
@@ -216,24 +222,26 @@ def verify(ref: Optional[str] = typer.Argument(None), home: Optional[Path] = Hom
 
 
 @app.command()
-def rm(ref: str, force: bool = typer.Option(False, "--force", help="Remove even if aliases or entries point at it."),
+def rm(ref: str = RefArgument,
+       force: bool = typer.Option(False, "--force", help="Remove even if aliases or entries point at it."),
        home: Optional[Path] = HomeOption) -> None:
-    """Remove a version (refused while an alias points at it, unless --force)."""
+    """Remove a version (refused while an alias or a dependent entry points at it, unless --force)."""
     version = Registry(home).remove(ref, force=force)
     typer.echo(f"removed {version.ref} (run `hotswap hub gc` to free its files)")
 
 
 @app.command()
 def gc(home: Optional[Path] = HomeOption, as_json: bool = JsonOption) -> None:
-    """Delete stored files that no version references."""
+    """Delete stored files that no version references, and downloads that killed pulls and imports left."""
     count, freed = Registry(home).gc()
     _echo_json({"files": count, "bytes": freed}) if as_json else typer.echo(f"removed {count} files, {_size(freed)}")
 
 
 @app.command()
-def push(ref: str, repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hub."),
-         private: bool = typer.Option(False, "--private"), home: Optional[Path] = HomeOption,
-         as_json: bool = JsonOption) -> None:
+def push(ref: str = RefArgument, repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hub."),
+         private: bool = typer.Option(False, "--private", help="Create the Hub repo as private (an existing repo "
+                                      "keeps its visibility)."),
+         home: Optional[Path] = HomeOption, as_json: bool = JsonOption) -> None:
     """Upload a version with a generated model card; the commit is tagged with the version."""
     from .remote import push_version
 
@@ -247,8 +255,12 @@ def push(ref: str, repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME 
 
 
 @app.command()
-def pull(repo: str = typer.Argument(..., metavar="ORG/NAME[@REV]"), name: str = typer.Option(..., "--name"),
-         base: Optional[str] = typer.Option(None, "--base"), alias: list[str] = typer.Option([], "--alias"),
+def pull(repo: str = typer.Argument(..., metavar="ORG/NAME[@REV]", help="Hub repo id, optionally @ a branch, "
+                                     "tag or commit."),
+         name: str = typer.Option(..., "--name", help="Local entry name: lower-case identifier."),
+         base: Optional[str] = typer.Option(None, "--base", help="Base reference; default: matched from the "
+                                            "adapter's base_model_name_or_path."),
+         alias: list[str] = typer.Option([], "--alias", help="Also point these aliases at the new version."),
          home: Optional[Path] = HomeOption, as_json: bool = JsonOption) -> None:
     """Download a Hub repo and publish it as a new local version (same checks as publish)."""
     from .remote import pull_version

@@ -12,9 +12,9 @@ import typer
 from .api.command import device_problem
 from .api.command import serve as _serve_command
 
-serve_app = typer.Typer(help="Run the multi-adapter inference server.", no_args_is_help=True)
+serve_app = typer.Typer(help="Run the multi-adapter inference server.", no_args_is_help=True, add_completion=False)
 serve_app.command(name="serve")(_serve_command)
-bench_app = typer.Typer(help="Benchmark the serving engine against HF transformers and PEFT.")
+bench_app = typer.Typer(help="Benchmark the serving engine against HF transformers and PEFT.", add_completion=False)
 
 
 @bench_app.command()

@@ -68,7 +68,7 @@ class PublishResponse(BaseModel):
 
 
 class AliasMove(BaseModel):
-    """PUT /v1/hub/{name}/aliases/{alias}: point the alias at a version (a number, or a ref like `3`/`prod`)."""
+    """PUT /v1/hub/{name}/aliases/{alias}: point the alias at a version (its number)."""
 
     version: int = Field(ge=1, le=2**31 - 1, description="The version the alias will name.")
 
@@ -78,6 +78,8 @@ class AliasInfo(BaseModel):
     alias: str
     version: int | None = Field(description="The version it names now; null once removed.")
     previous: int | None = Field(None, description="The version it named before this change.")
+    at: str | None = Field(None, description=(
+        "When the change was made (ISO 8601, UTC): in an entry's history; null in a move's own answer."))
 
 
 class EntryInfo(BaseModel):

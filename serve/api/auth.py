@@ -38,6 +38,11 @@ class Principal:
     def visible(self, names: list[str]) -> list[str]:
         return [n for n in names if self.may_use(n)]
 
+    def cache_salt(self, salt: str | None) -> str | None:
+        """The prefix-cache salt of this caller's request: its key's own, so that no other key shares, and
+        so can probe (by timing, or by `cached_tokens`), the prompt prefixes this key's requests computed."""
+        return salt if self.spec is None else f"{self.spec.digest()}\0{salt or ''}"
+
     def nearest(self, wanted: str, names: list[str]) -> list[str]:
         """Close names among those this caller may see: never hint at another tenant's entries."""
         return difflib.get_close_matches(wanted, self.visible(names), n=3, cutoff=0.5)

@@ -162,8 +162,9 @@ class LabelNames:
 
 def _cards(reg: Registry, base_ref: str, max_len: int, owner: str, labels: LabelNames) -> list[ModelCard]:
     base = reg.resolve(base_ref)
+    base_aliases = {a: n for a, n in reg.aliases(base.name).items() if n == base.version}  # the served one's
     cards = [ModelCard(id=base.name, root=base.ref, kind="base", created=_ts(base), owned_by=owner,
-                       max_model_len=max_len, versions=[base.version])]
+                       max_model_len=max_len, versions=[base.version], aliases=base_aliases)]
     by_name: dict[str, list[Version]] = defaultdict(list)
     for version in reg.list():
         if version.kind in SERVED_KINDS and servable(version, base):

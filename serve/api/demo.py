@@ -142,13 +142,17 @@ EOF"""
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hotswap.serve.api.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default="smollm2")
-    parser.add_argument("--home", type=Path, default=None, help="registry folder (default: $HOTSWAP_HOME)")
-    parser.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="shipped adapters (recipes)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--markdown", type=Path, default=None, help="also write the answers as a Markdown table")
+    parser.add_argument("--base", default="smollm2", help="registry reference of the base to serve (default: smollm2)")
+    parser.add_argument("--home", type=Path, default=None, metavar="DIR",
+                        help="registry folder (default: $HOTSWAP_HOME or the per-user one)")
+    parser.add_argument("--adapters-dir", type=Path, default=Path("adapters"), metavar="DIR",
+                        help="the recipes; each adapter is asked its recipe's first held-out example "
+                             "(default: adapters)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens per answer in the showcase (default: 48)")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="FILE",
+                        help="also write the answers as a Markdown table")
     parser.add_argument("--no-serve", dest="serve", action="store_false", help="exit after the showcase")
     args = parser.parse_args(argv)
 

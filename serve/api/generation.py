@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 from litestar import Request
 
@@ -19,6 +20,8 @@ from ..engine import (Classification, Engine, GenerationRequest, InvalidRequest,
 from .exceptions import ApiProblem, ClientGone
 from .metrics import ApiMetrics
 from .openai_schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
+
+T = TypeVar("T")
 
 
 def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int, sample: int,
@@ -88,17 +91,32 @@ def chat_jobs(body: ChatCompletionRequest, target: Target, default_max_tokens: i
             for sample in range(body.n)]
 
 
-def submit_chat(run: Run, body: ChatCompletionRequest, target: Target, default_max_tokens: int) -> None:
+async def off_loop(fn: Callable[[], T], on_abandon: Callable[[], None] | None = None) -> T:
+    """``fn()`` on a worker thread: tokenizing a long prompt takes seconds, during which the event loop
+    must go on serving every other request. Should the caller be cancelled meanwhile, ``on_abandon``
+    runs once ``fn`` has finished (to cancel the engine requests it queued)."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        def abandoned(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None and on_abandon is not None:
+                on_abandon()
+        work.add_done_callback(abandoned)
+        raise
+
+
+async def submit_chat(run: Run, body: ChatCompletionRequest, target: Target, default_max_tokens: int) -> None:
     """Queue a chat's jobs. A chat that sets no max_tokens is not refused for a limit it never asked for:
     when the server's default does not fit beside the prompt, it gets what the prompt leaves of the
     context instead (vLLM's and OpenAI's default). The prompt is measured first, so such a chat is
     not counted as a rejected request before it is served."""
     limit = body.token_limit()
     if limit is None:
-        prompt = run.engine.tokenize(chat_jobs(body, target, 1)[0])
+        prompt = await off_loop(lambda: run.engine.tokenize(chat_jobs(body, target, 1)[0]))
         room = prompt.max_model_len - len(prompt.token_ids)
         limit = room if 0 < room < default_max_tokens else default_max_tokens
-    run.submit(chat_jobs(body, target, limit), n=body.n)
+    await run.submit(chat_jobs(body, target, limit), n=body.n)
 
 
 @dataclass(slots=True)
@@ -129,10 +147,14 @@ class Run:
         self.choices: list[Choice] = []
         self.n = 1
 
-    def submit(self, jobs: list[GenerationRequest], n: int = 1, echoes: list[str] | None = None) -> None:
+    async def submit(self, jobs: list[GenerationRequest], n: int = 1, echoes: list[str] | None = None) -> None:
         """Queue every job, or none: a refusal cancels the jobs already queued and is re-raised.
+        The engine tokenizes each job's prompt as it is queued, so this runs off the event loop.
 
         Job ``i`` is sample ``i % n`` of prompt ``i // n`` (OpenAI's choice order)."""
+        await off_loop(lambda: self._submit(jobs, n, echoes), self.cancel)
+
+    def _submit(self, jobs: list[GenerationRequest], n: int, echoes: list[str] | None) -> None:
         if len(jobs) > (room := self.engine.config.max_queue):  # a 429 would have the client retry in vain
             raise ApiProblem(f"{len(jobs)} choices (prompts x n) are more than this server queues at once "
                              f"(max_queue {room})", "n")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
-from ..engine import MAX_LOGPROBS
+from ..engine import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS
 from ..lora.compose import MAX_PARTS
 from .logprobs import ChatLogprobs, CompletionLogprobs
 
@@ -63,11 +63,11 @@ def list_of(item: Any) -> Any:
     return Annotated[list[item], Field(min_length=1, max_length=MAX_CHOICES)]
 
 
-StopString = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 TextPrompt = Annotated[str, Field(min_length=1)]
 TokenPrompt = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = TextPrompt | list_of(TextPrompt) | TokenPrompt | list_of(TokenPrompt)
-Stop = StopString | Annotated[list[StopString], Field(max_length=16)] | None
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
 LogitBias = dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]]
 
 
@@ -88,7 +88,8 @@ class _SamplingFields(BaseModel):
     n: NullIs(int, 1) = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt.")
     stream: NullIs(bool, False) = Field(False, description="Answer with server-sent events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
-    stop: Stop = Field(None, description="Up to 16 stop strings; the matched string is not returned.", **union_schema(Stop))
+    stop: Stop = Field(None, description=(f"Up to {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters; "
+                                          "the matched string is not returned."), **union_schema(Stop))
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same sample.", **_bound(minimum=0))
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description=(
         "Subtracted once from the logit of every token already generated; default 0."))
@@ -105,8 +106,8 @@ class _SamplingFields(BaseModel):
     min_tokens: NullIs(int, 0) = Field(0, ge=0, description="Do not end before this many tokens (EOS is held back).",
                                        **_bound(minimum=0))
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description=(
-        "Prompt prefixes are reused only between requests with the same salt: a tenant's own salt keeps "
-        "others from learning, by timing, which prompts it sent."))
+        "Prompt prefixes are reused only between requests of the same API key with the same salt (keys never "
+        "share them, so no tenant learns, by timing, which prompts another sent)."))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -130,7 +130,7 @@ async def publish_upload(form: PublishForm, services: Services) -> PublishRespon
 
 def entry_info(reg: Registry, name: str) -> EntryInfo:
     versions = reg.versions(name)
-    history = [AliasInfo(name=e.name, alias=e.alias, version=e.to_version, previous=e.from_version)
+    history = [AliasInfo(name=e.name, alias=e.alias, version=e.to_version, previous=e.from_version, at=e.at)
                for e in reg.alias_history(name)]
     return EntryInfo(name=name, kind=versions[0].kind, versions=[v.version for v in versions],
                      aliases=reg.aliases(name), history=history)

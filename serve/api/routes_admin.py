@@ -48,7 +48,7 @@ class AdaptersController(Controller):
         return await services.catalog.adapter(ref)
 
     @post("/{ref:str}/load", status_code=200, summary="Bring it to a device slot (a full model: into memory)",
-          responses=error_responses(400, 401, 403, 404, 503))
+          responses=error_responses(400, 401, 403, 404, 409, 503))
     async def load(self, ref: Ref, services: Services) -> AdapterInfo:
         target = await _entry(services, ref)
         await services.engine.load(target.ref)
@@ -62,13 +62,14 @@ class AdaptersController(Controller):
         if before.residency.tier == "disk":
             return UnloadResult(ref=target.ref, unloaded=False, residency=before.residency)
         if not await services.engine.unload(target.ref):
-            raise Busy(f"{target.ref} is in use (running requests: {before.residency.pins}, pinned: "
-                       f"{str(before.residency.pinned).lower()}); unpin it or retry when its requests end", "ref")
+            held = before.residency  # its pins count running requests plus a manual pin
+            raise Busy(f"{target.ref} is in use (running requests: {held.pins - int(held.pinned)}, pinned: "
+                       f"{str(held.pinned).lower()}); unpin it or retry when its requests end", "ref")
         after = await services.catalog.adapter(target.ref)
         return UnloadResult(ref=target.ref, unloaded=True, residency=after.residency)
 
     @post("/{ref:str}/pin", status_code=200, summary="Load it and keep it resident until unpinned",
-          responses=error_responses(400, 401, 403, 404, 503))
+          responses=error_responses(400, 401, 403, 404, 409, 503))
     async def pin(self, ref: Ref, services: Services) -> AdapterInfo:
         target = await _entry(services, ref)
         await services.engine.pin(target.ref)

@@ -60,17 +60,18 @@ class ClassifyController(Controller):
 
     @post(["/classify", "/v1/classify"], status_code=200,
           summary="Label texts with a sequence classifier: a PEFT SEQ_CLS adapter or a full classification model",
-          responses=error_responses(400, 401, 403, 404, 429, 503))
+          responses=error_responses(400, 401, 403, 404, 409, 429, 503))
     async def classify(self, request: Request, data: ClassifyRequest, principal: Principal,
                        services: Services) -> ClassifyResponse:
         target = await services.catalog.resolve(data.model, principal)
         request.scope[MODEL_SCOPE_KEY] = target.ref  # type: ignore[literal-required]
-        jobs = [GenerationRequest(prompt=x, model=target.ref, classify=True, cache_salt=data.cache_salt)
+        salt = principal.cache_salt(data.cache_salt)
+        jobs = [GenerationRequest(prompt=x, model=target.ref, classify=True, cache_salt=salt)
                 if isinstance(x, str) else
-                GenerationRequest(prompt_token_ids=x, model=target.ref, classify=True, cache_salt=data.cache_salt)
+                GenerationRequest(prompt_token_ids=x, model=target.ref, classify=True, cache_salt=salt)
                 for x in data.inputs()]
         run = Run(services.engine, services.metrics, target, "classify")
-        run.submit(jobs)
+        await run.submit(jobs)
         await unless_gone(request, run, drain(run))
         results = [ClassifyResult(index=i, label=c.label, probs=list(c.probs), num_classes=len(c.labels))
                    for i, c in enumerate(choice.classification for choice in run.choices)]

@@ -12,7 +12,7 @@ from litestar.response import Stream
 
 from .auth import Principal, provide_principal, require_key
 from .errors import describe
-from .generation import Run, completion_jobs, drain, echo_texts, submit_chat, unless_gone
+from .generation import Run, completion_jobs, drain, echo_texts, off_loop, submit_chat, unless_gone
 from .metrics import MODEL_SCOPE_KEY
 from .openai_schemas import (
     MODEL_MAX_LEN,
@@ -27,7 +27,7 @@ from .openai_schemas import (
 from .responses import ChunkWriter, chat_body, chunk_stream, completion_body
 from .services import Services, error_responses
 
-GENERATION_ERRORS = error_responses(400, 401, 403, 404, 429, 503)
+GENERATION_ERRORS = error_responses(400, 401, 403, 404, 409, 429, 503)
 ModelPath = Annotated[str, Parameter(description="A model id from GET /v1/models, or a combination of adapters.",
                                      min_length=1, max_length=MODEL_MAX_LEN, schema_extra={"pattern": MODEL_PATTERN})]
 SSE_NOTE = " With `stream: true` the answer is `text/event-stream`: one `data: <chunk>` per event, then `data: [DONE]`."
@@ -48,10 +48,11 @@ class OpenAIController(Controller):
                           services: Services) -> Response:
         target = await services.catalog.resolve(data.model, principal)
         request.scope[MODEL_SCOPE_KEY] = target.ref  # type: ignore[literal-required]
+        data = data.model_copy(update={"cache_salt": principal.cache_salt(data.cache_salt)})
         jobs = completion_jobs(data, target)
         run = Run(services.engine, services.metrics, target, "completions")
-        echoes = echo_texts(services.engine, jobs) if data.echo else None
-        run.submit(jobs, n=data.n, echoes=echoes)
+        echoes = await off_loop(lambda: echo_texts(services.engine, jobs)) if data.echo else None
+        await run.submit(jobs, n=data.n, echoes=echoes)
         if data.stream:
             return await _stream(request, run, ChunkWriter(run, chat=False, include_usage=data.include_usage()), services)
         await unless_gone(request, run, drain(run))
@@ -65,11 +66,12 @@ class OpenAIController(Controller):
                                services: Services) -> Response:
         target = await services.catalog.resolve(data.model, principal)
         request.scope[MODEL_SCOPE_KEY] = target.ref  # type: ignore[literal-required]
+        data = data.model_copy(update={"cache_salt": principal.cache_salt(data.cache_salt)})
         run = Run(services.engine, services.metrics, target, "chat")
         # A chat without max_tokens gets the server's default, kept to half the context so that ordinary
         # prompts fit; a longer prompt gets the rest of the context (submit_chat).
         default = min(services.settings.default_max_tokens, max(1, services.engine.max_model_len // 2))
-        submit_chat(run, data, target, default)
+        await submit_chat(run, data, target, default)
         if data.stream:
             return await _stream(request, run, ChunkWriter(run, chat=True, include_usage=data.include_usage()), services)
         await unless_gone(request, run, drain(run))

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine import GenerationRequest
 from .auth import Principal, provide_principal, require_key
 from .exceptions import ApiProblem
+from .generation import off_loop
 from .openai_schemas import ChatMessage, ModelRef
 from .services import Services, error_responses
 
@@ -59,8 +60,9 @@ class TokenizeController(Controller):
             raise ApiProblem("give exactly one of prompt or messages", "messages" if data.messages else "prompt")
         target = await services.catalog.resolve(data.model, principal)
         messages = None if data.messages is None else [m.as_dict() for m in data.messages]
-        found = services.engine.tokenize(GenerationRequest(prompt=data.prompt, messages=messages, model=target.ref,
-                                                           add_generation_prompt=data.add_generation_prompt))
+        request = GenerationRequest(prompt=data.prompt, messages=messages, model=target.ref,
+                                    add_generation_prompt=data.add_generation_prompt)
+        found = await off_loop(lambda: services.engine.tokenize(request))
         return TokenizeResponse(count=len(found.token_ids), max_model_len=found.max_model_len,
                                 tokens=list(found.token_ids),
                                 token_strs=list(found.token_strs) if data.return_token_strs else None)
@@ -70,5 +72,5 @@ class TokenizeController(Controller):
     async def detokenize(self, data: DetokenizeRequest, principal: Principal,
                          services: Services) -> DetokenizeResponse:
         target = await services.catalog.resolve(data.model, principal)
-        _, text = services.engine.detokenize(target.ref, data.tokens)
+        _, text = await off_loop(lambda: services.engine.detokenize(target.ref, data.tokens))
         return DetokenizeResponse(prompt=text)

@@ -34,10 +34,11 @@ _ERROR_TEXT = {
     401: "Missing or unknown API key.",
     403: "The key's role or adapter patterns do not allow this.",
     404: "Unknown model or adapter; the message lists the nearest names the key may use.",
-    409: "The adapter or version is in use.",
+    409: "The adapter is in use (adapter_busy), or fits only in device rows that manually pinned adapters hold "
+         "(pinned_out: unpin one).",
     413: "The body is larger than the server accepts.",
     429: "The queue is full; retry after `Retry-After` seconds.",
-    503: "The base model is still loading; retry after `Retry-After` seconds.",
+    503: "The base model is still loading, or the server is stopping; retry after `Retry-After` seconds.",
 }
 
 

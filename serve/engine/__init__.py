@@ -30,13 +30,14 @@ from .requests import (
     Tokenized,
     Usage,
 )
-from .intake import MAX_LOGPROBS
+from .intake import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS
 from .residency_commands import AdapterResidency
 from .stats import EngineStats, Histogram
 
 __all__ = [
     "AdapterNotFound", "AdapterResidency", "CapacityExceeded", "Classification", "Completion", "Engine", "EngineConfig",
     "EngineError", "EngineNotReady", "EngineStats", "FinishReason", "GenerationRequest", "Histogram",
-    "IncompatibleAdapter", "InvalidRequest", "Logprob", "MAX_LOGPROBS", "PinnedOut", "PromptTooLong", "QueueFull", "RequestStream",
+    "IncompatibleAdapter", "InvalidRequest", "Logprob", "MAX_LOGPROBS", "MAX_STOP_CHARS", "MAX_STOPS", "PinnedOut",
+    "PromptTooLong", "QueueFull", "RequestStream",
     "SamplingParams", "Target", "TokenEvent", "TokenLogprobs", "Tokenized", "Usage",
 ]

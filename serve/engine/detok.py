@@ -36,12 +36,7 @@ class Detokenizer:
     def _release(self) -> tuple[str, bool]:
         if self._cut_at_stop():
             return self._rest(), True
-        hold = 0
-        for s in self.stop:  # the longest tail of text that is a proper prefix of a stop string
-            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
+        hold = max((_held(self.text, s) for s in self.stop), default=0)
         end = max(self._sent, len(self.text) - hold)
         delta, self._sent = self.text[self._sent:end], end
         return delta, False
@@ -68,3 +63,16 @@ class Detokenizer:
             self._prefix = self._read = len(self.ids)
         hit = self._cut_at_stop()
         return self._rest(), hit
+
+
+def _held(text: str, stop: str) -> int:
+    """The length of the longest tail of ``text`` that is a proper prefix of ``stop``. Only the places
+    where ``stop``'s first character occurs are tried, leftmost (longest) first: one pass per token,
+    not one slice per possible length (which made long stop strings cost quadratic time per token)."""
+    tail = text[max(0, len(text) - len(stop) + 1):]
+    at = tail.find(stop[0])
+    while at >= 0:
+        if stop.startswith(tail[at:]):
+            return len(tail) - at
+        at = tail.find(stop[0], at + 1)
+    return 0

@@ -167,7 +167,7 @@ class Engine(ResidencyCommands):
         self._require_ready()
         target = self.resolver.resolve(request.model)
         tokenizer, limit = self._tokenizer_of(target)
-        ids = prompt_ids(tokenizer, request, len(tokenizer))
+        ids = prompt_ids(tokenizer, request, len(tokenizer), limit)
         return Tokenized(target, tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)), limit)
 
     def detokenize(self, model: str | None, token_ids: list[int]) -> tuple[Target, str]:
@@ -245,14 +245,14 @@ class Engine(ResidencyCommands):
                 raise mismatch
             self._core.models.check_fits(target.ref, info.estimate_bytes)
             tokenizer, limit, fits_kv, pad_id = info.tokenizer, info.max_model_len, info.fits_kv, info.pad_token_id
-        ids = prompt_ids(tokenizer, request, len(tokenizer))
+        ids = prompt_ids(tokenizer, request, len(tokenizer), limit)
         if request.classify:
             ids = pooled_prompt(ids, pad_id)
         check_logit_bias(p, len(tokenizer))
         check_fits(len(ids), p.max_tokens, limit, fits_kv)
         with self._lock:
             if self._num_queued >= cfg.max_queue:
-                raise QueueFull(f"{self._num_queued} requests are waiting (max_queue {cfg.max_queue}); retry later")
+                raise QueueFull(f"the queue is full: {self._num_queued} requests waiting (max_queue {cfg.max_queue}); retry later")
             self._num_queued += 1
         rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
         stream = RequestStream(rid, target, len(ids), self.cancel)

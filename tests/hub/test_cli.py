@@ -41,6 +41,7 @@ def test_publish_list_show_alias_flow(capsys, registry, make_adapter):
     assert shown["labels"] is None  # not a classifier
     code, out, _ = run(capsys, "hub", "show", "sql", *home)
     assert "ref: sql@2" in out and "base: tiny@1" in out
+    assert sum(line.startswith("created_at:") for line in out.splitlines()) == 1  # once, not again from metadata
 
     assert run(capsys, "hub", "alias", "sql@2", "prod", *home)[1].strip() == "sql@prod -> sql@2"
     code, out, _ = run(capsys, "hub", "aliases", "sql", "--json", *home)
@@ -100,7 +101,26 @@ def main_json(args):
 def test_help_everywhere(capsys):
     for args in (["--help"], ["hub", "--help"], ["hub", "publish", "--help"], ["hub", "pull", "--help"],
                  ["serve", "--help"], ["train", "--help"], ["bench", "--help"]):
-        assert run(capsys, *args)[0] == 0, args
+        code, out, _ = run(capsys, *args)
+        assert code == 0, args
+        assert "--install-completion" not in out, args  # a shell-completion installer `hotswap` does not offer
+    code, out, _ = run(capsys, "--help")
+    for name in ("train", "serve", "bench"):  # each says what it does, not only where to read it
+        assert f"See `hotswap {name} --help`" not in out
+
+
+def test_every_hub_option_and_argument_says_what_it_is(capsys):
+    """Each hub command's --help explains each of its arguments and options, under the names the README uses."""
+    import click
+    import typer
+
+    from hotswap.hub.commands import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            assert getattr(param, "help", None), f"hub {name}: {param.name} has no help"
+            if isinstance(param, click.Argument) or type(param).__name__ == "TyperArgument":
+                assert param.metavar and param.metavar.upper() == param.metavar, f"hub {name}: {param.name}"
 
 
 def test_usage_errors_exit_2_with_the_reason(capsys, tmp_path):

@@ -63,6 +63,7 @@ def test_load_unload_pin_unpin(client):
     assert pinned["residency"]["tier"] == "device" and pinned["residency"]["pinned"] is True
     busy = act(client, "globex-sql", "unload", status=409)
     assert busy["error"]["code"] == "adapter_busy" and "pinned: true" in busy["error"]["message"]
+    assert "running requests: 0" in busy["error"]["message"]  # the manual pin is no running request
     unpinned = act(client, "globex-sql", "unpin")
     assert unpinned["residency"]["pinned"] is False and unpinned["residency"]["tier"] == "device"
     assert act(client, "globex-sql", "unload")["unloaded"] is True
@@ -164,7 +165,7 @@ def test_alias_moves_reach_the_next_request(client, store, tmp_path):
 
     moved = client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 1})
     assert moved.status_code == 200 and moved.json() == {"name": "acme-moving", "alias": "prod", "version": 1,
-                                                         "previous": None}
+                                                         "previous": None, "at": None}
     first = complete(client, "acme-moving@prod")
     assert first["model"] == "acme-moving@1"
     moved = client.put("/v1/hub/acme-moving/aliases/prod", headers=ADMIN, json={"version": 2})
@@ -176,6 +177,7 @@ def test_alias_moves_reach_the_next_request(client, store, tmp_path):
     history = client.get("/v1/hub/acme-moving", headers=ADMIN).json()["history"]
     assert [(h["alias"], h["previous"], h["version"]) for h in history if h["alias"] == "prod"] == [
         ("prod", None, 1), ("prod", 1, 2)]
+    assert all(h["at"] for h in history)  # when each move was made, as `hotswap hub aliases` shows
     removed = client.delete("/v1/hub/acme-moving/aliases/prod", headers=ADMIN)
     assert removed.status_code == 200 and removed.json()["version"] is None
     gone = client.post("/v1/completions", headers=ADMIN, json={"model": "acme-moving@prod", "prompt": "x"})

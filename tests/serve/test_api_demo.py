@@ -116,3 +116,18 @@ def test_demo_asks_the_served_base_and_each_adapters_newest_fitting_version(stor
     assert "=== globex-sql@1" in out and "=== acme-sql@2" in out
     assert "refused" not in out
     assert '"model": "tiny@1", "prompt"' in out  # the printed examples name what is served too
+
+
+def test_every_demo_flag_says_what_it_does(capsys):
+    import re
+
+    import pytest
+
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    flags = re.findall(r"^  (--[a-z-]+)(?: [A-Z_]+)?(.*)$", options, re.MULTILINE)
+    assert {f for f, _ in flags} >= {"--base", "--home", "--host", "--port", "--max-tokens", "--markdown", "--no-serve"}
+    for flag, rest in flags:  # the help follows on the same line, or indented on the next when the flag is long
+        next_line = options.split(flag, 1)[1].split("\n", 2)[1]
+        assert rest.strip() or (next_line.startswith("   ") and next_line.strip()), f"{flag} has no help"

@@ -190,6 +190,7 @@ def test_models_lists_base_adapters_versions_aliases_and_full_models(client):
     cards = {m["id"]: m for m in body["data"]}
     assert cards[BASE] == cards[BASE] | {"object": "model", "owned_by": "hotswap", "root": "tiny@1", "parent": None,
                                          "kind": "base", "max_model_len": 256}
+    assert cards[BASE]["versions"] == [1] and cards[BASE]["aliases"] == {"latest": 1}  # the served version's
     sql = cards["acme-sql"]
     assert sql["root"] == "acme-sql@2" and sql["parent"] == BASE and sql["kind"] == "adapter"
     assert sql["versions"] == [1, 2] and sql["aliases"] == {"latest": 2, "prod": 1}

@@ -67,10 +67,18 @@ def test_every_operation_is_typed(schema):
         assert set(resolve(schema, body)["required"]) == required
 
 
+def test_pinned_out_is_documented_where_it_can_answer(schema):
+    """A request or a load for an adapter that fits only in manually pinned rows answers 409 `pinned_out`."""
+    for method, path in [("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("post", "/v1/classify"),
+                         ("post", "/classify"), ("post", "/v1/adapters/{ref}/load"), ("post", "/v1/adapters/{ref}/pin")]:
+        response = schema["paths"][path][method]["responses"]["409"]
+        assert "pinned_out" in response["description"], (method, path)
+
+
 def test_request_constraints_are_in_the_schema(schema):
     props = schema["components"]["schemas"]["CompletionRequest"]["properties"]
     assert props["temperature"]["minimum"] == 0 and props["temperature"]["maximum"] == 2
-    assert props["top_p"]["exclusiveMinimum"] == 0 and props["n"]["maximum"] == 16
+    assert props["top_p"]["exclusiveMinimum"] == 0 and props["n"]["maximum"] == 128
     assert props["suffix"]["type"] == "null"  # unsupported: only null is valid
     assert (props["logprobs"]["minimum"], props["logprobs"]["maximum"]) == (0, 20)
     assert (props["presence_penalty"]["minimum"], props["presence_penalty"]["maximum"]) == (-2, 2)
