@@ -84,9 +84,9 @@ def load_scored_classifier(base_folder: Path, adapter: Path | None, model_folder
     model = load_classifier(base_folder, labels, pad_id, device)
     if adapter is None:
         return model
-    from peft import PeftModel
+    from .model import load_adapter
 
-    return PeftModel.from_pretrained(model, adapter).to(device)
+    return load_adapter(model, adapter, what).to(device)
 
 
 def _check_labels(what: str, found: list[str], labels: list[str]) -> None:

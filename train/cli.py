@@ -238,7 +238,7 @@ def merge_cmd(
     method: str = typer.Option("linear", "--method", help="linear, ties, dare_linear or cat."),
     name: str = typer.Option(..., "--name", help="Registry name of the merged adapter."),
     density: Optional[float] = typer.Option(None, "--density", help="ties/dare_linear: fraction kept (default 0.5)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for dare_linear's random pruning."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for dare_linear's random pruning."),
     aliases: list[str] = AliasOption,
     home: Optional[Path] = HomeOption,
     as_json: bool = JsonOption,

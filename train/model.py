@@ -85,6 +85,19 @@ def make_trainable(model: nn.Module, method: str, lora: LoraSettings, base_sourc
     return get_peft_model(model, config)
 
 
+def load_adapter(model: nn.Module, folder: Path, what: str) -> nn.Module:
+    """PEFT's model of ``model`` with the adapter in ``folder``; an adapter made for another base (its
+    shapes or modules differ) is a `RecipeError` naming ``what`` and the first misfit, not a traceback."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, folder)
+    except (RuntimeError, ValueError) as exc:  # torch's size mismatches; PEFT's modules not found
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
+        raise RecipeError(f"{what} does not fit the base it is scored on: {detail}") from None
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
     seen: set[int] = set()

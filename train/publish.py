@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +93,27 @@ def _publish(registry: Registry, loaded: LoadedRecipe, method: str, folder: Path
              lineage: dict[str, Any], base_ref: str, name: str | None, aliases: tuple[str, ...]) -> PublishResult:
     recipe = loaded.recipe
     kind = "model" if method == "full" else "adapter"
-    with tempfile.TemporaryDirectory(prefix="hotswap-publish-") as tmp:
-        staged = Path(tmp)
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name not in RECORD_FILES:
-                shutil.copy2(path, staged / path.name)
+    with _without_records(folder) as files:
         return registry.publish(
-            staged, name=entry_name(loaded, method, name), kind=kind, base=base_ref,
+            files, name=entry_name(loaded, method, name), kind=kind, base=base_ref,
             task=recipe.task, language=recipe.language,
             tags={"method": method, "recipe": recipe.name, "metric": recipe.metric},
             metrics={k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}, lineage=lineage,
             aliases=aliases,
         )
+
+
+@contextmanager
+def _without_records(folder: Path) -> Iterator[Path]:
+    """The result's files without its records, as a temporary folder of hard links to them (copies
+    only across file systems): a full model is not written out twice, and a publish killed mid-way
+    leaves no copy of it behind."""
+    with tempfile.TemporaryDirectory(prefix="hotswap-publish-") as tmp:
+        staged = Path(tmp)
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name not in RECORD_FILES:
+                try:
+                    os.link(path, staged / path.name)
+                except OSError:  # another file system, or one without hard links
+                    shutil.copy2(path, staged / path.name)
+        yield staged

@@ -29,8 +29,10 @@ _BCP47 = re.compile(r"[a-zA-Z]{2,3}(-[a-zA-Z]{4})?(-([a-zA-Z]{2}|[0-9]{3}))?(-([
 
 
 class _Section(BaseModel):
-    # inf and nan are valid TOML, but no learning rate, epoch count or scale can be either
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # inf and nan are valid TOML, but no learning rate, epoch count or scale can be either. Strict: a
+    # value of another TOML type is refused, not converted (`rank = true` is no rank 1, `rslora = 1` no
+    # switch); an integer still counts as a float.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class DataFiles(_Section):
@@ -67,7 +69,8 @@ class TrainSettings(_Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 0
+    # the data order draws from seed * 1_000_003 + epoch, which a 64-bit generator seed must hold
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the initial weights, data order and dropout")
     checkpoint_every: int = Field(0, ge=0, description="save a resumable checkpoint every N steps (0: only at the end)")
 
 

@@ -13,7 +13,7 @@ from .encode import pad_id_of
 from .errors import RecipeError, TrainError
 from .evaluate import EvalReport, evaluate
 from .metrics import check_references
-from .model import ADAPTER_FILES, Placement, load_base
+from .model import ADAPTER_FILES, Placement, load_adapter, load_base
 from .recipe import LoadedRecipe
 
 
@@ -54,7 +54,5 @@ def score_target(loaded: LoadedRecipe, registry: Registry, ref: str | None = Non
     else:
         model, tokenizer = load_base(base.path, place.device)
         if target is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, target)
+            model = load_adapter(model, target, label)
     return label, evaluate(model, tokenizer, examples, recipe, place), examples

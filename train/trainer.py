@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import LoopState, load_checkpoint, save_checkpoint, set_rng_state
-from .encode import Encoded, collate
+from .encode import IGNORE_INDEX, Encoded, collate
 from .model import Placement, load_trainable_state, trainable_state
 from .recipe import EvalSettings, TrainSettings
 
@@ -68,32 +68,44 @@ def _schedule(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def evaluate_loss(model: nn.Module, data: list[Encoded], batch_size: int, pad_id: int, place: Placement) -> float:
-    """Mean loss per answer token over the held-out set (a classifier's: per example).
-
-    Logits are computed only where the next token is part of an answer: over a 49k vocabulary the
-    full [B, T, V] logits of a held-out batch would dominate the run's peak memory."""
+    """Mean loss per answer token over the held-out set (a classifier's: per example)."""
     was_training = model.training
     model.eval()
-    loss_sum, tokens = 0.0, 0
+    loss_sum, items = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = {k: v.to(place.device) for k, v in collate(data[start:start + batch_size], pad_id).items()}
-            if data[0].classify:  # a classifier: mean loss per example, over its classes
-                with place.autocast():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum += nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
-                tokens += len(batch["labels"])
-                continue
-            targets = batch["labels"][:, 1:]  # [B, T-1]: the token each position predicts
-            keep = torch.nn.functional.pad(targets != -100, (0, 1))  # [B, T] positions whose next token is labelled
-            with place.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               logits_to_keep=keep).logits  # [N, V], one row per answer token
-            picked = targets[keep[:, :-1]]  # [N]
-            loss_sum += nn.functional.cross_entropy(logits.float(), picked, reduction="sum").item()
-            tokens += picked.numel()
+            loss_sum += summed_loss(model, batch, place).item()
+            items += num_items(batch)
     model.train(was_training)
-    return loss_sum / max(1, tokens)
+    return loss_sum / max(1, items)
+
+
+def num_items(batch: dict[str, torch.Tensor]) -> int:
+    """What a batch's loss is summed over: its answer tokens that a position predicts (a classifier's
+    batch: its examples)."""
+    labels = batch["labels"]
+    return len(labels) if labels.ndim == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor], place: Placement) -> torch.Tensor:
+    """Cross-entropy summed over the batch's ``num_items``, so that micro-batches of one step add up
+    to exactly the loss of one large batch (a mean per micro-batch would weight a token by how few
+    answer tokens its micro-batch has).
+
+    Logits are computed only where the next token is part of an answer: over a 49k vocabulary the
+    full [B, T, V] logits would dominate the run's peak memory."""
+    labels = batch["labels"]
+    if labels.ndim == 1:  # a classifier: one class per example, logits [B, C]
+        with place.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    targets = labels[:, 1:]  # [B, T-1]: the token each position predicts
+    keep = nn.functional.pad(targets != IGNORE_INDEX, (0, 1))  # [B, T] positions whose next token is labelled
+    with place.autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=keep).logits  # [N, V], one row per answer token
+    return nn.functional.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="sum")
 
 
 def train_loop(model: nn.Module, train: list[Encoded], held_out: list[Encoded], config: LoopConfig,
@@ -141,14 +153,16 @@ def train_loop(model: nn.Module, train: list[Encoded], held_out: list[Encoded], 
 
 def _optimizer_step(model, train, settings: TrainSettings, step: int, count: int, params, optimizer, pad_id: int,
                     place: Placement) -> float:
-    """One optimizer step over ``count`` micro-batches (grad_accum, or fewer for an epoch's end)."""
+    """One optimizer step over ``count`` micro-batches (grad_accum, or fewer for an epoch's end): the
+    gradient of the mean loss over all their answer tokens, as one batch of them all would give."""
     optimizer.zero_grad(set_to_none=True)
+    batches = [{name: t.to(place.device) for name, t in
+                collate(micro_batch(train, settings, step * settings.grad_accum + k), pad_id).items()}
+               for k in range(count)]
+    items = max(1, sum(num_items(batch) for batch in batches))
     total = 0.0
-    for k in range(count):
-        batch = collate(micro_batch(train, settings, step * settings.grad_accum + k), pad_id)
-        batch = {name: t.to(place.device) for name, t in batch.items()}
-        with place.autocast():
-            loss = model(**batch).loss / count
+    for batch in batches:
+        loss = summed_loss(model, batch, place) / items
         loss.backward()
         total += loss.item()
     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)

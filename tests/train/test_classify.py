@@ -25,10 +25,12 @@ LABELS = sorted(set(FRUITS.values()))
 RECORDS = [{"prompt": f"colour of {fruit}?", "completion": colour} for fruit, colour in FRUITS.items()]
 
 
+# lr 1e-2: at 3e-2 the LoRA's held-out loss bounced on the tiny model (1.6 -> 0.8 in 80 steps, half the
+# labels right, with the libraries of a fresh install); at 1e-2 it fits the 8 examples (loss 0.01)
 def write(write_recipe, method="lora", metric="label_accuracy", labels=LABELS, records=RECORDS, steps=80):
     """A classification recipe over the fruit colours (the same examples held out: it must fit them)."""
     return write_recipe(name="fruit-colours", method=method, metric=metric, head=f"labels = {json.dumps(labels)}",
-                        steps=steps, lr=3e-2, full_lr=1e-2, targets='"all-linear"', eval_every=10, train=records,
+                        steps=steps, lr=1e-2, full_lr=1e-2, targets='"all-linear"', eval_every=10, train=records,
                         eval_records=records)
 
 

@@ -77,3 +77,23 @@ def test_a_damaged_checkpoint_is_refused_with_its_folder(write_recipe, home, tmp
         (checkpoint / "optimizer.pt").unlink()
     result = _invoke(folder, "--home", home, "--quiet", "--out", run_dir, "--resume")
     _refused(result, f"{checkpoint} is damaged", "start afresh without --resume")
+
+
+def test_merge_refuses_a_seed_the_generator_cannot_take(write_recipe, home, tmp_path):
+    for site in (1, 2):  # adapters that exist: a seed out of range failed only after they had loaded
+        folder = write_recipe(name=f"site-{site}", steps=1, seed=site)
+        assert _invoke(folder, "--home", home, "--publish", "--quiet", "--out", tmp_path / f"r{site}").exit_code == 0
+    result = _invoke("merge", "site-1", "site-2", "--weights", "1,1", "--method", "dare_linear", "--name", "m",
+                     "--seed", 2**64, "--home", home)
+    assert result.exit_code == 2 and "--seed" in result.output and result.exception.__class__ is SystemExit
+
+
+def test_eval_of_an_adapter_made_for_another_base_is_one_line(write_recipe, home, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    get_peft_model(wider, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "wider")
+    _refused(_invoke("eval", write_recipe(), "--home", home, "--adapter", tmp_path / "wider"),
+             "does not fit the base it is scored on: size mismatch for ", "q_proj")

@@ -161,3 +161,21 @@ def test_dora_and_rslora_train_and_publish(write_recipe, registry, tmp_path):
     assert config["use_dora"] is True and config["use_rslora"] is True
     version = publish_result(registry, result).version
     assert version.kind == "adapter" and version.metadata.tags["method"] == "dora"
+
+
+def test_publishing_an_export_copies_none_of_its_files(write_recipe, registry, tmp_path, monkeypatch):
+    """The export's files are staged as hard links: a full model is not written out twice, and a
+    publish killed mid-way leaves no copy of it in the temporary folder."""
+    import shutil
+
+    folder = write_recipe(method="full", steps=1)
+    shipped = export(_run(folder, registry, tmp_path / "run"), tmp_path / "export")
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("copied a file of the export")
+
+    monkeypatch.setattr(shutil, "copy2", no_copy)
+    published = publish_artifact(registry, load_recipe(folder), shipped)
+    assert published.created and published.version.name == "colours-full"
+    files = {p.name for p in registry.open(published.version).path.iterdir()}
+    assert "model.safetensors" in files and not files & {"metrics.json", "lineage.json"}

@@ -144,3 +144,25 @@ def test_a_full_fine_tunes_name_must_fit_with_its_suffix(write_recipe):
     assert load_recipe(folder).recipe.name == "n" * 62
     with pytest.raises(RecipeError, match="published as <name>-full: name 'n{62}-full' is longer than 64"):
         load_recipe(folder, method="full")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.rank=true", r"lora\.rank: Input should be a valid integer"),  # not rank 1
+    ("lora.rslora=1", r"lora\.rslora: Input should be a valid boolean"),
+    ("train.batch_size=8.0", r"train\.batch_size: Input should be a valid integer"),
+    ("train.lr='1e-3'", r"train\.lr: Input should be a valid number"),
+])
+def test_a_value_of_another_type_is_refused_not_converted(write_recipe, override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(), [override])
+    assert load_recipe(write_recipe(), ["lora.alpha=16"]).recipe.lora.alpha == 16  # an integer is a float
+
+
+@pytest.mark.parametrize("seed, message", [
+    (2**32, "less than or equal to 4294967295"), (-1, "greater than or equal to 0")])
+def test_a_seed_out_of_range_is_refused_before_training(write_recipe, seed, message):
+    """The data order is drawn from seed * 1_000_003 + epoch: a larger seed overflowed the generator's
+    64 bits at the first step, after the base had loaded."""
+    with pytest.raises(RecipeError, match=r"train\.seed: Input should be " + message):
+        load_recipe(write_recipe(), [f"train.seed={seed}"])
+    assert load_recipe(write_recipe(), [f"train.seed={2**32 - 1}"]).recipe.train.seed == 2**32 - 1

@@ -12,6 +12,8 @@ from hotswap.train.recipe import load_recipe
 from hotswap.train.run import prepare, run
 from hotswap.train.trainer import micro_batch, total_micro_batches, total_steps
 
+from .conftest import FRUITS
+
 
 def _train(folder, registry, run_dir, **kwargs):
     return run(prepare(load_recipe(folder, kwargs.pop("overrides", ())), registry), run_dir,
@@ -136,3 +138,20 @@ def test_epochs_cover_every_example_once_per_epoch(write_recipe):
     assert sorted(first_epoch) == data
     second_epoch = [x for i in range(3, 6) for x in micro_batch(data, settings, i)]
     assert sorted(second_epoch) == data and second_epoch != first_epoch
+
+
+def test_gradient_accumulation_equals_one_larger_batch(write_recipe, registry, tmp_path):
+    """Two micro-batches of 4 step exactly as one batch of 8: every answer token weighs the same, however
+    many answer tokens its micro-batch holds (a mean per micro-batch would weight them unequally)."""
+    records = [{"prompt": f"colour of {fruit}?", "completion": colour * (i + 1)}  # answers of unequal length
+               for i, (fruit, colour) in enumerate(FRUITS.items())]
+    folder = write_recipe(method="full", steps=2, train=records)
+    weights = []
+    for name, batch, accum in (("one", 8, 1), ("two", 4, 2)):
+        prep = prepare(load_recipe(folder, [f"train.batch_size={batch}", f"train.grad_accum={accum}"]), registry)
+        result = run(prep, tmp_path / name, show_progress=False)
+        weights.append((trainable_state(prep.model), [h["loss"] for h in result.loop.history]))
+    (one, one_losses), (two, two_losses) = weights
+    assert two_losses == pytest.approx(one_losses, rel=1e-6)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
