@@ -151,7 +151,10 @@ class BlobStore:
         path.unlink(missing_ok=True)
         return size
 
-    def clear_tmp(self) -> None:
-        """Drop temporaries left by killed writers (only safe when no publish is running)."""
+    def clear_tmp(self) -> tuple[int, int]:
+        """Drop temporaries left by killed writers (only safe when no publish is running); return
+        (files, bytes) dropped."""
+        left = [entry.stat().st_size for entry in os.scandir(self._tmp) if entry.is_file(follow_symlinks=False)]
         shutil.rmtree(self._tmp, ignore_errors=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
+        return len(left), sum(left)

@@ -261,14 +261,15 @@ class Registry:
         return version
 
     def gc(self) -> tuple[int, int]:
-        """Drop blobs no version references; return (files removed, bytes freed)."""
+        """Drop blobs no version references, and what killed writers left (half-written blobs, the
+        downloads of pulls and imports); return (files removed, bytes freed)."""
         with self._store_lock(exclusive=True):
             orphans = self.blobs.all_digests() - self._index.referenced_blobs()
             freed = sum(self.blobs.remove(sha) for sha in orphans)
-            self.blobs.clear_tmp()
+            temporaries = self.blobs.clear_tmp()
             prune_snapshots(self._snapshots, {row.digest for row in self._index.versions()})
-            prune_scratch(self.home)  # the downloads of killed pulls and imports
-        return len(orphans), freed
+            downloads = prune_scratch(self.home)
+        return len(orphans) + temporaries[0] + downloads[0], freed + temporaries[1] + downloads[1]
 
     def verify(self, ref: str | None = None) -> list[Problem]:
         """Re-hash every file of one version (or of all) and report what does not match."""

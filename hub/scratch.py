@@ -8,6 +8,7 @@ its owner creates it a moment before it can take the lock."""
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import tempfile
 import time
@@ -33,11 +34,28 @@ def scratch_folder(home: Path, prefix: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def prune(home: Path) -> None:
-    """Delete the working folders whose process is gone."""
+def prune(home: Path) -> tuple[int, int]:
+    """Delete the working folders whose process is gone; return (files, bytes) deleted."""
+    files = size = 0
     for folder in home.iterdir():
         if folder.name.startswith(PREFIXES) and folder.is_dir() and not folder.is_symlink() and _abandoned(folder):
+            found, found_size = tree_size(folder)
             shutil.rmtree(folder, ignore_errors=True)
+            files, size = files + found, size + found_size
+    return files, size
+
+
+def tree_size(folder: Path) -> tuple[int, int]:
+    """(files, bytes) under ``folder``, links not followed (what deleting it frees)."""
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(folder):
+        for name in names:
+            try:
+                size += os.lstat(os.path.join(dirpath, name)).st_size
+                files += 1
+            except FileNotFoundError:
+                pass
+    return files, size
 
 
 def _abandoned(folder: Path) -> bool:

@@ -92,7 +92,7 @@ def _registry(home: Optional[Path]):
 
 @app.command(DEFAULT_COMMAND)
 def run_cmd(
-    recipe: str = typer.Argument(..., help="recipe.toml, or the folder holding it"),
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="recipe.toml, or the folder holding it"),
     method: Optional[str] = typer.Option(None, "--method", help="lora, dora or full (default: the recipe's)."),
     publish: bool = typer.Option(False, "--publish", help="Store the result in the registry (moves `latest`)."),
     overrides: list[str] = SetOption,
@@ -151,7 +151,7 @@ def run_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    recipe: str = typer.Argument(..., help="recipe.toml, or the folder holding it"),
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="recipe.toml, or the folder holding it"),
     ref: Optional[str] = typer.Option(None, "--ref", help="Registry entry to score (adapter or model; default: the base)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Adapter folder to score instead (e.g. artifact/)."),
     overrides: list[str] = SetOption,
@@ -177,7 +177,7 @@ def eval_cmd(
 
 @app.command("publish")
 def publish_cmd(
-    recipe: str = typer.Argument(..., help="recipe.toml, or the folder holding it"),
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="recipe.toml, or the folder holding it"),
     artifact: Optional[Path] = typer.Option(None, "--artifact", help="Exported result (default: RECIPE's artifact/)."),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the recipe's)."),
     aliases: list[str] = AliasOption,
@@ -198,7 +198,7 @@ def publish_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    recipe: str = typer.Argument(..., help="recipe.toml, or the folder holding it"),
+    recipe: str = typer.Argument(..., metavar="RECIPE", help="recipe.toml, or the folder holding it"),
     overrides: list[str] = SetOption,
     home: Optional[Path] = HomeOption,
     out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: runs/<name>-compare)."),
@@ -233,7 +233,7 @@ def compare_cmd(
 
 @app.command("merge")
 def merge_cmd(
-    refs: list[str] = typer.Argument(..., help="Adapters to combine (registry references, two or more)."),
+    refs: list[str] = typer.Argument(..., metavar="REF", help="Adapters to combine (registry references, two or more)."),
     weights: list[str] = typer.Option(..., "--weights", help="One weight per adapter: '0.5,0.5' or repeated."),
     method: str = typer.Option("linear", "--method", help="linear, ties, dare_linear or cat."),
     name: str = typer.Option(..., "--name", help="Registry name of the merged adapter."),

@@ -98,10 +98,19 @@ def test_gc_removes_the_downloads_of_killed_pulls_and_only_those(registry):
         os.utime(running / scratch.LOCK, (long_ago, long_ago))  # a long download: only its lock tells
         starting = registry.home / ".pull-starting"  # created a moment ago, about to take its lock
         starting.mkdir()
-        Registry(registry.home).gc()  # another process
+        # another process; it counts what it freed: the killed pull's file and its lock
+        assert Registry(registry.home).gc() == (2, len(b"downloaded"))
         assert sorted(p.name for p in registry.home.iterdir() if p.name.startswith(scratch.PREFIXES)) == \
             sorted([running.name, starting.name])
     assert not running.exists()
+
+
+def test_gc_counts_the_half_written_blobs_it_removes(registry):
+    """A publish killed while writing leaves a temporary file as large as the file it was storing:
+    gc removes it and says so (not "removed 0 files, 0 B")."""
+    (registry.blobs.root / "tmp" / "put-killed").write_bytes(b"x" * 1000)
+    assert registry.gc() == (1, 1000)
+    assert not list((registry.blobs.root / "tmp").iterdir())
 
 
 def _remove_and_collect_before_first_hash(monkeypatch, registry):

@@ -24,6 +24,17 @@ def test_help_explains_the_default_command():
         assert command in result.stdout
 
 
+def test_every_argument_is_named_as_the_readme_names_it():
+    """Arguments show as RECIPE and REF in each command's usage line, and each says what it is."""
+    import typer
+
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            if type(param).__name__ == "TyperArgument":
+                assert param.help and param.metavar and param.metavar.upper() == param.metavar, (name, param.name)
+    assert "RECIPE" in _invoke("run", "--help").stdout
+
+
 def test_recipe_without_subcommand_trains_and_publishes(write_recipe, home, tmp_path):
     folder = write_recipe(steps=3)
     result = _invoke(folder, "--home", home, "--out", tmp_path / "run", "--publish", "--alias", "prod",
