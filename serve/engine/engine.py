@@ -238,17 +238,20 @@ class Engine(ResidencyCommands):
             raise InvalidRequest(f"{target.ref} is a base: {NO_HEAD}")
         base = self._base
         tokenizer, limit, fits_kv = base.tokenizer, base.max_model_len, base.fits_kv
-        pad_id = base.runner.config.pad_token_id
+        pad_id, vocab = base.runner.config.pad_token_id, base.runner.embed.shape[0]
         if target.kind == "model":
             info = self.resolver.model_info(target, cfg)
             if (mismatch := head_mismatch(target.ref, "model", request.classify, info.labels is not None)) is not None:
                 raise mismatch
             self._core.models.check_fits(target.ref, info.estimate_bytes)
             tokenizer, limit, fits_kv, pad_id = info.tokenizer, info.max_model_len, info.fits_kv, info.pad_token_id
-        ids = prompt_ids(tokenizer, request, len(tokenizer), limit)
+            vocab = info.vocab_size
+        # the ids its tokenizer knows and its embedding holds (either may be the larger)
+        vocab = min(len(tokenizer), vocab)
+        ids = prompt_ids(tokenizer, request, vocab, limit)
         if request.classify:
             ids = pooled_prompt(ids, pad_id)
-        check_logit_bias(p, len(tokenizer))
+        check_logit_bias(p, vocab)
         check_fits(len(ids), p.max_tokens, limit, fits_kv)
         with self._lock:
             if self._num_queued >= cfg.max_queue:

@@ -73,7 +73,8 @@ def check_fits(prompt_len: int, max_tokens: int, limit: int, fits_kv: Callable[[
 
 def prompt_ids(tokenizer, request: GenerationRequest, vocab_size: int, context: int | None = None) -> list[int]:
     """The prompt's token ids. With ``context`` (the model's length), a prompt that cannot fit it is
-    refused before it is tokenized: tokenizing a body of megabytes would take seconds."""
+    refused before it is tokenized: tokenizing a body of megabytes would take seconds. Every id must be
+    below ``vocab_size``."""
     given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
     if sum(given) != 1:
         raise InvalidRequest("give exactly one of prompt, messages or prompt_token_ids", param="prompt")
@@ -93,6 +94,10 @@ def prompt_ids(tokenizer, request: GenerationRequest, vocab_size: int, context: 
             raise InvalidRequest(f"prompt_token_ids holds ids outside [0, {vocab_size}): {bad[:5]}", param="prompt")
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
+    if request.prompt_token_ids is None and (bad := [t for t in ids if t >= vocab_size]):
+        # a tokenizer that knows more tokens than the model has embeddings for
+        raise InvalidRequest(f"the prompt encodes to token ids {bad[:5]}, beyond the {vocab_size} the model "
+                             f"has embeddings for", param="prompt" if request.prompt is not None else "messages")
     return list(ids)
 
 

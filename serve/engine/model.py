@@ -52,6 +52,11 @@ def check_architecture(config) -> None:
         problems.append(f"hidden_act {config.hidden_act!r} is not 'silu'")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         problems.append("attention/MLP biases are not supported")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) == "longrope":
+        # transformers picks its long or short factors by the longest position in each forward, so a
+        # sequence's rotations would depend on what it is batched with
+        problems.append("rope_type 'longrope' is not supported")
     if problems:
         raise IncompatibleAdapter("cannot serve this checkpoint: " + "; ".join(problems))
 

@@ -7,6 +7,7 @@ what comes out is keyed by the version's digest.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class ModelInfo:
     fits_kv: Callable[[int], bool]
     labels: tuple[str, ...] | None  # a sequence classifier's label names (see classify.py)
     pad_token_id: int | None  # where a sequence classifier pools: the last token that is not this one
+    vocab_size: int  # rows of its embedding: a prompt's ids must be below (its tokenizer may know more)
 
 
 def not_a_base(version) -> str | None:
@@ -40,6 +42,17 @@ def not_a_base(version) -> str | None:
     if version.kind == "base":
         return None
     return f"{version.ref} is {'an' if version.kind == 'adapter' else 'a'} {version.kind}, not a base"
+
+
+def num_weights(folder: Path) -> int:
+    """Elements of every tensor of a checkpoint's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as file:
+            total += sum(math.prod(file.get_slice(name).get_shape()) for name in file.keys())
+    return total
 
 
 class Resolver:
@@ -127,23 +140,35 @@ class Resolver:
 
             snap = self.open(target.ref)
             config = json.loads((snap.path / "config.json").read_text())
-            tokenizer = AutoTokenizer.from_pretrained(snap.path) if has_tokenizer(snap.path) \
-                else AutoTokenizer.from_pretrained(self.open(self.base_version).path)
+            own = snap.path if has_tokenizer(snap.path) else self._base_of(snap.version)
+            tokenizer = AutoTokenizer.from_pretrained(own)
             heads = config["num_attention_heads"]
             head_dim = config.get("head_dim") or config["hidden_size"] // heads
             block = KVCache.block_bytes(config["num_hidden_layers"], cfg.kv_block_size,
                                         config.get("num_key_value_heads", heads), head_dim, cfg.torch_dtype())
             num_blocks = max(1, cfg.kv_cache_bytes // block)
-            weights = sum(p.stat().st_size for p in snap.path.glob("*.safetensors"))
-            if cfg.torch_dtype().itemsize < 4:  # stored in float32, served in half precision
-                weights //= 4 // cfg.torch_dtype().itemsize
+            # served in the engine's dtype whatever the files store (bfloat16 files served in float32 double)
+            weights = num_weights(snap.path) * cfg.torch_dtype().itemsize
             positions = config.get("max_position_embeddings", MAX_CONTEXT)
             info = ModelInfo(
                 tokenizer=tokenizer,
                 max_model_len=min(cfg.max_model_len or min(positions, MAX_CONTEXT), positions),
-                estimate_bytes=weights + num_blocks * block,
+                estimate_bytes=weights + (num_blocks + 1) * block,  # the worker's spare block too
                 fits_kv=lambda n, nb=num_blocks: -(-n // cfg.kv_block_size) <= nb,
-                labels=classifier_labels(config), pad_token_id=config.get("pad_token_id"))
+                labels=classifier_labels(config), pad_token_id=config.get("pad_token_id"),
+                vocab_size=config.get("vocab_size") or len(tokenizer))
             self._models[target.digest] = info
         return info
+
+    def _base_of(self, version) -> Path:
+        """The folder of the base a model was published on (whose tokenizer reads its text when it holds
+        none), which need not be the base this engine serves."""
+        ref = version.metadata.base
+        if not ref:
+            raise IncompatibleAdapter(f"model {version.ref} holds no tokenizer and names no base to take one from")
+        try:
+            return self.open(ref).path
+        except AdapterNotFound:
+            raise IncompatibleAdapter(f"model {version.ref} holds no tokenizer and its base {ref} is gone "
+                                      f"from the registry") from None
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models as bpe, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hotswap.hub import Registry
 from hotswap.serve.engine import CapacityExceeded, GenerationRequest, SamplingParams
@@ -82,5 +83,65 @@ def test_full_model_reuses_its_own_prefixes_never_the_bases(world, models):
             prompt_token_ids=ids, model=m, sampling=SamplingParams(max_tokens=6))])[0]
         assert [run(m).usage.cached_tokens for m in (None, "full-a", "full-a", None)] == [0, 0, 80, 80]
         assert list(run("full-a").token_ids) == hf_greedy(models["full-a"], ids, 6)
+    finally:
+        engine.stop_sync()
+
+
+def other_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE of its own: the same text reads as other ids than under the tiny base's."""
+    tok = Tokenizer(bpe.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["zebras and yaks graze", "hello there general"] * 5, trainers.BpeTrainer(
+        vocab_size=290, show_progress=False, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def test_a_model_without_a_tokenizer_reads_text_as_its_own_base_does(world, tmp_path):
+    # published on another base, it is served beside this one: its text is its base's ids, not the served base's
+    tok = other_tokenizer()
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    torch.manual_seed(6)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")  # weights and config, no tokenizer
+    registry = Registry(world.home)
+    registry.publish(tmp_path / "other", name="other-base", kind="base")
+    registry.publish(tmp_path / "model", name="other-model", kind="model", base="other-base")
+    registry.close()
+    ids = tok("hello there zebras")["input_ids"]
+    assert ids != tiny_tokenizer()("hello there zebras")["input_ids"]
+    engine = start_engine(world.home, model_memory_bytes=64 << 20)
+    try:
+        tokenized = engine.tokenize(GenerationRequest(prompt="hello there zebras", model="other-model"))
+        assert list(tokenized.token_ids) == ids
+        (out,) = engine.generate_sync([GenerationRequest(prompt="hello there zebras", model="other-model",
+                                                         sampling=SamplingParams(max_tokens=6, ignore_eos=True))])
+    finally:
+        engine.stop_sync()
+    assert list(out.token_ids) == hf_greedy(tmp_path / "model", ids, 6)
+
+
+def test_the_budget_counts_weights_in_the_served_dtype(world, tmp_path):
+    # stored in bfloat16, served in float32: twice the bytes of its files
+    folder = save_model(tmp_path / "half", seed=23)
+    LlamaForCausalLM.from_pretrained(folder).to(torch.bfloat16).save_pretrained(folder)
+    registry = Registry(world.home)
+    registry.publish(folder, name="full-half", kind="model", base=BASE)
+    registry.close()
+    engine = start_engine(world.home, model_memory_bytes=64 << 20, kv_cache_bytes=1 << 20)
+    try:
+        engine.load_future("full-half").result(timeout=30)
+        (entry,) = [r for r in engine.residency() if r.ref == "full-half@1"]
+        loaded = entry.size_bytes
+    finally:
+        engine.stop_sync()
+    engine = start_engine(world.home, model_memory_bytes=loaded - 1, kv_cache_bytes=1 << 20)
+    try:
+        with pytest.raises(CapacityExceeded, match="model memory budget"):
+            engine.submit(GenerationRequest(prompt="hi", model="full-half"))
     finally:
         engine.stop_sync()
