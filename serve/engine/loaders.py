@@ -13,7 +13,8 @@ from ..lora.weights import HostAdapter, dora_scales, drop_base_copies, load_adap
 from ..threads import one_cpu_thread
 from .config import EngineConfig
 from .errors import CapacityExceeded, IncompatibleAdapter
-from .model import LlamaRunner, check_architecture
+from .architecture import check_architecture
+from .model import LlamaRunner
 from .requests import Target
 from .worker import Worker
 
