@@ -207,14 +207,22 @@ def _write_records(result: RunResult) -> None:
 def export(result: RunResult, folder: Path) -> Path:
     """Copy the result and its records into `folder` (e.g. the recipe's committed artifact/). An
     earlier export there is replaced whole, so none of its files (another method's weights, say) is
-    published with this one; a folder holding anything else is refused."""
-    for path in check_export(folder):
-        path.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
+    published with this one; a folder holding anything else is refused. The copy is written beside
+    `folder` and swapped in once complete: an export interrupted mid-copy (a full model takes seconds)
+    leaves the earlier one in place, not a folder half emptied."""
+    earlier = check_export(folder)
+    staging, aside = folder.with_name(f".{folder.name}.export-new"), folder.with_name(f".{folder.name}.export-old")
+    for leftover in (staging, aside):  # of an export killed before
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
     for path in sorted(result.artifact.iterdir()):
-        shutil.copy2(path, folder / path.name)
+        shutil.copy2(path, staging / path.name)
     for name in RECORD_FILES:
-        shutil.copy2(result.run_dir / name, folder / name)
+        shutil.copy2(result.run_dir / name, staging / name)
+    if earlier or folder.exists():
+        folder.rename(aside)
+    staging.rename(folder)
+    shutil.rmtree(aside, ignore_errors=True)
     return folder
 
 

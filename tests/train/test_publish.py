@@ -121,6 +121,32 @@ def test_export_replaces_an_earlier_export_and_refuses_other_folders(write_recip
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_an_interrupted_export_leaves_the_earlier_one_whole(write_recipe, registry, tmp_path, monkeypatch):
+    import shutil
+
+    from hotswap.train import run as run_module
+
+    folder = write_recipe(steps=1)
+    first, second = _run(folder, registry, tmp_path / "a"), _run(folder, registry, tmp_path / "b", overrides=["train.seed=1"])
+    out = export(first, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    copies, real_copy = [], shutil.copy2
+
+    def copy_then_interrupt(src, dst):  # Ctrl-C after the first file of the new export
+        if copies:
+            raise KeyboardInterrupt
+        copies.append(real_copy(src, dst))
+
+    monkeypatch.setattr(run_module.shutil, "copy2", copy_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        export(second, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    export(second, out)  # the interrupted one's leftovers are no obstacle
+    assert (out / "adapter_model.safetensors").read_bytes() == (second.artifact / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+
+
 def test_json_fields_references_that_are_not_objects_are_refused_before_training(write_recipe, registry):
     from hotswap.train.errors import DataError
 
