@@ -93,7 +93,8 @@ class EntryInfo(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "failed"] = "ok"
+    detail: str | None = Field(None, description="Why the engine will not serve (failed to start, or its loop died).")
 
 
 class Readiness(BaseModel):

@@ -83,7 +83,7 @@ async def _start(engine: Engine, services: Services) -> None:
     try:
         await engine.start()
     except Exception as exc:  # noqa: BLE001 - the server stays up to say why on /ready
-        services.start_error = f"{type(exc).__name__}: {exc}"
+        services.catalog.start_error = f"{type(exc).__name__}: {exc}"
         log.exception("the engine failed to start")
     else:
         log.info("ready: serving base %s", engine.base.ref)

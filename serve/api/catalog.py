@@ -29,12 +29,15 @@ class Catalog:
         self.hub = hub
         self.settings = settings
         self.labels = LabelNames()
+        self.start_error: str | None = None  # why the engine failed to start (set by the app; shown by /ready)
 
     def base_name(self) -> str:
         return self.engine.base.ref.partition("@")[0]
 
     def _require_ready(self) -> None:
         if not self.engine.ready:
+            if self.start_error:  # it will not come up: not "still loading"
+                raise EngineNotReady(f"the engine failed to start: {self.start_error}; restart the server once fixed")
             if self.engine.failure:
                 raise EngineNotReady(f"the engine is down: {self.engine.failure}; restart the server")
             raise EngineNotReady("the base model is still loading; retry shortly")

@@ -47,9 +47,11 @@ def serve(
     lora_batch_cache_mib: Annotated[Optional[int], typer.Option(
         help="Gathered adapter rows kept across decode steps, MiB (default: 256 on CPU, 2048 on GPU).")] = None,
     load_workers: Annotated[int, typer.Option(help="Threads loading cold adapters.")] = 1,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[str, typer.Option(help="Log level of uvicorn and of the server's own lines.")] = "info",
 ) -> None:
     """Serve BASE and every adapter of it over HTTP (OpenAI-compatible), until interrupted."""
+    import logging
+
     import uvicorn
 
     from hotswap.hub import HubError, Registry
@@ -86,6 +88,8 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:  # uvicorn would refuse it only after the base loaded
         typer.echo(f"error: --log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}", err=True)
         raise typer.Exit(2)
+    # the server's own lines (readiness, shutdown, errors) follow the flag as uvicorn's do
+    logging.getLogger("hotswap").setLevel(uvicorn.config.LOG_LEVELS[log_level.lower()])
 
     registry = Registry(home)
     try:

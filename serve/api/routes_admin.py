@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Annotated, Literal
 
-from litestar import Controller, delete, get, post, put
+from litestar import Controller, Request, delete, get, post, put
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, Parameter
 
 from ..engine import Target
 from ..lora.compose import is_composite
 from .admin_schemas import AdapterInfo, AdapterList, AliasInfo, AliasMove, EntryInfo, PublishResponse, Tier, UnloadResult
-from .auth import ANONYMOUS_ADMIN, require_admin
+from .auth import ANONYMOUS_ADMIN, principal_of, require_admin
 from .exceptions import ApiProblem, Busy
 from .openai_schemas import NAME_PATTERN, REF_PATTERN
 from .publishing import PublishForm, alias_info, entry_info, publish_upload, remove_alias
 from .services import Services, error_responses
 
+log = logging.getLogger("hotswap.serve.api")
 REF_DOC = "An adapter or full model: `name`, `name@3` or `name@alias`."
 Ref = Annotated[str, Parameter(description=REF_DOC, min_length=1, max_length=129, schema_extra={"pattern": REF_PATTERN})]
 Name = Annotated[str, Parameter(description="An entry name.", min_length=1, max_length=64,
@@ -49,14 +51,15 @@ class AdaptersController(Controller):
 
     @post("/{ref:str}/load", status_code=200, summary="Bring it to a device slot (a full model: into memory)",
           responses=error_responses(400, 401, 403, 404, 409, 503))
-    async def load(self, ref: Ref, services: Services) -> AdapterInfo:
+    async def load(self, request: Request, ref: Ref, services: Services) -> AdapterInfo:
         target = await _entry(services, ref)
         await services.engine.load(target.ref)
+        _audit(request, "loaded", target.ref)
         return await services.catalog.adapter(target.ref)
 
     @post("/{ref:str}/unload", status_code=200, summary="Drop it from device and host caches (409 while in use)",
           responses=error_responses(400, 401, 403, 404, 409, 503))
-    async def unload(self, ref: Ref, services: Services) -> UnloadResult:
+    async def unload(self, request: Request, ref: Ref, services: Services) -> UnloadResult:
         target = await _entry(services, ref)
         before = await services.catalog.adapter(target.ref)
         if before.residency.tier == "disk":
@@ -65,25 +68,33 @@ class AdaptersController(Controller):
             held = before.residency  # its pins count running requests plus a manual pin
             raise Busy(f"{target.ref} is in use (running requests: {held.pins - int(held.pinned)}, pinned: "
                        f"{str(held.pinned).lower()}); unpin it or retry when its requests end", "ref")
+        _audit(request, "unloaded", target.ref)
         after = await services.catalog.adapter(target.ref)
         return UnloadResult(ref=target.ref, unloaded=True, residency=after.residency)
 
     @post("/{ref:str}/pin", status_code=200, summary="Load it and keep it resident until unpinned",
           responses=error_responses(400, 401, 403, 404, 409, 503))
-    async def pin(self, ref: Ref, services: Services) -> AdapterInfo:
+    async def pin(self, request: Request, ref: Ref, services: Services) -> AdapterInfo:
         target = await _entry(services, ref)
         await services.engine.pin(target.ref)
+        _audit(request, "pinned", target.ref)
         return await services.catalog.adapter(target.ref)
 
     @post("/{ref:str}/unpin", status_code=200, summary="Let it be evicted again when space is needed",
           responses=error_responses(400, 401, 403, 404, 503))
-    async def unpin(self, ref: Ref, services: Services) -> AdapterInfo:
+    async def unpin(self, request: Request, ref: Ref, services: Services) -> AdapterInfo:
         target = await _entry(services, ref)
         info = await services.catalog.adapter(target.ref)
         if not info.residency.pinned:  # nothing to do
             return info
         services.engine.unpin(target.ref)
+        _audit(request, "unpinned", target.ref)
         return await _unpinned(services, target.ref)
+
+
+def _audit(request: Request, done: str, what: str) -> None:
+    """One log line per change an admin made, naming the key that made it."""
+    log.info("key %r %s %s", principal_of(request).name, done, what)
 
 
 async def _unpinned(services: Services, ref: str, timeout_s: float = 5.0) -> AdapterInfo:
@@ -113,9 +124,12 @@ class HubController(Controller):
 
     @post("/publish", status_code=201, summary="Upload a PEFT adapter's files; the registry checks them against the base",
           responses=error_responses(400, 401, 403, 404, 409, 413, 503))
-    async def publish(self, data: Annotated[PublishForm, Body(media_type=RequestEncodingType.MULTI_PART)],
+    async def publish(self, request: Request,
+                      data: Annotated[PublishForm, Body(media_type=RequestEncodingType.MULTI_PART)],
                       services: Services) -> PublishResponse:
-        return await publish_upload(data, services)
+        published = await publish_upload(data, services)
+        _audit(request, "published" if published.created else "published again (unchanged)", published.ref)
+        return published
 
     @get("/{name:str}", summary="Versions, aliases and alias history of one entry", responses=error_responses(400, 401, 403, 404))
     async def get_entry(self, name: Name, services: Services) -> EntryInfo:
@@ -123,10 +137,17 @@ class HubController(Controller):
 
     @put("/{name:str}/aliases/{alias:str}", summary="Point an alias at a version (atomic; recorded in the history)",
          responses=error_responses(400, 401, 403, 404))
-    async def move_alias(self, name: Name, alias: Alias, data: AliasMove, services: Services) -> AliasInfo:
-        return await services.hub.run(lambda reg: alias_info(reg, name, alias, data.version))
+    async def move_alias(self, request: Request, name: Name, alias: Alias, data: AliasMove,
+                         services: Services) -> AliasInfo:
+        moved = await services.hub.run(lambda reg: alias_info(reg, name, alias, data.version))
+        was = "" if moved.previous is None else f" (was {moved.previous})"
+        _audit(request, "pointed", f"{name}@{alias} at version {moved.version}{was}")
+        return moved
 
     @delete("/{name:str}/aliases/{alias:str}", status_code=200, summary="Remove an alias (not `latest`)",
             responses=error_responses(400, 401, 403, 404))
-    async def delete_alias(self, name: Name, alias: RemovableAlias, services: Services) -> AliasInfo:
-        return await services.hub.run(lambda reg: remove_alias(reg, name, alias))
+    async def delete_alias(self, request: Request, name: Name, alias: RemovableAlias,
+                           services: Services) -> AliasInfo:
+        removed = await services.hub.run(lambda reg: remove_alias(reg, name, alias))
+        _audit(request, "removed", f"{name}@{alias} (it named version {removed.previous})")
+        return removed

@@ -11,9 +11,17 @@ from .metrics import CONTENT_TYPE, render
 from .services import Services, error_responses
 
 
-@get("/health", tags=["Operations"], summary="Alive (the process answers)")
-async def health() -> Health:
-    return Health()
+@get("/health", tags=["Operations"], summary="Alive: 200 while loading and serving; 503 once the engine cannot serve",
+     responses={200: ResponseSpec(Health, description="Alive (the base may still be loading)."),
+                503: ResponseSpec(Health, description="The engine failed to start or its loop died: restart.")})
+async def health(services: Services) -> Response[Health]:
+    """A liveness probe: a server whose engine failed to start or died stays up to say why on /ready,
+    but will never serve again, so this tells a supervisor to restart it (as vLLM's /health does)."""
+    start_error, failure = services.catalog.start_error, services.engine.failure
+    if start_error or failure:
+        detail = f"failed to start: {start_error}" if start_error else failure
+        return Response(Health(status="failed", detail=detail), status_code=503)
+    return Response(Health())
 
 
 @get("/ready", tags=["Operations"], summary="Ready: the base is loaded (503 until then)",
@@ -24,8 +32,8 @@ async def ready(services: Services) -> Response[Readiness]:
     if engine.ready:
         return Response(Readiness(ready=True, base=engine.base.ref))
     failure = engine.failure  # set when the engine loop died after start
-    detail = (f"failed to start: {services.start_error}" if services.start_error
-              else failure or "loading the base model")
+    start_error = services.catalog.start_error
+    detail = f"failed to start: {start_error}" if start_error else failure or "loading the base model"
     return Response(Readiness(ready=False, base=None, detail=detail), status_code=503,
                     headers={"Retry-After": str(services.settings.retry_after_s)})
 

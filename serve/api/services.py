@@ -22,7 +22,6 @@ class Services:
     hub: HubAccess
     metrics: ApiMetrics
     settings: ServerSettings
-    start_error: str | None = None  # why the engine failed to start, shown by /ready
 
 
 async def provide_services(state: State) -> Services:
@@ -38,7 +37,8 @@ _ERROR_TEXT = {
          "(pinned_out: unpin one).",
     413: "The body is larger than the server accepts.",
     429: "The queue is full; retry after `Retry-After` seconds.",
-    503: "The base model is still loading, or the server is stopping; retry after `Retry-After` seconds.",
+    503: "The base model is still loading, or the server is stopping; retry after `Retry-After` seconds. (Or its "
+         "engine failed to start or died: the message says why.)",
 }
 
 

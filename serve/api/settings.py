@@ -27,7 +27,7 @@ class ApiKeySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=64, description="Who holds the key (shown in logs and metrics).")
+    name: str = Field(min_length=1, max_length=64, description="Who holds the key (named in the log line of each management change).")
     # printable ASCII without spaces: what a header carries unchanged (a padded or non-ASCII key could never match)
     key: str | None = Field(None, min_length=16, pattern=r"^[\x21-\x7e]+$",
                             description="The secret sent as `Authorization: Bearer <key>`.")

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from .classify import head_mismatch
-from .errors import EngineError, EngineNotReady, PinnedOut
+from .errors import EngineError, EngineNotReady, InvalidRequest, PinnedOut
 from .requests import TokenEvent, TokenLogprobs, Usage
 from .sequence import Sequence, Status
 from .stats import StatsRecorder
@@ -99,10 +99,14 @@ class Core:
 
     def _step(self, worker: Worker) -> bool:
         failed: list[tuple[Sequence, Exception]] = []
+        held = False  # a request waits for device rows: the adapter requests behind it wait too
 
         def try_start(seq: Sequence) -> bool:
+            nonlocal held
             if seq.target.kind != "adapter":
                 return True
+            if held:  # their pins would keep the rows it waits for taken, as long as they keep coming
+                return False
             try:
                 slot = self.residency.acquire(seq.target.digest, seq.target.ref)
             except Exception as exc:
@@ -112,6 +116,8 @@ class Core:
                 reason = self.residency.pinned_out(seq.target.digest)
                 if reason is not None:  # else waiting would last until an operator unpins
                     failed.append((seq, PinnedOut(reason)))
+                elif self.residency.waits_for_rows(seq.target.digest):  # not a load from disk
+                    held = True
                 return False
             seq.slot, seq.pinned = slot, True
             info = self.residency.pool.slot(slot)
@@ -127,10 +133,10 @@ class Core:
         except Exception as exc:  # the step's KV writes are in doubt: end its sequences, keep serving
             log.exception("engine step failed")
             worker.blocks.forget_cached()
-            for seq in list(worker.scheduler.running):
-                self.fail(seq, EngineError(f"the engine step failed: {type(exc).__name__}: {exc}"))
-            return True
-        for seq, exc in failed:
+            failed += [(seq, EngineError(f"the engine step failed: {type(exc).__name__}: {exc}"))
+                       for seq in worker.scheduler.running]
+            plan, sampled = [], []
+        for seq, exc in failed:  # those try_start refused too: one may hold its adapter's pin
             self.fail(seq, exc)
         if not plan:
             return bool(failed)
@@ -162,6 +168,10 @@ class Core:
 
     # --- requests -------------------------------------------------------------------
     def admit(self, seq: Sequence) -> None:
+        if seq.request_id in self.seqs:  # else cancel() and the engine's stop would reach only one of them
+            self.fail(seq, InvalidRequest(f"request_id {seq.request_id!r} is taken by a request that has not "
+                                          "ended", param="request_id"))
+            return
         self.seqs[seq.request_id] = seq
         if seq.target.kind == "model":
             self.model_waiting.setdefault(seq.target.digest, []).append(seq)
@@ -227,7 +237,8 @@ class Core:
                 waiting.remove(seq)
         self._unpin(seq)
         seq.status = Status.FINISHED
-        self.seqs.pop(seq.request_id, None)
+        if self.seqs.get(seq.request_id) is seq:  # a refused duplicate leaves the request it names alone
+            del self.seqs[seq.request_id]
         if seq.first_scheduled is None:
             self._unqueue()
         self._gauges()  # before the last event: a client reading metrics after its response sees it gone

@@ -50,7 +50,7 @@ class GenerationRequest:
     prompt_token_ids: list[int] | None = None
     model: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str | None = None  # assigned by the engine when None
+    request_id: str | None = None  # assigned by the engine when None; one an unfinished request holds is refused
     add_generation_prompt: bool = True  # chat only
     # prefix caching: requests share KV of equal prompt prefixes only when their salts are equal too, so
     # a tenant's salt keeps others from timing which prompts it sent (vLLM's cache_salt)

@@ -2,7 +2,8 @@
 
 Per step a token budget (``max_batch_tokens``) is filled in that order, so running requests keep
 decoding while long prompts are prefilled in chunks beside them, and a request that cannot start yet
-(its adapter still loading, no free rows) does not block those behind it. When KV blocks run out
+(its adapter still loading) does not block those behind it (one waiting for device rows holds back the
+adapter requests behind it: ``Core``'s ``try_start``). When KV blocks run out
 mid-decode the newest running sequence is preempted (its blocks freed, recomputed later). A starting
 sequence takes the KV of its longest cached prefix (full blocks with the same tokens and key, those
 computed earlier or in this very step) and computes only the rest.

@@ -178,6 +178,13 @@ class Residency:
             if entry is not None:
                 entry.manual = pinned
 
+    def waits_for_rows(self, digest: str) -> bool:
+        """Whether the adapter is on the host but not on the device (``acquire`` found no room), as
+        opposed to still loading from disk."""
+        with self._lock:
+            entry = self._entries.get(digest)
+            return entry is not None and entry.host is not None and entry.slot is None
+
     def pinned_out(self, digest: str) -> str | None:
         """Why the adapter cannot reach device rows while the manual pins stand, or None when it can
         once running requests end (their pins go by themselves; an operator's stay until unpinned)."""

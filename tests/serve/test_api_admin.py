@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,22 @@ def test_one_adapter_is_described_even_when_this_base_cannot_serve_it(client):
     assert client.get("/v1/adapters/tiny", headers=ADMIN).status_code == 400
     missing = client.get("/v1/adapters/acme-sqll", headers=ADMIN)
     assert missing.status_code == 404 and "acme-sql" in missing.json()["error"]["message"]
+
+
+def test_each_management_change_is_logged_with_the_keys_name(client, store, tmp_path, caplog):
+    """An operator can tell from the log who changed what: one line per change, naming the key ("ops")."""
+    with caplog.at_level(logging.INFO, logger="hotswap.serve.api"):
+        act(client, "globex-sql", "pin")
+        act(client, "globex-sql", "unpin")
+        act(client, "globex-sql", "unload")
+        act(client, "globex-sql", "unload")  # nothing left to drop: no change, no line
+        folder = save_adapter(store.base_dir, tmp_path / "logged", seed=41)
+        assert upload(client, folder, "acme-logged").status_code == 201
+        assert client.put("/v1/hub/acme-logged/aliases/prod", headers=ADMIN, json={"version": 1}).status_code == 200
+        assert client.delete("/v1/hub/acme-logged/aliases/prod", headers=ADMIN).status_code == 200
+        act(client, "acme-logged", "unpin")  # not pinned: no change
+    lines = [r.getMessage() for r in caplog.records if r.name == "hotswap.serve.api"]
+    assert lines == ["key 'ops' pinned globex-sql@1", "key 'ops' unpinned globex-sql@1",
+                     "key 'ops' unloaded globex-sql@1", "key 'ops' published acme-logged@1",
+                     "key 'ops' pointed acme-logged@prod at version 1",
+                     "key 'ops' removed acme-logged@prod (it named version 1)"]

@@ -204,3 +204,23 @@ def test_serve_builds_the_engine_and_app_from_its_flags(store, tmp_path, monkeyp
     assert (config.kv_cache_bytes, config.lora_capacity_bytes, config.host_cache_bytes) == (16 << 20, 8 << 20, 32 << 20)
     assert services.settings.public_metrics and [k.name for k in services.settings.keys] == ["ops"]
     assert config.lora_dtype == "bfloat16"
+
+
+def test_serve_log_level_reaches_the_servers_own_lines(store, monkeypatch):
+    """--log-level quiets (or opens) hotswap's loggers as well as uvicorn's: `warning` hides the INFO lines."""
+    import logging
+
+    from hotswap.serve.api.server import DrainingServer
+
+    monkeypatch.setattr(DrainingServer, "run", lambda self: None)  # no server starts
+    ours = logging.getLogger("hotswap")
+    before = ours.level
+    try:
+        for flag, level in (("warning", logging.WARNING), ("DEBUG", logging.DEBUG)):
+            result = CliRunner().invoke(serve_app, ["--base", BASE, "--home", str(store.home), "--device", "cpu",
+                                                    "--log-level", flag])
+            assert result.exit_code == 0, result.output
+            assert ours.getEffectiveLevel() == level
+            assert logging.getLogger("hotswap.serve.api").isEnabledFor(logging.INFO) == (level <= logging.INFO)
+    finally:
+        ours.setLevel(before)

@@ -167,7 +167,7 @@ def test_queue_full_is_429_with_retry_after(store):
 def test_not_ready_is_503_while_the_engine_has_not_started(store):
     app, _engine = make_app(store.home)
     client = TestClient(app)  # no lifespan: the engine never starts
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "detail": None}  # alive while it loads
     ready = client.get("/ready")
     assert ready.status_code == 503 and ready.json()["ready"] is False and "loading" in ready.json()["detail"]
     assert ready.headers["retry-after"] == "1"
@@ -190,7 +190,13 @@ def test_a_failed_start_is_reported_by_ready(store, tmp_path):
                 break
             time.sleep(0.05)
         assert body["ready"] is False and "no-such-base" in body["detail"]
-        assert client.get("/health").status_code == 200
+        health = client.get("/health")  # a liveness probe: restart it
+        assert health.status_code == 503 and health.json()["status"] == "failed" and "no-such-base" in health.json()["detail"]
+        # requests are told why, not to retry as if the base were still loading
+        for response in (post(client, "/v1/completions", {"model": "no-such-base", "prompt": "hi"}),
+                         client.get("/v1/models", headers=ADMIN)):
+            message = error_of(response, 503)["message"]
+            assert "failed to start" in message and "no-such-base" in message and "loading" not in message
 
 
 def test_a_dead_engine_loop_turns_ready_to_503_with_the_reason(store):
@@ -207,4 +213,5 @@ def test_a_dead_engine_loop_turns_ready_to_503_with_the_reason(store):
         assert ready.status_code == 503 and "engine loop died: RuntimeError: gauges broke" in ready.json()["detail"]
         response = post(client, "/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 2})
         assert error_of(response, 503)["code"] == "not_ready" and "gauges broke" in response.json()["error"]["message"]
-        assert client.get("/health").status_code == 200
+        health = client.get("/health")
+        assert health.status_code == 503 and "gauges broke" in health.json()["detail"]

@@ -6,29 +6,45 @@ import re
 
 from .api_support import ADMIN, BASE, client, served, store  # noqa: F401
 
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 def scrape(client) -> dict[tuple[str, frozenset], float]:
+    """The exposition, checked as Prometheus reads it: each family's HELP then TYPE once, its samples right
+    after (histograms: _bucket, _sum, _count), no series twice, histograms cumulative up to +Inf = _count."""
     response = client.get("/metrics", headers=ADMIN)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples, helped, typed = {}, set(), set()
+    samples, kinds, family = {}, {}, None
     for line in response.text.splitlines():
         if line.startswith("# HELP "):
-            name = line.split()[2]
-            assert name not in helped
-            helped.add(name)
+            family = line.split()[2]
+            assert family not in kinds, f"{family} described twice"
+            kinds[family] = None
         elif line.startswith("# TYPE "):
             _, _, name, kind = line.split()
-            assert kind in ("counter", "gauge", "histogram") and name not in typed
-            typed.add(name)
+            assert name == family and kinds[name] is None and kind in ("counter", "gauge", "histogram")
+            kinds[name] = kind
         else:
             match = SAMPLE.match(line)
             assert match, f"not a Prometheus sample: {line!r}"
-            labels = frozenset(re.findall(r'([a-zA-Z_]+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-            samples[(match.group(1), labels)] = float(match.group(3).replace("+Inf", "inf"))
-    assert helped == typed
+            name = match.group(1)
+            suffixes = ("_bucket", "_sum", "_count") if kinds[family] == "histogram" else ("",)
+            assert name in {family + s for s in suffixes}, f"{name} outside its family {family}"
+            labels = frozenset(LABEL.findall(match.group(2) or ""))
+            assert (name, labels) not in samples, f"series twice: {line!r}"
+            samples[(name, labels)] = float(match.group(3).replace("+Inf", "inf"))
+    for name in (n for n, kind in kinds.items() if kind == "histogram"):
+        series: dict[frozenset, list[tuple[float, float]]] = {}
+        for (sample, labels), count in samples.items():
+            if sample == name + "_bucket":
+                le = dict(labels)["le"]
+                series.setdefault(labels - {("le", le)}, []).append((float(le.replace("+Inf", "inf")), count))
+        for labels, buckets in series.items():
+            counts = [count for _, count in sorted(buckets)]
+            assert max(buckets)[0] == float("inf") and counts == sorted(counts), f"{name} {labels}"
+            assert counts[-1] == samples[(name + "_count", labels)] and (name + "_sum", labels) in samples
     return samples
 
 

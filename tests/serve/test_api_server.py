@@ -214,7 +214,7 @@ def test_a_client_gone_mid_stream_is_counted(server):
     """Leaving mid-stream is counted as a 499, as leaving before a whole answer is: not lost from the metrics."""
     url, engine = server
     tokens = 'hotswap_generation_tokens_total{model="acme-sql@1"}'
-    finished = 'hotswap_requests_total{model="acme-sql@1",endpoint="/v1/completions",finish_reason="cancelled"}'
+    finished = 'hotswap_requests_total{model="acme-sql@1",endpoint="completions",finish_reason="cancelled"}'
     before, tokens_before, finished_before = error_count(url, "acme-sql@1", 499), metric(url, tokens), metric(url, finished)
     with httpx.stream("POST", url + "/v1/completions", json=long_request(True), headers=ADMIN, timeout=60) as response:
         assert next(line for line in response.iter_lines() if line).startswith("data: ")

@@ -283,6 +283,35 @@ def test_a_failing_step_ends_its_requests_and_serving_goes_on(engine, monkeypatc
     assert ok.finish_reason == "length" and engine._base.blocks.num_free == engine._base.blocks.num_blocks
 
 
+def test_a_request_refused_in_a_failing_step_gives_its_adapter_pin_back(engine, monkeypatch):
+    """A classification for an adapter without a head is refused once its pin is taken; when the step
+    it was refused in fails, the refusal must still give the pin back, or the adapter stays pinned."""
+    from hotswap.serve.engine import EngineError
+
+    engine.load_future("sql").result(timeout=30)
+    monkeypatch.setattr(engine._base.runner, "forward", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    plain, classify = engine.submit_many([GenerationRequest(prompt=PROMPTS[0]),
+                                          GenerationRequest(prompt=PROMPTS[0], model="sql", classify=True)])
+    with pytest.raises(EngineError, match="step failed"):
+        plain.result()
+    with pytest.raises(InvalidRequest, match="no classification head"):
+        classify.result()
+    assert [(r.ref, r.pins) for r in engine.residency()] == [("sql@1", 0)]
+
+
+def test_a_request_id_in_use_is_refused_and_cancel_still_reaches_its_request(engine):
+    running = engine.submit(GenerationRequest(prompt=PROMPTS[0], request_id="mine",
+                                              sampling=SamplingParams(max_tokens=200, ignore_eos=True)))
+    next(iter(running))
+    again = engine.submit(GenerationRequest(prompt=PROMPTS[1], request_id="mine"))
+    with pytest.raises(InvalidRequest, match="request_id 'mine' is taken"):
+        again.result()
+    running.cancel()
+    assert running.result().finish_reason == "cancelled"
+    assert engine.generate_sync([GenerationRequest(prompt=PROMPTS[1], request_id="mine",
+                                                   sampling=SamplingParams(max_tokens=2))])[0].finish_reason == "length"
+
+
 def test_a_dead_engine_loop_ends_streams_and_reports_not_ready(engine, monkeypatch):
     from hotswap.serve.engine import EngineError
 

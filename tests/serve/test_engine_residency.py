@@ -247,3 +247,31 @@ def test_alias_moved_during_traffic(world, tmp_path):
     finally:
         engine.stop_sync()
         registry.close()
+
+
+def test_a_request_waiting_for_rows_is_not_starved_by_later_requests(world):
+    """16 rows: "chat" (rank 16 everywhere) leaves none to "mlp". A request for "mlp" waits for the
+    running "chat" request's rows; a "chat" request sent after it must not start meanwhile, or a steady
+    stream of them would keep "chat" pinned, and "mlp" waiting, forever."""
+    engine = start_engine(world.home, lora_capacity_bytes=16 * ROW_BYTES)
+    try:
+        preload(engine, ["mlp", "chat"])  # "mlp" now waits on the host, for rows only
+        core, ended = engine._core, []
+        finish = core.finish
+
+        def record(seq, *args, **kwargs):
+            ended.append(seq.request_id)
+            finish(seq, *args, **kwargs)
+        core.finish = record
+        first = engine.submit(GenerationRequest(prompt_token_ids=engine.tokenizer(PROMPTS[0])["input_ids"],
+                                                model="chat", request_id="first",
+                                                sampling=SamplingParams(max_tokens=100, ignore_eos=True)))
+        next(iter(first))  # it runs on for many steps
+        waiting, later = req(engine, "mlp", 1), req(engine, "chat", 2, new=30)
+        waiting.request_id, later.request_id = "waiting", "later"
+        streams = engine.submit_many([waiting, later])
+        assert list(streams[0].result().token_ids) == expected(world, "mlp", 1)
+        assert list(streams[1].result().token_ids) == expected(world, "chat", 2, new=30)
+        assert ended == ["first", "waiting", "later"]
+    finally:
+        engine.stop_sync()
