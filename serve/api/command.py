@@ -161,4 +161,9 @@ def startup_banner(settings, base_ref: str, home: Path) -> str:
     else:
         auth = "auth: OFF (no API keys configured), so listening on loopback only; every caller is admin"
     return (f"hotswap: serving base {base_ref} from the registry at {home}\n"
-            f"hotswap: http://{settings.host}:{settings.port}  (OpenAPI at /schema)  {auth}")
+            f"hotswap: {http_url(settings.host, settings.port)}  (OpenAPI at /schema)  {auth}")
+
+
+def http_url(host: str, port: int) -> str:
+    """The server's address as a URL: an IPv6 host in brackets (``http://[::1]:8000``)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

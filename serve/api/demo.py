@@ -74,13 +74,14 @@ def start_server(app, engine, host: str, port: int):
     import httpx
     import uvicorn
 
+    from .command import http_url
     from .server import DrainingServer
 
     # as `hotswap serve` stops: Ctrl-C with a stream open ends it (cancelled, [DONE]) after the drain
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning"), engine)
     thread = threading.Thread(target=server.run, name="hotswap-demo-server", daemon=True)
     thread.start()
-    url = f"http://{host}:{port}"
+    url = http_url(host, port)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and thread.is_alive():
         try:

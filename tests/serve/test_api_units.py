@@ -171,3 +171,11 @@ def test_an_error_after_the_first_chunk_becomes_an_error_event_then_done():
     assert _json.loads(payloads[2])["error"]["code"] == "capacity_exceeded"
     assert payloads[3] == "[DONE]" and len(payloads) == 4
     assert [type(e) for e in errors] == [CapacityExceeded] and run.cancelled == 1
+
+
+def test_the_banner_writes_an_ipv6_host_as_a_url_can_hold_it():
+    from hotswap.serve.api.command import http_url
+
+    assert http_url("::1", 8000) == "http://[::1]:8000"
+    assert http_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert http_url("localhost", 80) == "http://localhost:80"
