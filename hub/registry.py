@@ -5,6 +5,7 @@ Layout under `home`: `index.sqlite` (names, versions, aliases), `blobs/` (files 
 
 from __future__ import annotations
 
+import builtins  # `list` below is also a method's name, which a type checker reads there
 import difflib
 import fcntl
 import os
@@ -199,7 +200,7 @@ class Registry:
             found.append(version)
         return found
 
-    def versions(self, name: str) -> list[Version]:
+    def versions(self, name: str) -> builtins.list[Version]:
         rows = self._index.versions(check_identifier(name))
         if not rows:
             self.resolve(name)  # raises NotFoundError with the nearest names
@@ -208,7 +209,7 @@ class Registry:
     def aliases(self, name: str) -> dict[str, int]:
         return self._index.aliases(check_identifier(name))
 
-    def alias_history(self, name: str) -> list[AliasEvent]:
+    def alias_history(self, name: str) -> builtins.list[AliasEvent]:
         return self._index.alias_events(check_identifier(name))
 
     def alias(self, ref: str | Version, alias: str) -> Version:
@@ -271,7 +272,7 @@ class Registry:
             downloads = prune_scratch(self.home)
         return len(orphans) + temporaries[0] + downloads[0], freed + temporaries[1] + downloads[1]
 
-    def verify(self, ref: str | None = None) -> list[Problem]:
+    def verify(self, ref: str | None = None) -> builtins.list[Problem]:
         """Re-hash every file of one version (or of all) and report what does not match."""
         targets = [self.resolve(ref)] if ref else self.list()
         problems = []
@@ -287,7 +288,7 @@ class Registry:
     def _removed(self, version: Version) -> bool:
         return self._index.version(version.name, version.version) is None
 
-    def files(self, ref: str | Version) -> list[tuple[str, str, int]]:
+    def files(self, ref: str | Version) -> builtins.list[tuple[str, str, int]]:
         """(path, sha256, size) of each file of a version."""
         version = self.resolve(ref)
         return self._index.files(version.name, version.version)

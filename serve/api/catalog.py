@@ -7,6 +7,7 @@ only from entries the caller may see, so no tenant learns another's adapter name
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 
 from hotswap.hub import HubError, InvalidName, NotFoundError, Ref, Registry, Version, classifier_label_names, parse_ref
@@ -50,7 +51,8 @@ class Catalog:
             if ref.name != self.base_name() and not principal.may_use(ref.name):
                 raise Forbidden(f"key {principal.name!r} may not use {ref.name!r}", param)
         try:
-            return self.engine.resolve(model)
+            # off the event loop: the engine's registry reads queue behind a model load's re-hash of its files
+            return await asyncio.to_thread(self.engine.resolve, model)
         except AdapterNotFound:
             names = await self.hub.run(_entry_names)
             missing = next((ref for ref in refs if ref.name not in names), None)
@@ -58,7 +60,7 @@ class Catalog:
                 # The names exist, one perhaps only since the engine looked (its message would then hint at
                 # every tenant's names): a second look can fail only on a version or an alias.
                 try:
-                    return self.engine.resolve(model)
+                    return await asyncio.to_thread(self.engine.resolve, model)
                 except AdapterNotFound as again:
                     raise UnknownModel(str(again), param=param) from None
             visible = principal.visible([n for n in names if n != self.base_name()]) + [self.base_name()]

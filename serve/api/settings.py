@@ -113,9 +113,11 @@ def load_keys(path: Path | str | None = None, environ: dict[str, str] | None = N
 
 def _parse_key_document(path: Path) -> list[ApiKeySpec]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise KeySettingsError(f"cannot read the API key file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise KeySettingsError(f"{path} is not UTF-8 text ({exc})") from None
     if path.suffix.lower() == ".toml":
         try:
             document = tomllib.loads(text)

@@ -89,3 +89,24 @@ def test_one_key_cannot_read_another_keys_prompts_from_the_prefix_cache(client):
     assert cached(ACME, cache_salt="team-1") == 0
     assert cached(GLOBEX, cache_salt="team-1") == 0  # a guessed salt does not reach another key's cache
     assert cached(ACME, cache_salt="team-1") > 0
+
+
+def test_a_slow_registry_read_does_not_hold_up_other_requests(served, monkeypatch):
+    """Resolving a name reads the registry, which waits while a model load re-hashes its files: that
+    wait must not stop the server from answering everyone else."""
+    client, engine = served
+    real, entered, release, timed_out = engine.resolve, threading.Event(), threading.Event(), []
+
+    def slow_resolve(model):
+        entered.set()
+        timed_out.append(not release.wait(timeout=20))
+        return real(model)
+    monkeypatch.setattr(engine, "resolve", slow_resolve)
+    slow = threading.Thread(target=client.post, args=("/v1/completions",),
+                            kwargs={"headers": ACME, "json": {"model": BASE, "prompt": "hi", "max_tokens": 1}})
+    slow.start()
+    assert entered.wait(timeout=20)
+    health = client.get("/health")
+    release.set()
+    slow.join()
+    assert health.status_code == 200 and timed_out == [False], "/health waited behind another request's resolve"

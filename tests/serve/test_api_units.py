@@ -59,6 +59,13 @@ def test_bad_key_files_say_where(tmp_path, document, where):
         load_keys(tmp_path / "absent.json", environ={})
 
 
+def test_a_key_file_that_is_not_text_says_where(tmp_path):
+    path = tmp_path / "keys.toml"
+    path.write_bytes(b"\xff\xfe[[keys]]\n")
+    with pytest.raises(KeySettingsError, match="keys.toml is not UTF-8 text"):
+        load_keys(path, environ={})
+
+
 def test_duplicate_secrets_are_refused():
     with pytest.raises(ValueError, match="same secret"):
         ServerSettings(keys=[ApiKeySpec(name="a", key=SECRET), ApiKeySpec(name="b", key=SECRET)])
