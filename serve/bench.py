@@ -12,8 +12,6 @@ Adapters are random rank-R LoRA on all seven linear modules, published into a th
 from __future__ import annotations
 
 import itertools
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -23,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .bench_hf import HFBaselines
+from .bench_hf import HFBaselines, sync_device
+from .bench_report import describe_machine
 from .threads import run_in_fresh_thread
 
 SHAPES = {  # random-init Llama shapes (the anchors' table)
@@ -156,19 +155,35 @@ def make_adapters(s: BenchSettings, work: Path, base_dir: Path, registry, count:
     return dirs
 
 
+def adapter_bytes(hf_config, rank: int, dtype: torch.dtype) -> int:
+    """Device bytes of one rank-``rank`` adapter on all seven modules (what the pool reserves)."""
+    h, i = hf_config.hidden_size, hf_config.intermediate_size
+    head = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
+    q, kv = hf_config.num_attention_heads * head, hf_config.num_key_value_heads * head
+    in_out = (h + q) + 2 * (h + kv) + (q + h) + 3 * (h + i)
+    return hf_config.num_hidden_layers * in_out * rank * dtype.itemsize
+
+
+def engine_config(s: BenchSettings, hf_config):
+    """The engine's settings: a device pool that holds every adapter of the run at once (the mixed
+    batch's and the cold loads'), so that no timed run waits for a slot or evicts."""
+    from hotswap.serve.engine import EngineConfig
+
+    probe = EngineConfig(device=s.device, dtype=s.dtype, lora_dtype=s.lora_dtype)
+    need = (s.adapters + COLD) * adapter_bytes(hf_config, s.rank, probe.torch_lora_dtype())
+    return EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=max(512, s.batch * s.prompt),
+                        max_running=max(32, s.batch), lora_capacity_bytes=max(1 << 30, need),
+                        host_cache_bytes=max(2 << 30, 2 * need), max_rank=max(64, s.rank),
+                        edge_lora_rows=(s.adapters + COLD) * s.rank if s.edges else 0, lora_dtype=s.lora_dtype)
+
+
 def run(s: BenchSettings) -> BenchResult:
     from hotswap.hub import Registry
     from hotswap.serve.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 
-    cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=max(512, s.batch * s.prompt),
-                       max_running=max(32, s.batch),
-                       lora_capacity_bytes=1 << 30, host_cache_bytes=2 << 30, max_rank=max(64, s.rank),
-                       edge_lora_rows=(s.adapters + COLD) * s.rank if s.edges else 0, lora_dtype=s.lora_dtype)
-    device, dtype = cfg.torch_device(), cfg.torch_dtype()
-    result = BenchResult(settings=asdict(s), machine=dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        torch=torch.__version__, threads=torch.get_num_threads(), platform=platform.platform(),
-        load_avg=os.getloadavg()[0], dtype=str(dtype).replace("torch.", "")))
+    probe = EngineConfig(device=s.device, dtype=s.dtype, lora_dtype=s.lora_dtype)
+    device, dtype = probe.torch_device(), probe.torch_dtype()
+    result = BenchResult(settings=asdict(s), machine=describe_machine(device, dtype))
     work = Path(tempfile.mkdtemp(prefix="hotswap-bench-"))
     try:
         registry = Registry(work / "home")
@@ -184,7 +199,7 @@ def run(s: BenchSettings) -> BenchResult:
         names = [f"bench-a{i % s.adapters}" for i in range(s.batch)]
         total = s.batch * s.new_tokens
 
-        engine = Engine(registry, base_name, cfg)
+        engine = Engine(registry, base_name, engine_config(s, hf_config))
         engine.start_sync()
         result.machine["lora_kernels"] = engine.lora_kernels
         try:
@@ -250,9 +265,11 @@ def run(s: BenchSettings) -> BenchResult:
             result.phases_ms = {key: {name: statistics.median(p[name] for p in phases[key]) for name in ("ttft", "tpot")}
                                 for key in runs if key in phases}
             loads, before = [], engine.stats()  # the histogram also holds the warm-up loads: not cold
-            for i in range(s.adapters, s.adapters + COLD):
+            for i in range(s.adapters, s.adapters + COLD):  # timed to the slot's rows written, as PEFT's
+                sync_device(device)
                 start = time.perf_counter()
                 engine.load_future(f"bench-a{i}").result()
+                sync_device(device)  # the host-to-device copies of a GPU's slot are asynchronous
                 loads.append((time.perf_counter() - start) * 1000)
             result.load_ms["engine_registry_to_slot"] = statistics.median(loads)
             result.load_ms["engine_adapter_load_hist_mean"] = _mean_ms(before.adapter_load,

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from .bench import BenchSettings
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -29,24 +29,26 @@ class HFBaselines:
         self.s, self.names, self.device = s, names, device
         self.model = LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval()
         self.model.generation_config.pad_token_id = 0
-        # PEFT wraps its model in place, so the base runs from a model of its own
+        # PEFT wraps its model in place, so the base runs from a model of its own. Its adapters are
+        # held and computed in the base's dtype, as the engine computes its rows: by default PEFT
+        # would upcast bfloat16 and float16 adapters to float32 and compute them so under a bfloat16 base
         self.peft = PeftModel.from_pretrained(
             LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval(), adapter_dirs[0],
-            adapter_name="bench-a0")
+            adapter_name="bench-a0", autocast_adapter_dtype=False)
         for i in range(1, s.adapters):
-            self.peft.load_adapter(adapter_dirs[i], adapter_name=f"bench-a{i}")
+            self.peft.load_adapter(adapter_dirs[i], adapter_name=f"bench-a{i}", autocast_adapter_dtype=False)
         self.peft.eval()
         self.peft.generation_config.pad_token_id = 0
         self.ids = torch.tensor(prompts, device=device)
         self.mixed_outputs: list[list[int]] = []
 
     def _run(self, m, **kw) -> tuple[float, list[list[int]]]:
-        _sync(self.device)
+        sync_device(self.device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = m.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
                              max_new_tokens=self.s.new_tokens, min_new_tokens=self.s.new_tokens, do_sample=False, **kw)
-        _sync(self.device)
+        sync_device(self.device)
         return time.perf_counter() - start, out[:, self.s.prompt:].tolist()
 
     def base_run(self) -> float:
@@ -57,8 +59,8 @@ class HFBaselines:
         return elapsed
 
     def load_ms(self, adapter_dir, name: str) -> float:
-        _sync(self.device)
+        sync_device(self.device)
         start = time.perf_counter()
         self.peft.load_adapter(adapter_dir, adapter_name=name)
-        _sync(self.device)
+        sync_device(self.device)
         return (time.perf_counter() - start) * 1000

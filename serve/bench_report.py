@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from .bench import BenchResult
     from .bench_traffic import TrafficResult
+
+
+def describe_machine(device: torch.device, dtype: torch.dtype) -> dict:
+    """What the run ran on, as the report prints it: the GPU's name, or the CPU's model and the
+    logical CPUs this process may use (its affinity; ``os.cpu_count()`` counts the host's, which a
+    container or ``taskset`` may not give it), with the threads torch runs on."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        name = (f"cpu: {cpu_model()} ({usable} of {os.cpu_count()} logical CPUs usable, "
+                f"torch on {torch.get_num_threads()} threads)")
+    return dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(), platform=platform.platform(),
+                load_avg=os.getloadavg()[0], dtype=str(dtype).replace("torch.", ""))
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (Linux's cpuinfo), else what ``platform`` knows, else "unknown model"."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown model"
 
 
 def rows_note(s: dict) -> str:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -25,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import BenchSettings, make_adapters, prepare_base, token_limit
-from .bench_report import rows_note
+from .bench import BenchSettings, adapter_bytes, make_adapters, prepare_base, token_limit
+from .bench_report import describe_machine, rows_note
 from .threads import run_in_fresh_thread
 
 
@@ -120,25 +118,14 @@ def _p50_p90(values: list[float]) -> tuple[float, float]:
     return statistics.median(values) * 1000, statistics.quantiles(values, n=10, method="inclusive")[-1] * 1000
 
 
-def _adapter_bytes(hf_config, rank: int, dtype: torch.dtype) -> int:
-    """Device bytes of one rank-``rank`` adapter on all seven modules (what the pool reserves)."""
-    h, i = hf_config.hidden_size, hf_config.intermediate_size
-    head = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
-    q, kv = hf_config.num_attention_heads * head, hf_config.num_key_value_heads * head
-    in_out = (h + q) + 2 * (h + kv) + (q + h) + 3 * (h + i)
-    return hf_config.num_hidden_layers * in_out * rank * dtype.itemsize
-
-
 def run_traffic(s: TrafficSettings) -> TrafficResult:
     from hotswap.hub import Registry
     from hotswap.serve.engine import Engine, EngineConfig
 
     probe = EngineConfig(device=s.device, dtype=s.dtype, lora_dtype=s.lora_dtype)
     device, dtype = probe.torch_device(), probe.torch_dtype()
-    result = TrafficResult(settings=asdict(s) | {"device_slots": s.device_slots}, machine=dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        torch=torch.__version__, platform=platform.platform(), load_avg=os.getloadavg()[0],
-        dtype=str(dtype).replace("torch.", "")))
+    result = TrafficResult(settings=asdict(s) | {"device_slots": s.device_slots},
+                           machine=describe_machine(device, dtype))
     work = Path(tempfile.mkdtemp(prefix="hotswap-traffic-"))
     try:
         registry = Registry(work / "home")
@@ -147,8 +134,8 @@ def run_traffic(s: TrafficSettings) -> TrafficResult:
         workload = make_workload(s, token_limit(base_dir, hf_config))
         result.adapters_used = len({r.adapter for r in workload})
         cfg = EngineConfig(device=s.device, dtype=s.dtype, max_batch_tokens=512, max_running=32,
-                           lora_capacity_bytes=s.device_slots * _adapter_bytes(hf_config, s.rank,
-                                                                               probe.torch_lora_dtype()),
+                           lora_capacity_bytes=s.device_slots * adapter_bytes(hf_config, s.rank,
+                                                                              probe.torch_lora_dtype()),
                            host_cache_bytes=4 << 30, max_rank=max(64, s.rank),
                            edge_lora_rows=s.device_slots * s.rank if s.edges else 0,  # as many slots at the edges
                            lora_dtype=s.lora_dtype)

@@ -152,3 +152,99 @@ def test_bench_command_refuses_a_request_longer_than_the_context_before_any_set_
 def test_bench_command_refuses_more_adapters_than_the_batch_mixes():
     said = _refusal(["--shape", "tiny", "--batch", "4", "--adapters", "8"])
     assert "8 adapters cannot all be mixed in a batch of 4 requests" in said and "--adapters" in said
+
+
+def _base_and_adapters(tmp_path, **settings):
+    """A tiny random-init base and two adapters, as the bench publishes them."""
+    import torch
+
+    from hotswap.hub import Registry
+    from hotswap.serve.bench import make_adapters, prepare_base
+
+    s = BenchSettings(base=None, shape="tiny", batch=2, prompt=8, new_tokens=2, adapters=2, rank=4, device="cpu",
+                      **settings)
+    registry = Registry(tmp_path / "home")
+    dtype = getattr(torch, s.dtype or "float32")
+    _, base_dir, _ = prepare_base(s, tmp_path, registry, torch.device("cpu"), dtype)
+    dirs = make_adapters(s, tmp_path, base_dir, registry)
+    registry.close()
+    return s, base_dir, dirs, dtype
+
+
+@pytest.mark.parametrize("settings", [dict(dtype="bfloat16"), dict(lora_dtype="bfloat16")])
+def test_peft_baseline_computes_its_adapters_in_the_base_dtype(tmp_path, settings):
+    """PEFT's mixed batch holds its adapters in the base's dtype, as the engine computes them: not
+    upcast to float32 under a bfloat16 base (PEFT's default), which would time and compare PEFT on
+    other arithmetic than the engine's. Adapters saved in bfloat16 under a float32 base are computed
+    in float32 (the same values), as the README says."""
+    import torch
+
+    from hotswap.serve.bench_hf import HFBaselines
+
+    s, base_dir, dirs, dtype = _base_and_adapters(tmp_path, **settings)
+    hf = HFBaselines(s, base_dir, dirs, [[5] * 8] * 2, ["bench-a0", "bench-a1"], torch.device("cpu"), dtype)
+    lora = {p.dtype for n, p in hf.peft.named_parameters() if "lora_" in n}
+    assert lora == {dtype} and {p.dtype for p in hf.model.parameters()} == {dtype}
+
+
+def test_engine_cold_load_is_timed_until_the_device_has_the_rows(monkeypatch):
+    """On a GPU a slot's rows are copied asynchronously: the engine's cold-load timer ends after a
+    device synchronisation, as PEFT's load_adapter timer does (here a stand-in that takes 50 ms)."""
+    import time
+
+    import hotswap.serve.bench as bench
+
+    calls = []
+
+    def slow_sync(device):
+        calls.append(device.type)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(bench, "sync_device", slow_sync)
+    result = run(BenchSettings(base=None, shape="tiny", batch=2, prompt=8, new_tokens=2, adapters=2, rank=4,
+                               repeat=1, device="cpu", skip_hf=True))
+    assert calls == ["cpu"] * 6  # before and after each of the three cold loads
+    assert result.load_ms["engine_registry_to_slot"] >= 50
+
+
+def test_machine_description_names_the_cpu_and_the_cpus_this_process_may_use(monkeypatch, tmp_path):
+    """Not ``os.cpu_count()`` alone, which counts the host's CPUs whatever the process may use."""
+    import os
+
+    import torch
+
+    from hotswap.serve.bench_report import cpu_model, describe_machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: Example\nmodel name\t: Example CPU @ 2.00GHz\n\nprocessor\t: 1\n")
+    assert cpu_model(info) == "Example CPU @ 2.00GHz"
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    machine = describe_machine(torch.device("cpu"), torch.float32)
+    assert "2 of 64 logical CPUs usable" in machine["device"] and machine["device"].startswith("cpu: ")
+    assert f"torch on {torch.get_num_threads()} threads" in machine["device"] and machine["dtype"] == "float32"
+
+
+def test_the_device_pool_holds_every_adapter_of_the_run():
+    """The mixed batch's adapters and the cold loads' all fit the device pool at once, whatever the
+    shape and rank (a fixed 1 GiB held 12 rank-16 adapters of the 8b shape in bfloat16): a pool too
+    small for the batch would time the engine waiting for slots and evicting, not its mixed batch."""
+    import torch
+    from transformers import LlamaConfig
+
+    from hotswap.serve.bench import COLD, SHAPES, adapter_bytes, engine_config
+    from hotswap.serve.lora.pool import LoraPool
+
+    for shape, adapters, rank in (("8b", 16, 16), ("1b", 32, 64), ("smol", 64, 16)):
+        config = LlamaConfig(**SHAPES[shape])
+        h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
+        dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        s = BenchSettings(base=None, shape=shape, batch=adapters, adapters=adapters, rank=rank, device="cpu",
+                          dtype="bfloat16" if shape != "smol" else None)
+        cfg = engine_config(s, config)
+        dtype = cfg.torch_lora_dtype()
+        rows_of = lambda size: LoraPool.rows_for_bytes(size, config.num_hidden_layers, dims, dtype)  # noqa: E731
+        assert rows_of(adapter_bytes(config, rank, dtype)) == rank
+        rows = rows_of(cfg.lora_capacity_bytes)
+        assert rows >= (adapters + COLD) * rank, shape
