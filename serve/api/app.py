@@ -83,6 +83,9 @@ async def _start(engine: Engine, services: Services) -> None:
     try:
         await engine.start()
     except Exception as exc:  # noqa: BLE001 - the server stays up to say why on /ready
+        if engine.state == "stopped":  # the server is shutting down and stopped it while the base loaded
+            log.info("stopped before the base finished loading")
+            return
         services.catalog.start_error = f"{type(exc).__name__}: {exc}"
         log.exception("the engine failed to start")
     else:

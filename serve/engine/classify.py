@@ -39,9 +39,10 @@ def head_mismatch(ref: str, kind: str, classify: bool, has_head: bool) -> Invali
     """Why a request cannot run on its adapter or model (``kind``): a classification needs a head,
     and a classifier's weights were trained for its head, not for generating text."""
     if classify and not has_head:
-        return InvalidRequest(f"{ref} has no classification head: {NO_HEAD}")
+        return InvalidRequest(f"{ref} has no classification head: {NO_HEAD}", param="model")
     if not classify and has_head:
-        return InvalidRequest(f"{ref} is a sequence-classification {kind}: send it classification requests")
+        return InvalidRequest(f"{ref} is a sequence-classification {kind}: send it classification requests",
+                              param="model")
     return None
 
 

@@ -37,7 +37,10 @@ class Core:
         self.pending: list[tuple[Callable[[], bool], Future]] = []  # retried each iteration until True
         self.dead: EngineError | None = None  # set when the loop died: nothing runs commands any more
 
-    def post(self, command: Callable[[], None]) -> None:
+    def post(self, command: Callable[[], None], future: Future | None = None) -> None:
+        """Run ``command`` before the next step; ``future`` (what it settles) gets the error if the loop dies first."""
+        if future is not None:
+            command.future = future  # type: ignore[attr-defined]
         with self.lock:
             if self.dead is not None:
                 raise EngineNotReady(f"the engine is not running ({self.dead})")
@@ -49,9 +52,12 @@ class Core:
         with self.lock:
             self.dead = error
             commands, self.commands = self.commands, deque()
-        for command in commands:  # requests posted but not admitted yet
+        for command in commands:  # requests posted but not admitted yet, operations not begun
             for seq in getattr(command, "seqs", ()):
                 seq.stream._push(error)
+            future = getattr(command, "future", None)
+            if future is not None and not future.done():
+                future.set_exception(error)
         for seq in list(self.seqs.values()):
             try:
                 self.fail(seq, error)

@@ -2,36 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import threading
 import uuid
-from concurrent.futures import Future
-from typing import Callable, TypeVar
 
 import torch
 
-from ..threads import run_in_fresh_thread
-from .assemble import assemble
 from .classify import CLASSIFY_SAMPLING, NO_HEAD, head_mismatch, pooled_prompt
 from .config import EngineConfig
 from .core import Core
 from .detok import Detokenizer
 from .errors import EngineError, EngineNotReady, InvalidRequest, QueueFull
 from .intake import check_fits, check_logit_bias, check_sampling, prompt_ids
+from .lifecycle import Lifecycle
 from .requests import Completion, GenerationRequest, Logprob, RequestStream, Target, Tokenized, TokenLogprobs
 from .residency_commands import ResidencyCommands
-from .resolve import Resolver
 from .sampler import token_piece
 from .sequence import Sequence
 from .stats import EngineStats, StatsRecorder
 from .worker import Worker
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-
-class Engine(ResidencyCommands):
+class Engine(Lifecycle, ResidencyCommands):
     """One frozen base with per-request adapters in shared batches, plus full models on demand.
 
     Usage::
@@ -49,111 +40,28 @@ class Engine(ResidencyCommands):
         self._base_ref = base_ref
         self._recorder = StatsRecorder()
         self._lock = threading.Lock()
-        self._stop_lock = threading.Lock()  # a second stop (a server's drain, then its lifespan) waits for the first
-        self._thread: threading.Thread | None = None
-        self._state = "new"  # new -> ready -> stopping -> stopped; ready -> failed -> stopped
-        self.failure: str | None = None  # why the engine loop died, when it did
         self._num_queued = 0  # submitted, not yet running (for QueueFull)
-        self._base: Worker | None = None
-        self._core: Core | None = None
-
-    # --- lifecycle ------------------------------------------------------------------
-    async def start(self) -> None:
-        """Load the base and start the step thread (model work runs off the event loop)."""
-        await asyncio.to_thread(self.start_sync)
-
-    async def stop(self) -> None:
-        """Cancel what runs (streams end with "cancelled"), stop the threads, free the models."""
-        await asyncio.to_thread(self.stop_sync)
-
-    def start_sync(self) -> None:
-        if self._state != "new":
-            raise EngineNotReady(f"the engine is {self._state}; create a new one to start again")
-        run_in_fresh_thread(self._build)  # the caller's thread keeps no OpenMP workers (serve/threads.py)
-        self._state = "ready"
-        self._thread = threading.Thread(target=self._run_core, name="hotswap-engine", daemon=True)
-        self._thread.start()
-
-    def _build(self) -> None:
-        self.resolver = Resolver(self.registry, self._base_ref, self.config.max_rank)
-        self._core = assemble(self.resolver, self.config, self._recorder, self._unqueue)
-        self._base = self._core.base
-
-    def _run_core(self) -> None:
-        try:
-            self._core.run(lambda: self._state != "ready")
-        except BaseException as exc:  # a bug outside the guarded step: fail loudly, never hang streams
-            log.exception("the engine loop died")
-            self.failure = f"the engine loop died: {type(exc).__name__}: {exc}"
-            self._state = "failed"
-            self._core.abort(EngineError(self.failure))
-
-    def stop_sync(self) -> None:
-        with self._stop_lock:
-            if self._state not in ("ready", "failed"):
-                return
-            if self._state == "ready":  # a failed loop has ended already
-                self._state = "stopping"
-                self._core.wake.set()
-            self._thread.join()
-            self._core.residency.close()
-            self._core.models.close()
-            self._state = "stopped"
-
-    def call_on_step_thread(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on the step thread between steps, its result returned: for torch work beside the
-        engine in one process (a benchmark's baselines) that must not leave OpenMP workers on
-        another thread (see serve/threads.py). Steps wait while it runs."""
-        self._require_ready()
-        future: Future = Future()
-
-        def command() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-        self._core.post(command)
-        return future.result()
-
-    def __enter__(self) -> Engine:
-        self.start_sync()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_sync()
-
-    @property
-    def ready(self) -> bool:
-        return self._state == "ready"
+        self._init_lifecycle()
 
     @property
     def base(self) -> Target:
-        self._require_ready()
-        return self._base.target
+        return self._require_ready().base.target
 
     @property
     def tokenizer(self):
         """The base's tokenizer (chat template included)."""
-        self._require_ready()
-        return self._base.tokenizer
+        return self._require_ready().base.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        self._require_ready()
-        return self._base.max_model_len
+        return self._require_ready().base.max_model_len
 
     @property
     def lora_kernels(self) -> str:
         """What computes the base's adapter rows: "native" (the CPU kernels), "triton" (GPU decode
         steps; prefill gathers) or "torch" (gather + batched matmuls)."""
-        self._require_ready()
-        runner = self._base.runner
+        runner = self._require_ready().base.runner
         return "native" if runner.lora.kernels is not None else "triton" if runner.triton is not None else "torch"
-
-    def _require_ready(self) -> None:
-        if self._state != "ready":
-            hint = " (call start())" if self._state == "new" else f" ({self.failure})" if self.failure else ""
-            raise EngineNotReady(f"the engine is {self._state}{hint}")
 
     # --- requests -------------------------------------------------------------------
     def resolve(self, model: str | None) -> Target:
@@ -164,29 +72,29 @@ class Engine(ResidencyCommands):
     def tokenize(self, request: GenerationRequest) -> Tokenized:
         """The prompt of ``request`` (text, chat messages rendered with the template, or ids) as the
         model it names would read it; nothing is queued and sampling is not looked at."""
-        self._require_ready()
+        base = self._require_ready().base
         target = self.resolver.resolve(request.model)
-        tokenizer, limit = self._tokenizer_of(target)
+        tokenizer, limit = self._tokenizer_of(target, base)
         ids = prompt_ids(tokenizer, request, len(tokenizer), limit)
         return Tokenized(target, tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)), limit)
 
     def detokenize(self, model: str | None, token_ids: list[int]) -> tuple[Target, str]:
         """The text of ``token_ids`` under the tokenizer of the model ``model`` names."""
-        self._require_ready()
+        base = self._require_ready().base
         target = self.resolver.resolve(model)
-        tokenizer, _ = self._tokenizer_of(target)
+        tokenizer, _ = self._tokenizer_of(target, base)
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < len(tokenizer)]
         if bad:
             raise InvalidRequest(f"token ids outside [0, {len(tokenizer)}): {bad[:5]}", param="tokens")
         return target, tokenizer.decode(token_ids)
 
-    def _tokenizer_of(self, target: Target):
+    def _tokenizer_of(self, target: Target, base: Worker):
         """(tokenizer, context length) of what serves ``target``: the base's for the base and its
         adapters, a full model's own."""
         if target.kind == "model":
             info = self.resolver.model_info(target, self.config)
             return info.tokenizer, info.max_model_len
-        return self._base.tokenizer, self._base.max_model_len
+        return base.tokenizer, base.max_model_len
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Validate, resolve and queue a request; returns at once. Raises the engine's typed errors.
@@ -198,52 +106,52 @@ class Engine(ResidencyCommands):
     def submit_many(self, requests: list[GenerationRequest]) -> list[RequestStream]:
         """Submit several requests that join the running batch at the same step (all or none:
         if one is refused, none is queued)."""
-        prepared = []
+        core = self._require_ready()  # this one throughout, should stop() clear the engine's meanwhile
+        prepared: list[Sequence] = []
         try:
-            for request in requests:
-                prepared.append(self._prepare(request))
-        except EngineError as exc:
-            self._recorder.incr("requests_rejected", type(exc).__name__)
+            try:
+                for request in requests:
+                    prepared.append(self._prepare(request, core))
+            except EngineError as exc:
+                self._recorder.incr("requests_rejected", type(exc).__name__)
+                raise
             for seq in prepared:
-                self._unqueue()
-            raise
-        for seq in prepared:
-            if seq.target.kind == "adapter":
-                self._core.residency.request(seq.target.ref, seq.target.digest)
-            elif seq.target.kind == "model":
-                self._core.models.request(seq.target.ref, seq.target.digest,
-                                          self.resolver.model_info(seq.target, self.config).estimate_bytes)
-            self._recorder.count_submit(seq.prompt_len)
+                if seq.target.kind == "adapter":
+                    core.residency.request(seq.target.ref, seq.target.digest)
+                elif seq.target.kind == "model":
+                    core.models.request(seq.target.ref, seq.target.digest,
+                                        self.resolver.model_info(seq.target, self.config).estimate_bytes)
+                self._recorder.count_submit(seq.prompt_len)
 
-        def admit() -> None:
-            for seq in prepared:
-                self._core.admit(seq)
-        admit.seqs = prepared  # type: ignore[attr-defined]  # failed by Core.abort if never run
-        try:
-            self._core.post(admit)
-        except EngineError:
+            def admit() -> None:
+                for seq in prepared:
+                    core.admit(seq)
+            admit.seqs = prepared  # type: ignore[attr-defined]  # failed by Core.abort if never run
+            core.post(admit)
+        except BaseException as exc:
             for seq in prepared:
                 self._unqueue()
+            if core.dead is not None and not isinstance(exc, EngineError):  # a loader closed by a stop meanwhile
+                raise EngineNotReady(f"the engine is not running ({core.dead})") from exc
             raise
         return [seq.stream for seq in prepared]
 
-    def _prepare(self, request: GenerationRequest) -> Sequence:
-        self._require_ready()
+    def _prepare(self, request: GenerationRequest, core: Core) -> Sequence:
         cfg = self.config
         p = CLASSIFY_SAMPLING if request.classify else request.sampling
         if not request.classify:
             check_sampling(p, cfg.max_tokens_limit)
         target = self.resolver.resolve(request.model)
         if request.classify and target.kind == "base":
-            raise InvalidRequest(f"{target.ref} is a base: {NO_HEAD}")
-        base = self._base
+            raise InvalidRequest(f"{target.ref} is a base: {NO_HEAD}", param="model")
+        base = core.base
         tokenizer, limit, fits_kv = base.tokenizer, base.max_model_len, base.fits_kv
         pad_id, vocab = base.runner.config.pad_token_id, base.runner.embed.shape[0]
         if target.kind == "model":
             info = self.resolver.model_info(target, cfg)
             if (mismatch := head_mismatch(target.ref, "model", request.classify, info.labels is not None)) is not None:
                 raise mismatch
-            self._core.models.check_fits(target.ref, info.estimate_bytes)
+            core.models.check_fits(target.ref, info.estimate_bytes)
             tokenizer, limit, fits_kv, pad_id = info.tokenizer, info.max_model_len, info.fits_kv, info.pad_token_id
             vocab = info.vocab_size
         # the ids its tokenizer knows and its embedding holds (either may be the larger)
@@ -258,7 +166,7 @@ class Engine(ResidencyCommands):
                 raise QueueFull(f"the queue is full: {self._num_queued} requests waiting (max_queue {cfg.max_queue}); retry later")
             self._num_queued += 1
         rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
-        stream = RequestStream(rid, target, len(ids), self.cancel)
+        stream = RequestStream(rid, target, len(ids), self.cancel, self._thread)
         generator = None
         if p.seed is not None:
             generator = torch.Generator(device=cfg.torch_device()).manual_seed(p.seed)
@@ -285,8 +193,12 @@ class Engine(ResidencyCommands):
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its KV blocks and adapter pin are freed before the next step."""
-        if self._core is not None and self._core.dead is None:  # a dead loop already ended every stream
-            self._core.post(lambda: self._core.cancel(request_id))
+        core = self._core
+        if core is not None and core.dead is None:  # a dead or stopped loop has ended every stream already
+            try:
+                core.post(lambda: core.cancel(request_id))
+            except EngineNotReady:  # the loop ended since: it ended the stream too
+                pass
 
     # --- metrics --------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -168,14 +168,18 @@ class RequestStream:
 
     Errors found after submit (an adapter refused at load, say) are raised from the iteration as the
     engine's typed exceptions. ``cancel()`` stops the request and frees its KV and adapter pin at once.
+    A consumer that stops reading without ``cancel()`` leaves the request running to its end (its KV
+    held meanwhile); one whose task is cancelled while it waits for the next event (a timeout around
+    ``collect()``, say) cancels the request.
     """
 
     def __init__(self, request_id: str, target: Target, prompt_tokens: int,
-                 on_cancel: Callable[[str], None]) -> None:
+                 on_cancel: Callable[[str], None], step_thread: threading.Thread | None = None) -> None:
         self.request_id = request_id
         self.target = target
         self.prompt_tokens = prompt_tokens
         self._on_cancel = on_cancel
+        self._step_thread = step_thread  # the thread that feeds this stream: waiting on it would never end
         self._items: deque[TokenEvent | EngineError] = deque()
         self._cond = threading.Condition()
         self._done = False
@@ -209,10 +213,16 @@ class RequestStream:
         with self._cond:
             return self._items.popleft() if self._items else None
 
+    def _check_may_wait(self) -> None:
+        if threading.current_thread() is self._step_thread:
+            raise EngineError(f"waiting for request {self.request_id} on the engine's step thread (inside "
+                              "call_on_step_thread) would never end: that thread is what runs it")
+
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             with self._cond:
                 while not self._items:
+                    self._check_may_wait()
                     self._cond.wait()
                 item = self._items.popleft()
             if isinstance(item, EngineError):
@@ -230,7 +240,12 @@ class RequestStream:
             while True:
                 item = self._pop()
                 if item is None:
-                    await event.wait()
+                    self._check_may_wait()
+                    try:
+                        await event.wait()
+                    except asyncio.CancelledError:  # the consumer is going away: nobody reads the rest
+                        self.cancel()
+                        raise
                     event.clear()
                     continue
                 if isinstance(item, EngineError):

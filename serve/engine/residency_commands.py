@@ -1,6 +1,6 @@
 """The engine's residency commands (list, load, pin, unpin, unload), answered on the step thread.
 
-A mixin of ``Engine``: it uses the engine's ``resolver``, ``config``, ``_core`` and ``_require_ready``.
+A mixin of ``Engine``: it uses the engine's ``resolver``, ``config`` and ``_require_ready`` (the running core).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ class ResidencyCommands:
     """What is held where, and the operator's load/pin/unpin/unload; commands run on the step thread."""
 
     def residency(self) -> list[AdapterResidency]:
-        self._require_ready()
+        core = self._require_ready()
         out = [AdapterResidency(ref=v.ref, digest=v.digest, kind="adapter", tier=v.tier, pins=v.pins,
                                 manually_pinned=v.manual, size_bytes=v.device_bytes or v.host_bytes, rank=v.rank,
                                 target_modules=v.modules, last_used=v.last_used)
-               for v in self._core.residency.views()]
-        for e in self._core.models.entries():
+               for v in core.residency.views()]
+        for e in core.models.entries():
             busy = e.worker is not None and e.worker.scheduler.has_work
             out.append(AdapterResidency(ref=e.ref, digest=e.digest, kind="model",
                                         tier="device" if e.worker else "loading", pins=int(busy) + int(e.manual),
@@ -54,9 +54,8 @@ class ResidencyCommands:
         """Bring an adapter to a device slot (or a full model into memory); the future gives its residency.
         ``pin``: also pin it by hand in the same step-thread turn that finds it resident, so no other
         load can evict it in between."""
-        self._require_ready()
+        core, future = self._require_ready(), Future()
         target = self.resolver.resolve(ref)
-        core, future = self._core, Future()
         if target.kind == "base":
             raise EngineError(f"{ref} is the base; it is always loaded")
         if target.kind == "adapter":
@@ -84,7 +83,7 @@ class ResidencyCommands:
                 if pin:
                     core.models.set_manual(target.digest, True)
                 return self._residency_of(target.digest)
-        core.post(lambda: core.when(task, future))
+        core.post(lambda: core.when(task, future), future)
         return future
 
     async def load(self, ref: str) -> AdapterResidency:
@@ -95,21 +94,20 @@ class ResidencyCommands:
         return await asyncio.wrap_future(self.load_future(ref, pin=True))
 
     def unpin(self, ref: str) -> None:
-        self._require_ready()
+        core = self._require_ready()
         target = self.resolver.resolve(ref)
         if target.kind == "adapter":
-            self._core.post(lambda: self._core.residency.set_manual(target.digest, False, target.ref))
+            core.post(lambda: core.residency.set_manual(target.digest, False, target.ref))
         else:
-            self._core.post(lambda: self._core.models.set_manual(target.digest, False))
+            core.post(lambda: core.models.set_manual(target.digest, False))
 
     async def unload(self, ref: str) -> bool:
         """Drop an adapter/model from device and host caches; False when it is pinned or in use (a
         request for it running, or waiting to start)."""
-        self._require_ready()
+        core, future = self._require_ready(), Future()
         target = self.resolver.resolve(ref)
         if target.kind not in ("adapter", "model"):
             return False
-        core, future = self._core, Future()
 
         def command() -> None:
             if any(seq.target.digest == target.digest for seq in core.seqs.values()):
@@ -118,5 +116,5 @@ class ResidencyCommands:
                 future.set_result(core.residency.evict(target.digest))
             else:
                 future.set_result(core.models.evict(target.digest, lambda w: w.scheduler.has_work))
-        core.post(command)
+        core.post(command, future)
         return await asyncio.wrap_future(future)

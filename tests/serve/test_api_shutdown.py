@@ -44,3 +44,29 @@ def test_shutdown_ends_open_streams_cleanly_after_the_drain(store):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_shutdown_while_the_base_loads_is_no_failed_start(store, caplog):
+    """SIGTERM during the base's load stops the engine before it is ready: that is a shutdown, not an
+    engine that failed to start (which /health would report, and the log with a traceback)."""
+    import asyncio
+
+    from hotswap.serve.api.app import _start
+
+    app, engine = make_app(store.home)
+    services = app.state.services
+    loading, go, build = threading.Event(), threading.Event(), engine._build
+    engine._build = lambda: (loading.set(), go.wait(30), build())[-1]
+    starter = threading.Thread(target=lambda: asyncio.run(_start(engine, services)), daemon=True)
+    starter.start()
+    assert loading.wait(30)
+    stopper = threading.Thread(target=engine.stop_sync, daemon=True)  # as the draining server does
+    stopper.start()
+    deadline = time.monotonic() + 30
+    while not engine._stop_asked and time.monotonic() < deadline:  # the stop is asked before the load ends
+        time.sleep(0.01)
+    go.set()
+    starter.join(30)
+    stopper.join(30)
+    assert engine.state == "stopped" and services.catalog.start_error is None
+    assert "failed to start" not in caplog.text
