@@ -51,25 +51,31 @@ def test_a_text_far_beyond_the_context_is_refused_before_it_is_tokenized(served,
     assert not any(n > 100_000 for n in tokenized)
 
 
-def test_a_slow_prompt_does_not_hold_up_other_requests(served, monkeypatch):
-    """Prompts are tokenized as their requests are queued; a long one takes seconds, which must not
-    stop the server from answering everyone else meanwhile."""
+def health_answers_while_blocked(served, monkeypatch, method: str) -> bool:
+    """Whether /health answers while a completion is held inside ``engine.<method>`` (until /health has
+    answered, or 20 s): with the event loop blocked there it would answer only once the hold gave up."""
     client, engine = served
-    real, entered, release, timed_out = engine.submit, threading.Event(), threading.Event(), []
+    real, entered, release, timed_out = getattr(engine, method), threading.Event(), threading.Event(), []
 
-    def slow_submit(request):  # as a prompt of megabytes takes to tokenize, until /health has answered
+    def held(*args):
         entered.set()
         timed_out.append(not release.wait(timeout=20))
-        return real(request)
-    monkeypatch.setattr(engine, "submit", slow_submit)
+        return real(*args)
+    monkeypatch.setattr(engine, method, held)
     slow = threading.Thread(target=client.post, args=("/v1/completions",),
                             kwargs={"headers": ACME, "json": {"model": BASE, "prompt": "hi", "max_tokens": 1}})
     slow.start()
     assert entered.wait(timeout=20)
-    health = client.get("/health")  # with the loop blocked, this would answer only once the submit gave up
+    health = client.get("/health")
     release.set()
     slow.join()
-    assert health.status_code == 200 and timed_out == [False], "/health waited behind another request's prompt"
+    return health.status_code == 200 and timed_out == [False]
+
+
+def test_a_slow_prompt_does_not_hold_up_other_requests(served, monkeypatch):
+    """Prompts are tokenized as their requests are queued; a long one takes seconds, which must not
+    stop the server from answering everyone else meanwhile."""
+    assert health_answers_while_blocked(served, monkeypatch, "submit"), "/health waited behind a prompt"
 
 
 def test_one_key_cannot_read_another_keys_prompts_from_the_prefix_cache(client):
@@ -94,19 +100,4 @@ def test_one_key_cannot_read_another_keys_prompts_from_the_prefix_cache(client):
 def test_a_slow_registry_read_does_not_hold_up_other_requests(served, monkeypatch):
     """Resolving a name reads the registry, which waits while a model load re-hashes its files: that
     wait must not stop the server from answering everyone else."""
-    client, engine = served
-    real, entered, release, timed_out = engine.resolve, threading.Event(), threading.Event(), []
-
-    def slow_resolve(model):
-        entered.set()
-        timed_out.append(not release.wait(timeout=20))
-        return real(model)
-    monkeypatch.setattr(engine, "resolve", slow_resolve)
-    slow = threading.Thread(target=client.post, args=("/v1/completions",),
-                            kwargs={"headers": ACME, "json": {"model": BASE, "prompt": "hi", "max_tokens": 1}})
-    slow.start()
-    assert entered.wait(timeout=20)
-    health = client.get("/health")
-    release.set()
-    slow.join()
-    assert health.status_code == 200 and timed_out == [False], "/health waited behind another request's resolve"
+    assert health_answers_while_blocked(served, monkeypatch, "resolve"), "/health waited behind a resolve"
