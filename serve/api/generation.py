@@ -156,8 +156,9 @@ class Run:
 
     def _submit(self, jobs: list[GenerationRequest], n: int, echoes: list[str] | None) -> None:
         if len(jobs) > (room := self.engine.config.max_queue):  # a 429 would have the client retry in vain
-            raise ApiProblem(f"{len(jobs)} choices (prompts x n) are more than this server queues at once "
-                             f"(max_queue {room})", "n")
+            what, param = ("inputs", "input") if self.endpoint == "classify" else ("choices (prompts x n)", "n")
+            raise ApiProblem(f"{len(jobs)} {what} are more than this server queues at once (max_queue {room})",
+                             param)
         self.n = n
         try:
             for i, job in enumerate(jobs):

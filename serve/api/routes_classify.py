@@ -29,7 +29,7 @@ class ClassifyRequest(BaseModel):
     input: Prompt = Field(description="A text, a list of texts, a list of token ids, or a list of token-id lists.",
                           **union_schema(Prompt))
     cache_salt: str | None = Field(None, min_length=1, max_length=256, description=(
-        "Prefix caching: inputs share computed prefixes only with requests of the same salt."))
+        "Prefix caching: inputs share computed prefixes only with requests of the same API key and salt."))
 
     def inputs(self) -> list[str | list[int]]:
         return split_prompt(self.input)

@@ -15,7 +15,7 @@ from typing import Callable
 
 from .classify import head_mismatch
 from .errors import EngineError, EngineNotReady, InvalidRequest, PinnedOut
-from .requests import TokenEvent, TokenLogprobs, Usage
+from .requests import RequestStream, TokenEvent, TokenLogprobs, Usage
 from .sequence import Sequence, Status
 from .stats import StatsRecorder
 from .worker import Worker
@@ -185,9 +185,9 @@ class Core:
             seq.eos_ids, seq.owner = self.base.eos_ids, self.base.scheduler
             self.base.scheduler.add(seq)
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str, stream: RequestStream | None = None) -> None:
         seq = self.seqs.get(request_id)
-        if seq is not None:
+        if seq is not None and (stream is None or seq.stream is stream):  # not a duplicate's namesake
             self.finish(seq, "cancelled")
 
     def _route_model_waiting(self) -> None:

@@ -67,8 +67,9 @@ class Detokenizer:
 
 def _held(text: str, stop: str) -> int:
     """The length of the longest tail of ``text`` that is a proper prefix of ``stop``. Only the places
-    where ``stop``'s first character occurs are tried, leftmost (longest) first: one pass per token,
-    not one slice per possible length (which made long stop strings cost quadratic time per token)."""
+    where ``stop``'s first character occurs are tried, leftmost (longest) first, instead of one slice
+    per possible length (long stop strings cost quadratic time per token that way; stop strings are
+    capped at MAX_STOP_CHARS besides)."""
     tail = text[max(0, len(text) - len(stop) + 1):]
     at = tail.find(stop[0])
     while at >= 0:

@@ -166,7 +166,7 @@ class Engine(Lifecycle, ResidencyCommands):
                 raise QueueFull(f"the queue is full: {self._num_queued} requests waiting (max_queue {cfg.max_queue}); retry later")
             self._num_queued += 1
         rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
-        stream = RequestStream(rid, target, len(ids), self.cancel, self._thread)
+        stream = RequestStream(rid, target, len(ids), self._cancel_stream, self._thread)
         generator = None
         if p.seed is not None:
             generator = torch.Generator(device=cfg.torch_device()).manual_seed(p.seed)
@@ -193,10 +193,18 @@ class Engine(Lifecycle, ResidencyCommands):
 
     def cancel(self, request_id: str) -> None:
         """Stop a request; its KV blocks and adapter pin are freed before the next step."""
+        self._cancel(request_id, None)
+
+    def _cancel_stream(self, stream: RequestStream) -> None:
+        """``stream.cancel()``: that request only, not one that holds its request_id (this one refused as a
+        duplicate, but not yet told so)."""
+        self._cancel(stream.request_id, stream)
+
+    def _cancel(self, request_id: str, stream: RequestStream | None) -> None:
         core = self._core
         if core is not None and core.dead is None:  # a dead or stopped loop has ended every stream already
             try:
-                core.post(lambda: core.cancel(request_id))
+                core.post(lambda: core.cancel(request_id, stream))
             except EngineNotReady:  # the loop ended since: it ended the stream too
                 pass
 

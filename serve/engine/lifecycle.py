@@ -2,8 +2,8 @@
 
 A mixin of ``Engine``: it uses the engine's ``registry``, ``config``, ``_base_ref``, ``_recorder``,
 ``_lock`` and ``_unqueue``. States: new -> starting -> ready -> stopping -> stopped; starting -> new
-when the load fails (start may be tried again), starting -> stopped when a stop came meanwhile;
-ready -> failed (the loop died) -> stopped.
+when the load fails (start may be tried again), starting -> stopped when a stop came meanwhile (whether
+the load failed or not); ready -> failed (the loop died) -> stopped.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class Lifecycle:
             try:
                 core = run_in_fresh_thread(self._build)  # no OpenMP workers stay on this thread (serve/threads.py)
             except BaseException:
-                self._state = "new"  # nothing was kept: start() may be tried again
+                # nothing was kept: start() may be tried again, unless a stop came meanwhile
+                self._state = "stopped" if self._stop_asked else "new"
                 raise
             if self._stop_asked:  # stop() waited for the load: nothing may run after it returns
                 self._close(core)

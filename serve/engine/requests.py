@@ -174,7 +174,7 @@ class RequestStream:
     """
 
     def __init__(self, request_id: str, target: Target, prompt_tokens: int,
-                 on_cancel: Callable[[str], None], step_thread: threading.Thread | None = None) -> None:
+                 on_cancel: Callable[[RequestStream], None], step_thread: threading.Thread | None = None) -> None:
         self.request_id = request_id
         self.target = target
         self.prompt_tokens = prompt_tokens
@@ -207,7 +207,7 @@ class RequestStream:
     def cancel(self) -> None:
         """Stop the request; the stream ends with finish_reason "cancelled" (idempotent)."""
         if not self._done:
-            self._on_cancel(self.request_id)
+            self._on_cancel(self)
 
     def _pop(self) -> TokenEvent | EngineError | None:
         with self._cond:

@@ -91,6 +91,10 @@ def test_classify_refusals(classify_server):
     assert unknown.status_code == 404
     too_long = client.post("/v1/classify", headers=ACME, json={"model": "acme-sentiment", "input": "word " * 400})
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "input"
+    # more inputs than the queue holds (64 here): refused naming the field they came in
+    many = client.post("/v1/classify", headers=ACME, json={"model": "acme-sentiment", "input": ["hi"] * 65})
+    assert many.status_code == 400 and many.json()["error"]["param"] == "input", many.text[:300]
+    assert "65 inputs" in many.json()["error"]["message"]
 
 
 def test_models_and_adapters_list_a_classifiers_labels(classify_server):

@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -68,6 +69,33 @@ def test_a_stop_while_the_base_loads_waits_for_it_and_nothing_runs_afterwards(wo
     assert isinstance(started[0][1], EngineNotReady) and "stopped while its base loaded" in str(started[0][1])
     assert eng._state == "stopped" and not eng.ready and eng._core is None
     assert "hotswap-engine" not in [t.name for t in threading.enumerate()]
+
+
+def test_a_load_that_fails_after_a_stop_was_asked_leaves_the_engine_stopped(world):
+    """The stop came first: the engine is stopped, not ready to start again (and the server's start
+    code then sees a shutdown, not a failed start)."""
+    eng = Engine(Registry(world.home), BASE, small_config())
+    loading, go = threading.Event(), threading.Event()
+
+    def failing_build():
+        loading.set()
+        go.wait(10)
+        raise RuntimeError("broken base")
+    eng._build = failing_build
+    started: list = []
+    starter = threading.Thread(target=lambda: started.extend(in_thread(eng.start_sync, 30)), daemon=True)
+    starter.start()
+    assert loading.wait(10)
+    stopper = threading.Thread(target=eng.stop_sync, daemon=True)
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while not eng._stop_asked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.set()
+    starter.join(30)
+    stopper.join(30)
+    assert started[0][0] == "err" and "broken base" in str(started[0][1])
+    assert eng.state == "stopped"
 
 
 def test_stop_frees_the_base_and_its_kv_cache_while_the_engine_object_lives(world):

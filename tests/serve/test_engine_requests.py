@@ -312,6 +312,19 @@ def test_a_request_id_in_use_is_refused_and_cancel_still_reaches_its_request(eng
                                                    sampling=SamplingParams(max_tokens=2))])[0].finish_reason == "length"
 
 
+def test_cancelling_a_refused_duplicate_leaves_the_request_that_holds_its_id_alone(engine):
+    """A duplicate cancelled before its refusal arrives (a client timing out at once, say) must not
+    cancel the running request whose request_id it named."""
+    running = engine.submit(GenerationRequest(prompt=PROMPTS[0], request_id="mine",
+                                              sampling=SamplingParams(max_tokens=40, ignore_eos=True)))
+    next(iter(running))
+    again = engine.submit(GenerationRequest(prompt=PROMPTS[1], request_id="mine"))
+    again.cancel()  # posted after its admission, which refuses it
+    with pytest.raises(InvalidRequest, match="request_id 'mine' is taken"):
+        again.result()
+    assert running.result().finish_reason == "length"
+
+
 def test_a_dead_engine_loop_ends_streams_and_reports_not_ready(engine, monkeypatch):
     from hotswap.serve.engine import EngineError
 
