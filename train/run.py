@@ -210,7 +210,7 @@ def export(result: RunResult, folder: Path) -> Path:
     published with this one; a folder holding anything else is refused. The copy is written beside
     `folder` and swapped in once complete: an export interrupted mid-copy (a full model takes seconds)
     leaves the earlier one in place, not a folder half emptied."""
-    earlier = check_export(folder)
+    check_export(folder)
     staging, aside = folder.with_name(f".{folder.name}.export-new"), folder.with_name(f".{folder.name}.export-old")
     for leftover in (staging, aside):  # of an export killed before
         shutil.rmtree(leftover, ignore_errors=True)
@@ -219,7 +219,7 @@ def export(result: RunResult, folder: Path) -> Path:
         shutil.copy2(path, staging / path.name)
     for name in RECORD_FILES:
         shutil.copy2(result.run_dir / name, staging / name)
-    if earlier or folder.exists():
+    if folder.exists():  # an earlier export, or an empty folder
         folder.rename(aside)
     staging.rename(folder)
     shutil.rmtree(aside, ignore_errors=True)

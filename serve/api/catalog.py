@@ -35,12 +35,14 @@ class Catalog:
     def base_name(self) -> str:
         return self.engine.base.ref.partition("@")[0]
 
+    def down_reason(self) -> str | None:
+        """Why the engine will never serve (it failed to start, or its loop died), or None."""
+        return f"failed to start: {self.start_error}" if self.start_error else self.engine.failure
+
     def _require_ready(self) -> None:
         if not self.engine.ready:
-            if self.start_error:  # it will not come up: not "still loading"
-                raise EngineNotReady(f"the engine failed to start: {self.start_error}; restart the server once fixed")
-            if self.engine.failure:
-                raise EngineNotReady(f"the engine is down: {self.engine.failure}; restart the server")
+            if reason := self.down_reason():  # it will not come up: not "still loading"
+                raise EngineNotReady(f"the engine cannot serve ({reason}); restart the server once fixed")
             raise EngineNotReady("the base model is still loading; retry shortly")
 
     async def resolve(self, model: str, principal: Principal, param: str = "model") -> Target:

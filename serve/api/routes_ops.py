@@ -17,10 +17,8 @@ from .services import Services, error_responses
 async def health(services: Services) -> Response[Health]:
     """A liveness probe: a server whose engine failed to start or died stays up to say why on /ready,
     but will never serve again, so this tells a supervisor to restart it (as vLLM's /health does)."""
-    start_error, failure = services.catalog.start_error, services.engine.failure
-    if start_error or failure:
-        detail = f"failed to start: {start_error}" if start_error else failure
-        return Response(Health(status="failed", detail=detail), status_code=503)
+    if reason := services.catalog.down_reason():
+        return Response(Health(status="failed", detail=reason), status_code=503)
     return Response(Health())
 
 
@@ -31,9 +29,7 @@ async def ready(services: Services) -> Response[Readiness]:
     engine = services.engine
     if engine.ready:
         return Response(Readiness(ready=True, base=engine.base.ref))
-    failure = engine.failure  # set when the engine loop died after start
-    start_error = services.catalog.start_error
-    detail = f"failed to start: {start_error}" if start_error else failure or "loading the base model"
+    detail = services.catalog.down_reason() or "loading the base model"
     return Response(Readiness(ready=False, base=None, detail=detail), status_code=503,
                     headers={"Retry-After": str(services.settings.retry_after_s)})
 
